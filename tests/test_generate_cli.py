@@ -1,0 +1,187 @@
+"""`tsdkd generate` as a user drives it: config files, refusals, bad input, resume, split and merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import ROOT, SMALL_JOB, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from tsdkd.fingerprint import sha256_file
+
+
+def shard_hashes(folder):
+    return [e["sha256"] for e in json.loads((folder / "tsdkd.json").read_text())["shards"]]
+
+
+def tree_state(folder):
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def option(name):
+    return SMALL_JOB[SMALL_JOB.index(name) + 1]
+
+
+def test_config_file_equals_command_line(small_dataset, tmp_path):
+    keys = {SMALL_JOB[i].lstrip("-").replace("-", "_"): SMALL_JOB[i + 1] for i in range(0, len(SMALL_JOB), 2)}
+    typed = {k: int(v) if v.isdigit() else v for k, v in keys.items()}
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("".join(f"{k.replace('_', '-')}: {json.dumps(v)}\n" for k, v in typed.items()))
+    result = run_cli("generate", "--config", yaml_file, "--out", tmp_path / "from-yaml")
+    assert result.exit_code == 0, result.stderr
+    assert shard_hashes(tmp_path / "from-yaml") == shard_hashes(small_dataset)
+    toml_file = tmp_path / "job.toml"
+    toml_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {**typed, "top_k": 5}.items()))
+    # The command line wins over the file.
+    result = run_cli("generate", "--config", toml_file, "--top-k", "8", "--out", tmp_path / "from-toml")
+    assert result.exit_code == 0, result.stderr
+    assert shard_hashes(tmp_path / "from-toml") == shard_hashes(small_dataset)
+
+
+def test_rerun_of_a_finished_dataset_does_nothing(small_dataset):
+    before = tree_state(small_dataset)
+    result = run_cli("generate", *SMALL_JOB, "--out", small_dataset)
+    assert result.exit_code == 0 and "already complete" in result.stdout
+    assert tree_state(small_dataset) == before
+
+
+def test_rerun_with_other_settings_is_refused(small_dataset):
+    before = tree_state(small_dataset)
+    job = list(SMALL_JOB)
+    job[job.index("--top-k") + 1] = "4"
+    assert_one_line_error(run_cli("generate", *job, "--out", small_dataset), "other settings", "top_k")
+    assert tree_state(small_dataset) == before
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def with_option(name, value):
+    job = list(SMALL_JOB)
+    if name in job:
+        job[job.index(name) + 1] = str(value)
+    else:
+        job += [name, str(value)]
+    return job
+
+
+@pytest.mark.parametrize(
+    "make_args, fragments",
+    [
+        (lambda tmp: with_option("--prompts", tmp / "missing.jsonl"), ["missing.jsonl", "not found"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"question": "1+1?"}])), ["no field 'prompt'", "question"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1+1?"}, {"prompt": "  "}])), ["row 1", "empty"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1 + 2 " * 600}])), ["row 0", "context of 1024"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": 7}])), ["row 0", "must be a string"]),
+        (lambda tmp: with_option("--answer-field", "solution_text"), ["no field 'solution_text'"]),
+        (lambda tmp: with_option("--top-k", "325"), ["--top-k 325", "limit of 324"]),
+        (lambda tmp: with_option("--top-p", "0"), ["--top-p"]),
+        (lambda tmp: with_option("--backend", "tpu"), ["--backend must be one of"]),
+        (lambda tmp: with_option("--student", tmp / "nope"), ["--student", "no such model folder"]),
+        (lambda tmp: with_option("--config", tmp / "none.yaml"), ["config file", "not found"]),
+    ],
+)
+def test_bad_input(tmp_path, make_args, fragments):
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("generate", *make_args(tmp_path), "--out", out), *fragments)
+    assert not (out / "tsdkd.json").exists()
+
+
+def test_bad_config_values(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: many\n")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "seed", "must be int")
+    bad.write_text("topk: 3\n")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "unknown key 'topk'")
+    bad.write_text("top_k: [1\n")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "not valid YAML")
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(TOY_TEACHER, teacher)
+    tokenizer = AutoTokenizer.from_pretrained(TOY_TEACHER)
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(teacher)
+    assert_one_line_error(run_cli("generate", *with_option("--teacher", teacher), "--out", tmp_path / "o"), "different tokenizers")
+
+
+def test_unwritable_output_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", blocker), "is a file")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", blocker / "sub"), "cannot write there")
+    assert blocker.read_text() == "a file, not a folder"
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", occupied), "not empty")
+    assert (occupied / "notes.txt").read_text() == "mine"
+
+
+def test_split_job_merges_into_the_single_job_dataset(small_dataset, tmp_path):
+    parts = []
+    for index in range(2):
+        part = tmp_path / f"part{index}"
+        result = run_cli("generate", *SMALL_JOB, "--num-shards", "2", "--shard-index", str(index), "--out", part)
+        assert result.exit_code == 0, result.stderr
+        parts.append(part)
+    assert len(shard_hashes(parts[0])) == 2 and len(shard_hashes(parts[1])) == 1
+    merged = tmp_path / "merged"
+    result = run_cli("merge", *parts, "--out", merged)
+    assert result.exit_code == 0, result.stderr
+    assert shard_hashes(merged) == shard_hashes(small_dataset)
+    assert run_cli("validate", merged).exit_code == 0
+    assert_one_line_error(run_cli("merge", parts[0], "--out", tmp_path / "half"), "exactly once")
+    assert_one_line_error(run_cli("merge", parts[0], parts[0], "--out", tmp_path / "twice"), "exactly once")
+    assert_one_line_error(run_cli("merge", *parts, "--out", merged), "already exists")
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(small_dataset, tmp_path):
+    """SIGKILL the real command once its first shard is final, rerun it, compare with a clean run."""
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "tsdkd", "generate", *SMALL_JOB, "--prompts-per-shard", "2", "--out", str(out)]
+    clean = tmp_path / "clean"
+    assert run_cli("generate", *SMALL_JOB, "--prompts-per-shard", "2", "--out", clean).exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        manifest = out / "tsdkd.json"
+        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    killed_at = json.loads((out / "tsdkd.json").read_text())
+    assert process.returncode == -signal.SIGKILL and not killed_at["complete"], "the run ended before it could be killed"
+    finished_before = {e["file"]: e["sha256"] for e in killed_at["shards"]}
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert shard_hashes(out) == shard_hashes(clean)
+    for file, digest in finished_before.items():
+        assert sha256_file(out / file) == digest
+    assert not (out / ".work").exists()
+
+
+def test_resume_redoes_a_damaged_shard(small_dataset, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(small_dataset, folder)
+    manifest = json.loads((folder / "tsdkd.json").read_text())
+    manifest["complete"] = False
+    (folder / "tsdkd.json").write_text(json.dumps(manifest))
+    damaged = folder / manifest["shards"][1]["file"]
+    damaged.write_bytes(b"garbage")
+    result = run_cli("generate", *SMALL_JOB, "--out", folder)
+    assert result.exit_code == 0, result.stderr
+    assert shard_hashes(folder) == shard_hashes(small_dataset)
+    assert sha256_file(damaged) == manifest["shards"][1]["sha256"]

@@ -1,0 +1,3 @@
+from tsdkd.cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""The `tsdkd` command line. Each command fills its config dataclass and calls one function."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from tsdkd.errors import TsdkdError
+
+app = typer.Typer(
+    help="Token-Selective Dual Knowledge Distillation: cache teacher signals, then distil a student from them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except TsdkdError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@one_line_errors
+def generate(
+    prompts: Optional[str] = typer.Option(None, help="Prompt file (.jsonl/.json/.parquet/.csv) or saved datasets folder."),
+    student: Optional[str] = typer.Option(None, help="Student model folder or hub id (samples the candidates)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model folder or hub id (scores and ranks them)."),
+    out: Optional[str] = typer.Option(None, help="Output dataset folder (rerun the same command to resume)."),
+    num_candidates: Optional[int] = typer.Option(None, help="Candidates sampled per prompt [4]."),
+    top_k: Optional[int] = typer.Option(None, help="Teacher top-k stored per completion position [20]."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest candidate in tokens [1024]."),
+    temperature: Optional[float] = typer.Option(None, help="Student sampling temperature; 0 is greedy [1.0]."),
+    top_p: Optional[float] = typer.Option(None, help="Student nucleus sampling [1.0]."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed [0]."),
+    backend: Optional[str] = typer.Option(None, help="auto | hf | vllm [auto: vllm with a GPU, else hf]."),
+    prompt_field: Optional[str] = typer.Option(None, help="Field holding the prompt text or chat messages [prompt]."),
+    answer_field: Optional[str] = typer.Option(None, help="Field holding the gold answer [answer, if present]."),
+    verifier: Optional[str] = typer.Option(None, help="none | math: rank verified-correct candidates first [math]."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    shard_index: Optional[int] = typer.Option(None, help="This machine's part of a split job [0]."),
+    num_shards: Optional[int] = typer.Option(None, help="Machines splitting the job; join with `tsdkd merge` [1]."),
+    prompts_per_shard: Optional[int] = typer.Option(None, help="Prompts per Parquet shard [256]."),
+    round: Optional[int] = typer.Option(None, help="Self-improvement round recorded in the manifest [0]."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
+    trust_remote_code: Optional[bool] = typer.Option(None, help="Allow model code from the model folder [off]."),
+    batch_size: Optional[int] = typer.Option(None, help="hf: prompts per generate call [16]."),
+    score_batch_tokens: Optional[int] = typer.Option(None, help="hf: padded tokens per teacher forward [16384]."),
+    logit_chunk_tokens: Optional[int] = typer.Option(None, help="hf: positions whose full log-softmax may exist at once [2048]."),
+    tensor_parallel_size: Optional[int] = typer.Option(None, help="vllm: GPUs per engine [1]."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="vllm: GPU memory fraction [0.9]."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="vllm: scheduler token budget."),
+    kv_cache_memory_bytes: Optional[int] = typer.Option(None, help="vllm: KV cache size [1 GiB on CPU]."),
+    enforce_eager: Optional[bool] = typer.Option(None, help="vllm: skip torch.compile and CUDA graphs (faster start) [off]."),
+    config: Optional[str] = typer.Option(None, help="YAML or TOML file with the same keys; options given here win."),
+) -> None:
+    """Stage 1: sample student candidates, score and rank them with the teacher, write a signal dataset."""
+    options = dict(locals())
+    config_file = options.pop("config")
+    from stage1_generate.generate import generate as run_generate
+    from tsdkd.config import GenerateConfig, build_config
+
+    run_generate(build_config(GenerateConfig, config_file, options))
+
+
+@app.command()
+@one_line_errors
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Dataset folders made with --shard-index/--num-shards."),
+    out: Path = typer.Option(..., help="Merged dataset folder (must not exist yet)."),
+) -> None:
+    """Join the outputs of a job split over machines into one dataset."""
+    from tsdkd.merge import merge_datasets
+
+    merge_datasets(parts, out)
+
+
+@app.command()
+@one_line_errors
+def validate(
+    dataset: Path = typer.Argument(..., help="Signal dataset folder."),
+    student: Optional[str] = typer.Option(None, help="Also check the tokenizer of the student about to be trained."),
+) -> None:
+    """Run every check on a signal dataset: manifest, checksums, shapes, ranges, rankings."""
+    from tsdkd.fingerprint import tokenizer_fingerprint
+    from tsdkd.validate import validate_dataset
+
+    fingerprint = None
+    if student:
+        from tsdkd.loading import load_tokenizer
+
+        fingerprint = tokenizer_fingerprint(load_tokenizer(student, False, "student"))
+    manifest = validate_dataset(dataset, fingerprint, deep=True)
+    typer.echo(f"{dataset}: valid ({len(manifest['shards'])} shards, {manifest['stats']['candidates']} candidates)")
+
+
+@app.command()
+@one_line_errors
+def inspect(dataset: Path = typer.Argument(..., help="Signal dataset folder.")) -> None:
+    """Summarise a signal dataset: sizes, bytes per token, ranks, scores, teacher entropy."""
+    from tsdkd.inspect_signals import summarize
+
+    typer.echo(summarize(dataset))
+
+
+def main() -> None:
+    app(prog_name="tsdkd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""One config dataclass per command, filled from defaults, then a YAML/TOML file, then the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tsdkd.errors import TsdkdError
+
+BACKENDS = ("auto", "hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+VERIFIERS = ("none", "math")
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of `tsdkd generate` (stage 1). Defaults follow METHOD.md."""
+
+    prompts: str = ""
+    student: str = ""
+    teacher: str = ""
+    out: str = ""
+    num_candidates: int = 4
+    top_k: int = 20
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    backend: str = "auto"
+    prompt_field: str = "prompt"
+    # None: use an "answer" column when the prompt file has one.
+    answer_field: str | None = None
+    verifier: str = "math"
+    limit: int | None = None
+    shard_index: int = 0
+    num_shards: int = 1
+    prompts_per_shard: int = 256
+    round: int = 0
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    # hf backend: prompts per generate() call, padded tokens per teacher forward, and the
+    # number of positions whose full-vocabulary log-softmax may exist at once.
+    batch_size: int = 16
+    score_batch_tokens: int = 16384
+    logit_chunk_tokens: int = 2048
+    # vllm backend pass-through.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = False
+
+    def check(self) -> None:
+        """Reject out-of-range settings with one line each."""
+        for name in ("prompts", "student", "teacher", "out"):
+            if not getattr(self, name):
+                raise TsdkdError(f"--{name} is required (on the command line or in --config)")
+        rules = [
+            (self.num_candidates >= 1, "--num-candidates must be at least 1"),
+            (self.top_k >= 1, "--top-k must be at least 1"),
+            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (self.temperature >= 0, "--temperature must be 0 (greedy) or more"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
+            (self.num_shards >= 1, "--num-shards must be at least 1"),
+            (0 <= self.shard_index < self.num_shards, "--shard-index must be in [0, --num-shards)"),
+            (self.prompts_per_shard >= 1, "--prompts-per-shard must be at least 1"),
+            (self.round >= 0, "--round must be 0 or more"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.logit_chunk_tokens >= 1, "--logit-chunk-tokens must be at least 1"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
+            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
+            (self.verifier in VERIFIERS, f"--verifier must be one of {', '.join(VERIFIERS)}"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise TsdkdError(message)
+        if self.temperature == 0 and self.num_candidates > 1:
+            raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Keys of a YAML or TOML file, dashes normalised to underscores."""
+    if not path.is_file():
+        raise TsdkdError(f"config file {path} not found")
+    try:
+        text = path.read_text()
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise TsdkdError(f"config file {path} is not valid {path.suffix[1:].upper()}: {error}".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise TsdkdError(f"config file {path} must hold a mapping of option names to values")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+
+def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[str, Any]) -> ConfigT:
+    """Defaults < config file < options given on the command line (those not None)."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(read_config_file(Path(config_file)))
+    values.update({key: value for key, value in cli_values.items() if value is not None})
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"config file {config_file}" if config_file else "options"
+        raise TsdkdError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        values[key] = _checked_value(key, value, hints[key], config_file)
+    return cls(**values)
+
+
+def _checked_value(key: str, value: Any, expected: Any, config_file: str | None) -> Any:
+    allowed = typing.get_args(expected) or (expected,)
+    if value is None and type(None) in allowed:
+        return value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int in Python: a `true` given for a count is a mistake, not 1.
+    if isinstance(value, bool) and bool not in allowed:
+        allowed = ()
+    if not isinstance(value, tuple(kind for kind in allowed if kind is not type(None))):
+        where = f"config file {config_file}" if config_file else "option"
+        wanted = " or ".join(kind.__name__ for kind in allowed if kind is not type(None)) or "a number"
+        raise TsdkdError(f"{where}: {key} = {value!r} must be {wanted}")
+    return value

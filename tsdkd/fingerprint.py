@@ -1,0 +1,78 @@
+"""Content hashes that tie a signal dataset to the tokenizer, models and prompts that made it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+# Weights above this size are identified by file names and sizes only: hashing 30 GB of a
+# 14B teacher would cost minutes on every run.
+WEIGHTS_HASH_LIMIT_BYTES = 2 * 1024**3
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    return sha256_bytes(json.dumps(value, sort_keys=True, ensure_ascii=False).encode())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """Vocabulary, special tokens and chat template: what decides the token ids a dataset holds."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special_tokens = {
+        name: getattr(tokenizer, name, None)
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    chat_template = getattr(tokenizer, "chat_template", None)
+    token_part = {"vocab": vocab, "special_tokens": special_tokens}
+    return {
+        "sha256": sha256_json({**token_part, "chat_template": chat_template}),
+        "vocab_sha256": sha256_json(token_part),
+        "vocab_size": len(tokenizer),
+        "special_tokens": special_tokens,
+        "chat_template_sha256": sha256_bytes((chat_template or "").encode()),
+    }
+
+
+def model_identity(path_or_id: str, revision: str | None = None) -> dict[str, Any]:
+    """Path or hub id, revision, config hash and (for local folders) a weights hash."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path_or_id, revision=revision).to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    identity: dict[str, Any] = {
+        "name_or_path": path_or_id,
+        "revision": revision,
+        "config_sha256": sha256_json(config),
+        "weights_sha256": None,
+    }
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        weights = sorted(folder.glob("*.safetensors"))
+        sizes = [(file.name, file.stat().st_size) for file in weights]
+        if sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
+            identity["weights_sha256"] = sha256_json([(f.name, sha256_file(f)) for f in weights])
+        else:
+            identity["weights_files"] = sizes
+    return identity
+
+
+def source_fingerprint(path: Path) -> str:
+    """Hash of a prompt file, or of every file in a saved `datasets` folder."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return sha256_json([(str(p.relative_to(path)), sha256_file(p)) for p in files])
+    return sha256_file(path)

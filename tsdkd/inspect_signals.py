@@ -1,0 +1,55 @@
+"""`tsdkd inspect`: what a signal dataset holds, in numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tsdkd.signals import read_manifest
+
+
+def _quantiles(values: np.ndarray) -> str:
+    if values.size == 0:
+        return "-"
+    q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
+    return f"min {q[0]:.3f}  p10 {q[1]:.3f}  median {q[2]:.3f}  p90 {q[3]:.3f}  max {q[4]:.3f}  mean {values.mean():.3f}"
+
+
+def summarize(folder: Path) -> str:
+    manifest = read_manifest(folder)
+    files = [folder / entry["file"] for entry in manifest["shards"]]
+    columns = ["completion_token_ids", "teacher_score", "teacher_rank", "teacher_entropy", "finish_reason", "verified"]
+    tables = [pq.read_table(path, columns=columns) for path in files]
+    lengths = np.concatenate([pc.list_value_length(t["completion_token_ids"]).to_numpy() for t in tables]) if tables else np.zeros(0)
+    scores = np.concatenate([t["teacher_score"].to_numpy() for t in tables]) if tables else np.zeros(0)
+    ranks = np.concatenate([t["teacher_rank"].to_numpy() for t in tables]) if tables else np.zeros(0)
+    entropy = np.concatenate([pc.list_flatten(t["teacher_entropy"]).to_numpy().astype(np.float32) for t in tables]) if tables else np.zeros(0)
+    stopped = sum(pc.sum(pc.equal(t["finish_reason"], "stop")).as_py() or 0 for t in tables)
+    verdicts = [v for t in tables for v in t["verified"].to_pylist() if v is not None]
+    total_bytes = sum(path.stat().st_size for path in files)
+    tokens = int(lengths.sum())
+    sampling = manifest["sampling"]
+    best_scores = scores[ranks == 0] if scores.size else scores
+    lines = [
+        f"dataset        {folder}  ({manifest['format']} v{manifest['format_version']}, round {manifest['round']}, "
+        f"{'complete' if manifest.get('complete') else 'INCOMPLETE'})",
+        f"student        {manifest['student']['name_or_path']}",
+        f"teacher        {manifest['teacher']['name_or_path']}",
+        f"backend        {manifest['backend']['name']} {manifest['backend']['version']}  dtype {manifest['backend']['dtype']}",
+        f"sampling       N={sampling['num_candidates']}  temperature {sampling['temperature']}  top-p {sampling['top_p']}  "
+        f"max new tokens {sampling['max_new_tokens']}  seed {sampling['seed']}  top-k {manifest['top_k']}",
+        f"shards         {len(files)}",
+        f"prompts        {len(lengths) // max(sampling['num_candidates'], 1)}",
+        f"candidates     {len(lengths)}  ({stopped} ended with EOS, {len(lengths) - stopped} hit max new tokens)",
+        f"tokens         {tokens} completion tokens; length {_quantiles(lengths.astype(np.float64))}",
+        f"size           {total_bytes} bytes; {total_bytes / max(tokens, 1):.1f} bytes per completion token",
+        f"teacher score  {_quantiles(scores)} (mean log-prob per token)",
+        f"best candidate {_quantiles(best_scores)} (score of rank 0)",
+        f"teacher H_T    {_quantiles(entropy)} nats ({manifest['teacher_entropy']})",
+    ]
+    if verdicts:
+        lines.append(f"verified       {sum(verdicts)} of {len(verdicts)} candidates correct ({100 * sum(verdicts) / len(verdicts):.1f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""Loading tokenizers and model configs with one-line errors (both stages use these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tsdkd.errors import TsdkdError
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
+
+
+def load_tokenizer(path: str, trust_remote_code: bool, role: str) -> Any:
+    """`role` names the option in error messages (student, teacher, model)."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).exists() and not _looks_like_hub_id(path):
+        raise TsdkdError(f"--{role} {path}: no such model folder")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as error:  # transformers raises OSError, ValueError, ... for a bad folder
+        raise TsdkdError(f"--{role} {path}: cannot load its tokenizer ({str(error).strip().splitlines()[0]})") from None
+
+
+def context_length(path: str, trust_remote_code: bool) -> int | None:
+    """The model's maximum sequence length, when its config states one."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as error:  # as above
+        raise TsdkdError(f"{path}: cannot load its config.json ({str(error).strip().splitlines()[0]})") from None
+    return getattr(config, "max_position_embeddings", None)

@@ -1,0 +1,51 @@
+"""`tsdkd merge`: the parts of a job split with --shard-index/--num-shards, as one dataset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tsdkd.errors import TsdkdError
+from tsdkd.signals import MANIFEST_NAME, write_dataset_card, write_json_atomic
+from tsdkd.validate import validate_dataset
+
+
+def merge_datasets(parts: list[Path], out: Path) -> Path:
+    """Checks that the parts are one job's complete, disjoint pieces, then copies their shards."""
+    if out.exists():
+        raise TsdkdError(f"--out {out} already exists; merge into a new folder")
+    manifests = [validate_dataset(part, deep=False) for part in parts]
+    first = manifests[0]
+    job_free = lambda m: {k: v for k, v in m["settings"].items() if k != "job"}  # noqa: E731
+    for part, manifest in zip(parts[1:], manifests[1:]):
+        if job_free(manifest) != job_free(first):
+            differing = [k for k in job_free(first) if manifest["settings"].get(k) != first["settings"][k]]
+            raise TsdkdError(f"{part}: made with other settings than {parts[0]} (differs in: {', '.join(differing)})")
+        if manifest["tokenizer"] != first["tokenizer"]:
+            raise TsdkdError(f"{part}: tokenizer differs from {parts[0]}'s")
+    num_shards = first["job"]["num_shards"]
+    indices = sorted(m["job"]["shard_index"] for m in manifests)
+    if any(m["job"]["num_shards"] != num_shards for m in manifests) or indices != list(range(num_shards)):
+        raise TsdkdError(
+            f"the parts cover job shards {indices} of {num_shards}; merge needs each of 0..{num_shards - 1} exactly once"
+        )
+    staging = out.with_name(f".{out.name}.merging")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "data").mkdir(parents=True)
+    shards: list[dict[str, Any]] = []
+    for part, manifest in zip(parts, manifests):
+        for entry in manifest["shards"]:
+            shutil.copy2(part / entry["file"], staging / entry["file"])
+            shards.append(entry)
+    merged = {**first, "shards": sorted(shards, key=lambda e: e["index"]), "job": {"shard_index": 0, "num_shards": 1},
+              "merged_from": [str(p) for p in parts]}
+    merged["settings"] = {**first["settings"], "job": merged["job"]}
+    merged["stats"] = {key: sum(m["stats"][key] for m in manifests) for key in ("prompts", "candidates", "completion_tokens", "bytes")}
+    merged["stats"]["bytes_per_completion_token"] = round(merged["stats"]["bytes"] / max(merged["stats"]["completion_tokens"], 1), 2)
+    write_dataset_card(staging, merged)
+    write_json_atomic(merged, staging / MANIFEST_NAME)
+    staging.rename(out)
+    validate_dataset(out, deep=False)
+    print(f"{out}: merged {len(parts)} parts, {len(shards)} shards, {merged['stats']['candidates']} candidates")
+    return out

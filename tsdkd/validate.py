@@ -1,0 +1,150 @@
+"""Every check a signal dataset must pass before a day of training is spent on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tsdkd.errors import TsdkdError
+from tsdkd.fingerprint import sha256_file
+from tsdkd.signals import read_manifest, signal_schema
+
+# float16 storage rounds a log-prob of 0 to at most this much above 0.
+LOGPROB_SLACK = 1e-3
+
+
+def check_tokenizer(manifest: dict[str, Any], fingerprint: dict[str, Any], folder: Path, who: str) -> None:
+    """The dataset's token ids mean the same tokens for `who` (the student about to be trained)."""
+    stored = manifest["tokenizer"]
+    if stored["vocab_sha256"] != fingerprint["vocab_sha256"]:
+        raise TsdkdError(
+            f"{folder}: tokenizer of {who} differs from the dataset's (vocabulary or special tokens; "
+            f"dataset vocab {stored['vocab_size']}, {who} {fingerprint['vocab_size']}); use the student the data was made for"
+        )
+    if stored["sha256"] != fingerprint["sha256"]:
+        raise TsdkdError(f"{folder}: chat template of {who} differs from the dataset's; prompts were rendered with another template")
+
+
+def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None = None, deep: bool = True) -> dict[str, Any]:
+    """Manifest, checksums and row counts; with `deep`, every value of every row. Returns the manifest."""
+    manifest = read_manifest(folder)
+    if tokenizer_fingerprint is not None:
+        check_tokenizer(manifest, tokenizer_fingerprint, folder, "the student")
+    if not manifest.get("complete"):
+        raise TsdkdError(f"{folder}: the dataset is incomplete (generation did not finish); rerun the same `tsdkd generate` command")
+    listed = {entry["file"] for entry in manifest["shards"]}
+    on_disk = {str(p.relative_to(folder)) for p in (folder / "data").glob("*.parquet")}
+    if on_disk - listed:
+        raise TsdkdError(f"{folder}: shard {sorted(on_disk - listed)[0]} is not in the manifest; remove it")
+    schema = signal_schema(manifest["tokenizer"]["vocab_size"])
+    seen_prompts: set[str] = set()
+    for entry in manifest["shards"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise TsdkdError(f"{path}: shard missing; restore it or regenerate the dataset")
+        if sha256_file(path) != entry["sha256"]:
+            raise TsdkdError(f"{path}: checksum does not match the manifest; the file is corrupt or was changed")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as error:  # pyarrow's error types differ by version
+            raise TsdkdError(f"{path}: not a readable Parquet file ({error})") from None
+        if rows != entry["rows"]:
+            raise TsdkdError(f"{path}: {rows} rows, the manifest says {entry['rows']}")
+        if deep:
+            table = pq.read_table(path)
+            if not table.schema.equals(schema):
+                raise TsdkdError(f"{path}: columns or types differ from format v{manifest['format_version']}")
+            check_rows(table, path, manifest, seen_prompts)
+    return manifest
+
+
+def _first_bad_row(list_column: pa.ChunkedArray, bad_values: np.ndarray) -> int | None:
+    """The row holding the first True of `bad_values`, a mask over the column's flattened values."""
+    if not bad_values.any():
+        return None
+    lengths = pc.list_value_length(list_column).to_numpy(zero_copy_only=False)
+    return int(np.searchsorted(np.cumsum(lengths), np.argmax(bad_values), side="right"))
+
+
+def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any], seen_prompts: set[str]) -> None:
+    """Shapes, value ranges, sortedness and the integrity of each prompt's candidate group."""
+
+    def fail(row: int, what: str) -> None:
+        raise TsdkdError(f"{path} row {row}: {what}; the shard is damaged, regenerate it")
+
+    vocab_size = manifest["tokenizer"]["vocab_size"]
+    k = manifest["top_k"]
+    lengths = pc.list_value_length(table["completion_token_ids"]).to_numpy(zero_copy_only=False)
+    empty = np.flatnonzero(lengths == 0)
+    if empty.size:
+        fail(int(empty[0]), "empty completion")
+    for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass", "teacher_entropy"):
+        other = pc.list_value_length(table[name]).to_numpy(zero_copy_only=False)
+        mismatch = np.flatnonzero(other != lengths)
+        if mismatch.size:
+            fail(int(mismatch[0]), f"{name} has {other[mismatch[0]]} positions, completion has {lengths[mismatch[0]]}")
+    for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+        widths = pc.list_value_length(pc.list_flatten(table[name])).to_numpy(zero_copy_only=False)
+        if widths.size and (widths != k).any():
+            position = int(np.argmax(widths != k))
+            fail(int(np.searchsorted(np.cumsum(lengths), position, side="right")), f"{name} has width {widths[position]}, expected k={k}")
+
+    flat = lambda name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False)  # noqa: E731
+    for name in ("completion_token_ids", "prompt_token_ids"):
+        row = _first_bad_row(table[name], flat(name) >= vocab_size)
+        if row is not None:
+            fail(row, f"{name} holds an id outside the vocabulary (size {vocab_size})")
+    for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_tail_mass", "teacher_entropy"):
+        values = flat(name).astype(np.float32)
+        bad = ~np.isfinite(values)
+        if name.endswith("logprobs"):
+            bad |= values > LOGPROB_SLACK
+        elif name == "teacher_tail_mass":
+            bad |= (values < 0) | (values > 1 + LOGPROB_SLACK)
+        else:
+            bad |= values < -LOGPROB_SLACK
+        row = _first_bad_row(table[name], bad)
+        if row is not None:
+            fail(row, f"{name} holds a non-finite or out-of-range value")
+
+    topk_ids = pc.list_flatten(pc.list_flatten(table["teacher_topk_ids"])).to_numpy(zero_copy_only=False).reshape(-1, k)
+    topk_logprobs = pc.list_flatten(pc.list_flatten(table["teacher_topk_logprobs"])).to_numpy(zero_copy_only=False)
+    topk_logprobs = topk_logprobs.astype(np.float32).reshape(-1, k)
+    position_rows = np.repeat(np.arange(len(lengths)), lengths)
+    bad_position = (topk_ids >= vocab_size).any(1) | ~np.isfinite(topk_logprobs).all(1) | (topk_logprobs > LOGPROB_SLACK).any(1)
+    if bad_position.any():
+        fail(int(position_rows[np.argmax(bad_position)]), "teacher top-k holds an id outside the vocabulary or a non-finite log-prob")
+    unsorted = (np.diff(topk_logprobs, axis=1) > 0).any(1)
+    if unsorted.any():
+        fail(int(position_rows[np.argmax(unsorted)]), "teacher top-k log-probs are not sorted in descending order")
+    duplicate = (np.diff(np.sort(topk_ids, axis=1), axis=1) == 0).any(1) if k > 1 else np.zeros(len(topk_ids), bool)
+    if duplicate.any():
+        fail(int(position_rows[np.argmax(duplicate)]), "teacher top-k repeats a token id")
+
+    _check_candidate_groups(table, fail, seen_prompts, manifest["sampling"]["num_candidates"])
+
+
+def _check_candidate_groups(table: pa.Table, fail: Any, seen_prompts: set[str], num_candidates: int) -> None:
+    prompt_ids = table["prompt_id"].to_pylist()
+    candidate_index = table["candidate_index"].to_numpy()
+    counts = table["num_candidates"].to_numpy()
+    ranks = table["teacher_rank"].to_numpy()
+    start = 0
+    while start < len(prompt_ids):
+        prompt_id = prompt_ids[start]
+        if prompt_id in seen_prompts:
+            fail(start, f"prompt {prompt_id} appears in more than one group or shard")
+        seen_prompts.add(prompt_id)
+        end = start + int(counts[start])
+        if counts[start] != num_candidates or end > len(prompt_ids) or any(p != prompt_id for p in prompt_ids[start:end]):
+            fail(start, f"candidate group of prompt {prompt_id} is not {num_candidates} consecutive rows")
+        if list(candidate_index[start:end]) != list(range(end - start)):
+            fail(start, f"candidate indices of prompt {prompt_id} are not 0..{end - start - 1}")
+        if sorted(ranks[start:end]) != list(range(end - start)):
+            fail(start, f"teacher ranks of prompt {prompt_id} are not a permutation of 0..{end - start - 1}")
+        start = end
