@@ -217,6 +217,28 @@ def token_level_ranking_loss(
     return per_position.sum() / selected.sum().clamp(min=1)
 
 
+def token_level_ranking_terms(
+    student_topm_ids: torch.Tensor,
+    student_topm_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    student_entropy: torch.Tensor,
+    prefix_entropy_fraction: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ListMLE of the student's top-m [B, T, m] in teacher order at each decision_prefix_mask
+    position: (per-position loss [B, T], 0 elsewhere; the selection mask [B, T])."""
+    selected = decision_prefix_mask(student_entropy, mask, prefix_entropy_fraction)
+    per_position = _teacher_ordered_listmle(
+        student_topm_ids[selected],
+        student_topm_logprobs[selected],
+        teacher_topk_ids[selected],
+        teacher_topk_logprobs[selected],
+    )
+    terms = torch.zeros(selected.shape, dtype=per_position.dtype, device=per_position.device)
+    return terms.masked_scatter(selected, per_position), selected
+
+
 def token_level_ranking_loss_from_topm(
     student_topm_ids: torch.Tensor,
     student_topm_logprobs: torch.Tensor,
@@ -228,14 +250,11 @@ def token_level_ranking_loss_from_topm(
 ) -> torch.Tensor:
     """token_level_ranking_loss from the student's top-m ids and log-probs [B, T, m] (as returned by
     chunked_token_statistics) instead of full logits: scalar."""
-    selected = decision_prefix_mask(student_entropy, mask, prefix_entropy_fraction)
-    per_position = _teacher_ordered_listmle(
-        student_topm_ids[selected],
-        student_topm_logprobs[selected],
-        teacher_topk_ids[selected],
-        teacher_topk_logprobs[selected],
+    terms, selected = token_level_ranking_terms(
+        student_topm_ids, student_topm_logprobs, teacher_topk_ids, teacher_topk_logprobs,
+        mask, student_entropy, prefix_entropy_fraction,
     )
-    return per_position.sum() / selected.sum().clamp(min=1)
+    return terms.sum() / selected.sum().clamp(min=1)
 
 
 def sequence_level_ranking_loss(

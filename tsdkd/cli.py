@@ -81,6 +81,57 @@ def generate(
 
 @app.command()
 @one_line_errors
+def distill(
+    signals: Optional[list[str]] = typer.Option(None, help="Signal dataset folder; repeat to train on several."),
+    student: Optional[str] = typer.Option(None, help="Student to train (the checkpoint that sampled the signals)."),
+    out: Optional[str] = typer.Option(None, help="Output folder: the trained student, checkpoints, metrics.jsonl."),
+    loss: Optional[str] = typer.Option(None, help="tsdkd | sft | kd | gkd [tsdkd]."),
+    indirect: Optional[str] = typer.Option(None, help="tsdkd ranking term: token | sequence | both [both]."),
+    no_indirect: Optional[bool] = typer.Option(None, "--no-indirect", help="tsdkd without the ranking term."),
+    no_entropy: Optional[bool] = typer.Option(None, "--no-entropy", help="tsdkd without entropy regularisation."),
+    no_selection: Optional[bool] = typer.Option(None, "--no-selection", help="tsdkd with weight 1 on every token."),
+    jsd_beta: Optional[float] = typer.Option(None, help="Generalised JSD beta: 0 forward KL, 1 reverse KL [0.9]."),
+    tau_w: Optional[float] = typer.Option(None, help="Token weight temperature in sigmoid((H_S - H_T)/tau) [1.0]."),
+    selection_fraction: Optional[float] = typer.Option(None, help="Hard selection: only the top fraction rho of tokens by H_S - H_T."),
+    renormalize_topk: Optional[bool] = typer.Option(None, help="Compare on the top-k only, renormalised (no tail bucket) [off]."),
+    alpha: Optional[float] = typer.Option(None, help="Weight of the ranking term [0.1]."),
+    lambda_ent: Optional[float] = typer.Option(None, help="Weight of the entropy term [1.0]."),
+    entropy_quantile: Optional[float] = typer.Option(None, help="Entropy term uses tokens at or above this quantile of H_S [0.1]."),
+    rank_items: Optional[int] = typer.Option(None, help="Token-level ranking: the student's top-m ids [10]."),
+    prefix_entropy_fraction: Optional[float] = typer.Option(None, help="Token-level ranking: decision prefix holding this share of H_S [0.1]."),
+    beta_p: Optional[float] = typer.Option(None, help="Sequence-level ranking score scale [1.0]."),
+    learning_rate: Optional[float] = typer.Option(None, help="Peak learning rate [5e-6]."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs over the signals [3]."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per device micro-batch [8]."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [1]."),
+    max_length: Optional[int] = typer.Option(None, help="Longest prompt + completion; longer completions are cut [model context]."),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Linear warm-up share of the steps [0.1]."),
+    lr_scheduler: Optional[str] = typer.Option(None, help="transformers scheduler name [cosine]."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay [0]."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping [1.0]."),
+    seed: Optional[int] = typer.Option(None, help="Seed for batches and initialisation [0]."),
+    logit_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens whose full log-softmax may exist at once [2048]."),
+    bf16: Optional[str] = typer.Option(None, help="auto | on | off: bf16 autocast (fp32 master weights) [auto: on a bf16 GPU]."),
+    logging_steps: Optional[int] = typer.Option(None, help="Steps between metric records [10]."),
+    save_steps: Optional[int] = typer.Option(None, help="Steps between checkpoints [200]."),
+    save_total_limit: Optional[int] = typer.Option(None, help="Checkpoints kept [2]."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out from its last checkpoint."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to TensorBoard under OUT/tensorboard."),
+    trust_remote_code: Optional[bool] = typer.Option(None, help="Allow model code from the model folder [off]."),
+    config: Optional[str] = typer.Option(None, help="YAML or TOML file with the same keys; options given here win."),
+) -> None:
+    """Stage 2: train the student from cached teacher signals (TSD-KD or a baseline)."""
+    options = dict(locals())
+    config_file = options.pop("config")
+    from stage2_distill.distill import distill as run_distill
+    from tsdkd.config import DistillConfig, build_config
+
+    run_distill(build_config(DistillConfig, config_file, options))
+
+
+@app.command()
+@one_line_errors
 def merge(
     parts: list[Path] = typer.Argument(..., help="Dataset folders made with --shard-index/--num-shards."),
     out: Path = typer.Option(..., help="Merged dataset folder (must not exist yet)."),

@@ -85,6 +85,86 @@ class GenerateConfig:
             raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
 
 
+LOSSES = ("tsdkd", "sft", "kd", "gkd")
+INDIRECT = ("token", "sequence", "both")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of `tsdkd distill` (stage 2). Loss defaults follow METHOD.md; training defaults are
+    the authors' (lr 5e-6, cosine, 10% warm-up, 3 epochs) except the batch, which fits one CPU."""
+
+    signals: list[str] = dataclasses.field(default_factory=list)
+    student: str = ""
+    out: str = ""
+    loss: str = "tsdkd"
+    # Which switches apply: `--no-indirect`, `--no-entropy`, `--no-selection` turn TSD-KD terms off.
+    indirect: str = "both"
+    no_indirect: bool = False
+    no_entropy: bool = False
+    no_selection: bool = False
+    jsd_beta: float = 0.9
+    tau_w: float = 1.0
+    selection_fraction: float | None = None
+    renormalize_topk: bool = False
+    alpha: float = 0.1
+    lambda_ent: float = 1.0
+    entropy_quantile: float = 0.1
+    rank_items: int = 10
+    prefix_entropy_fraction: float = 0.1
+    beta_p: float = 1.0
+    learning_rate: float = 5e-6
+    epochs: float = 3.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int | None = None
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    logit_chunk_tokens: int = 2048
+    bf16: str = "auto"
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    resume: bool = False
+    tensorboard: bool = False
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        """Reject out-of-range settings with one line each."""
+        if not self.signals:
+            raise TsdkdError("--signals is required (one or more signal dataset folders)")
+        for name in ("student", "out"):
+            if not getattr(self, name):
+                raise TsdkdError(f"--{name} is required (on the command line or in --config)")
+        rules = [
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
+            (self.indirect in INDIRECT, f"--indirect must be one of {', '.join(INDIRECT)}"),
+            (0 <= self.jsd_beta <= 1, "--jsd-beta must be in [0, 1]"),
+            (self.tau_w > 0, "--tau-w must be positive"),
+            (self.selection_fraction is None or 0 < self.selection_fraction <= 1, "--selection-fraction must be in (0, 1]"),
+            (self.alpha >= 0 and self.lambda_ent >= 0, "--alpha and --lambda-ent must be 0 or more"),
+            (0 <= self.entropy_quantile < 1, "--entropy-quantile must be in [0, 1)"),
+            (self.rank_items >= 2, "--rank-items must be at least 2"),
+            (0 < self.prefix_entropy_fraction <= 1, "--prefix-entropy-fraction must be in (0, 1]"),
+            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (self.epochs > 0 or self.max_steps > 0, "--epochs (or --max-steps) must be positive"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1"),
+            (self.max_length is None or self.max_length >= 2, "--max-length must be at least 2"),
+            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (self.logit_chunk_tokens >= 1, "--logit-chunk-tokens must be at least 1"),
+            (self.bf16 in ("auto", "on", "off"), "--bf16 must be auto, on or off"),
+            (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise TsdkdError(message)
+
+
 ConfigT = TypeVar("ConfigT")
 
 
@@ -120,6 +200,9 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
 
 
 def _checked_value(key: str, value: Any, expected: Any, config_file: str | None) -> Any:
+    if typing.get_origin(expected) is list:
+        items = value if isinstance(value, list) else [value]
+        return [_checked_value(key, item, typing.get_args(expected)[0], config_file) for item in items]
     allowed = typing.get_args(expected) or (expected,)
     if value is None and type(None) in allowed:
         return value

@@ -1,0 +1,208 @@
+"""`tsdkd distill`: a student trained from cached teacher signals, saved as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
+
+from stage2_distill.data import SignalBatches, collate_single
+from stage2_distill.objective import Objective
+from stage2_distill.trainer import DistillTrainer, MetricsFile
+from tsdkd import __version__
+from tsdkd.config import DistillConfig
+from tsdkd.errors import TsdkdError
+from tsdkd.fingerprint import tokenizer_fingerprint
+from tsdkd.loading import context_length, load_tokenizer
+from tsdkd.validate import validate_dataset
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+RUN_INFO = "tsdkd_distill.json"
+
+
+def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every dataset valid, made for this student's tokenizer, and usable together."""
+    manifests = []
+    for folder in cfg.signals:
+        if not Path(folder).is_dir():
+            raise TsdkdError(f"--signals {folder}: no such folder")
+        manifests.append(validate_dataset(Path(folder), fingerprint, deep=True))
+    for key in ("top_k", "teacher_entropy"):
+        values = {str(m[key]) for m in manifests}
+        if len(values) > 1:
+            raise TsdkdError(f"--signals: the datasets differ in {key} ({', '.join(sorted(values))}); distil from one kind at a time")
+    if manifests[0]["top_k"] < 1:
+        raise TsdkdError(f"--signals {cfg.signals[0]}: top_k {manifests[0]['top_k']} leaves nothing to distil")
+    if sum(m["stats"]["candidates"] for m in manifests) == 0:
+        raise TsdkdError("--signals: the datasets hold no candidates")
+    return manifests
+
+
+def use_bf16(cfg: DistillConfig) -> bool:
+    if cfg.bf16 == "on":
+        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            raise TsdkdError("--bf16 on needs a GPU with bf16 support; use --bf16 auto")
+        return True
+    return cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
+    if cfg.tensorboard:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=1,  # each dataset item is a whole, bucketed micro-batch
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=use_bf16(cfg),
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=["tensorboard"] if cfg.tensorboard else "none",
+        remove_unused_columns=False,
+        # Without it, accelerate sees no distributed run on a CPU-only machine under torchrun.
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def run_settings(cfg: DistillConfig) -> dict[str, Any]:
+    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "out")}
+
+
+def check_output(cfg: DistillConfig, out: Path) -> bool:
+    """Read-only: a new run needs an empty folder, `--resume` the settings of the run it continues.
+    Returns True when that run already finished."""
+    info_path = out / RUN_INFO
+    if out.exists() and not out.is_dir():
+        raise TsdkdError(f"--out {out} is a file; choose a folder")
+    if not cfg.resume:
+        if out.exists() and any(out.iterdir()):
+            hint = " (rerun with --resume to continue it)" if info_path.is_file() else ""
+            raise TsdkdError(f"--out {out} is not empty{hint}; choose a new folder")
+        return False
+    if not info_path.is_file():
+        raise TsdkdError(f"--resume: {out} holds no earlier run ({RUN_INFO} missing); drop --resume to start one")
+    earlier = json.loads(info_path.read_text())
+    settings = run_settings(cfg)
+    differing = sorted(k for k in settings if earlier["settings"].get(k) != settings[k])
+    if differing:
+        raise TsdkdError(f"--resume: settings differ from the run in {out} ({', '.join(differing)}); use the same ones")
+    return bool(earlier.get("complete"))
+
+
+def create_output(cfg: DistillConfig, out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
+    info = {"tsdkd_version": __version__, "settings": run_settings(cfg), "complete": False}
+    (out / RUN_INFO).write_text(json.dumps(info, indent=2))
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole.
+
+    A kill during a save leaves a newer, partial checkpoint that the Trainer's own lookup would pick.
+    """
+    if not folder.is_dir():
+        return None
+    numbered = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for checkpoint in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return str(checkpoint)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def drop_metrics_after(path: Path, checkpoint: str | None) -> None:
+    """Steps after the checkpoint a run resumes from are redone: forget their records."""
+    if not path.is_file():
+        return
+    last_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Run stage 2 as configured; returns the folder of the trained student."""
+    cfg.check()
+    out = Path(cfg.out)
+    tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
+    manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
+    if check_output(cfg, out):
+        print(f"{out}: already trained; nothing to do")
+        return out
+    # Under torchrun every process runs this; one creates the folder while the others wait.
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    if processes.is_main_process and not cfg.resume:
+        create_output(cfg, out)
+    processes.wait_for_everyone()
+    max_length = cfg.max_length or context_length(cfg.student, cfg.trust_remote_code)
+    objective = Objective.from_config(cfg, manifests[0]["teacher_entropy"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = SignalBatches(
+        [Path(s) for s in cfg.signals], batch_size=cfg.batch_size, pad_token_id=pad, max_length=max_length,
+        group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
+    )
+    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    trainer = DistillTrainer(
+        model=model, args=training_arguments(cfg, out), train_dataset=batches, data_collator=collate_single,
+        callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),
+        logit_chunk_tokens=cfg.logit_chunk_tokens, rank_items=cfg.rank_items,
+    )
+    resume_from = last_complete_checkpoint(out / CHECKPOINTS) if cfg.resume else None
+    if processes.is_main_process and cfg.resume:
+        drop_metrics_after(out / METRICS, resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
+    save_student(trainer, tokenizer, out, manifests, objective)
+    return out
+
+
+def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: list[dict[str, Any]], objective: Objective) -> None:
+    """safetensors, config, tokenizer and a generation config that stops at the tokenizer's EOS."""
+    staging = out / ".model-tmp"
+    # Every process takes part (FSDP and DeepSpeed gather the weights); the Trainer writes on one.
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(staging)
+    # The Trainer also pickles its arguments; the student folder holds no pickle files.
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    generation = GenerationConfig.from_model_config(trainer.model.config)
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generation.save_pretrained(staging)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+    info = json.loads((out / RUN_INFO).read_text())
+    info.update({
+        "complete": True,
+        "signals": [{"round": m["round"], "teacher": m["teacher"]["name_or_path"], "teacher_entropy": m["teacher_entropy"]} for m in manifests],
+        "token_weight_entropy": objective.weight_entropy,
+        "global_step": trainer.state.global_step,
+    })
+    (out / RUN_INFO).write_text(json.dumps(info, indent=2))
+    print(f"{out}: student saved after {trainer.state.global_step} steps")

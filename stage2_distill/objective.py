@@ -1,0 +1,134 @@
+"""The stage-2 objective: which loss terms a preset uses, and their sum for one micro-batch.
+
+Every term is normalised by counts over the whole optimizer step (all accumulation micro-batches
+on all processes: `StepCounts`), so summing the micro-batch values gives the step's loss whatever
+the split: 4 micro-batches of 1 equal 1 of 4, and 2 processes equal 1. The one exception is the
+entropy term's quantile, a statistic of each micro-batch by definition (METHOD.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from stage2_distill.chunked import TokenStatistics
+from stage2_distill.losses import (
+    bucket_entropy,
+    entropy_regularization,
+    generalized_jsd,
+    sequence_level_ranking_loss,
+    teacher_bucket_logprobs,
+    token_level_ranking_terms,
+    token_selection_weights,
+)
+from tsdkd.config import DistillConfig
+
+
+class StepCounts(NamedTuple):
+    """Completion tokens, sequences and prompts in the whole optimizer step."""
+
+    tokens: torch.Tensor
+    sequences: torch.Tensor
+    prompts: torch.Tensor
+
+
+@dataclass
+class Objective:
+    direct: bool
+    jsd_beta: float
+    selection: bool
+    tau_w: float
+    selection_fraction: float | None
+    renormalize_topk: bool
+    # "exact": H_S over the vocabulary; "buckets": H_S over the teacher's k+1 buckets, to match
+    # a teacher entropy that was itself estimated from its top-k (vLLM).
+    weight_entropy: str
+    sft: bool
+    token_ranking: bool
+    sequence_ranking: bool
+    alpha: float
+    prefix_entropy_fraction: float
+    beta_p: float
+    entropy: bool
+    lambda_ent: float
+    entropy_quantile: float
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, teacher_entropy: str) -> "Objective":
+        tsdkd = cfg.loss == "tsdkd"
+        indirect = tsdkd and not cfg.no_indirect
+        return cls(
+            direct=cfg.loss != "sft",
+            jsd_beta=0.0 if cfg.loss == "kd" else cfg.jsd_beta,
+            selection=tsdkd and not cfg.no_selection,
+            tau_w=cfg.tau_w,
+            selection_fraction=cfg.selection_fraction,
+            renormalize_topk=cfg.renormalize_topk,
+            weight_entropy="exact" if teacher_entropy == "exact" else "buckets",
+            sft=cfg.loss == "sft",
+            token_ranking=indirect and cfg.indirect in ("token", "both"),
+            sequence_ranking=indirect and cfg.indirect in ("sequence", "both"),
+            alpha=cfg.alpha,
+            prefix_entropy_fraction=cfg.prefix_entropy_fraction,
+            beta_p=cfg.beta_p,
+            entropy=tsdkd and not cfg.no_entropy,
+            lambda_ent=cfg.lambda_ent,
+            entropy_quantile=cfg.entropy_quantile,
+        )
+
+    def __call__(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, counts: StepCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) for one micro-batch; `stats` fields are laid out [B, L, ...] like the batch."""
+        mask = batch["completion_mask"]
+        tokens = counts.tokens
+        metrics: dict[str, torch.Tensor] = {"student_entropy": stats.entropy[mask].detach().sum() / tokens}
+        loss = stats.entropy.new_zeros(())
+        if self.direct:
+            teacher = teacher_bucket_logprobs(batch["teacher_topk_logprobs"], batch["teacher_tail_mass"], self.renormalize_topk)
+            if self.selection:
+                student_entropy = stats.entropy if self.weight_entropy == "exact" else bucket_entropy(stats.bucket_logprobs)
+                weights = token_selection_weights(student_entropy, batch["teacher_entropy"], mask, self.tau_w, self.selection_fraction)
+            else:
+                weights = mask.to(stats.entropy.dtype)
+            divergence = generalized_jsd(teacher[mask], stats.bucket_logprobs[mask], self.jsd_beta)
+            metrics["direct"] = (weights[mask] * divergence).sum() / tokens
+            metrics["token_weight_mean"] = weights[mask].sum() / tokens
+            metrics["selected_fraction"] = (weights[mask] > 0.5).sum() / tokens
+            loss = loss + metrics["direct"]
+        if self.sft:
+            metrics["sft"] = -stats.target_logprob[mask].sum() / tokens
+            loss = loss + metrics["sft"]
+        if self.token_ranking:
+            per_position, selected = token_level_ranking_terms(
+                stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+                mask, stats.entropy, self.prefix_entropy_fraction,
+            )
+            per_sequence = per_position.sum(-1) / selected.sum(-1).clamp(min=1)
+            metrics["indirect_token"] = per_sequence.sum() / counts.sequences
+            loss = loss + self.alpha * metrics["indirect_token"]
+        if self.sequence_ranking:
+            metrics["indirect_sequence"] = self._sequence_ranking(batch, stats, mask) / counts.prompts
+            loss = loss + self.alpha * metrics["indirect_sequence"]
+        if self.entropy:
+            micro_tokens = mask.sum()
+            metrics["entropy"] = entropy_regularization(stats.entropy, mask, self.entropy_quantile) * micro_tokens / tokens
+            loss = loss + self.lambda_ent * metrics["entropy"]
+        metrics["loss"] = loss
+        return loss, {name: value.detach() for name, value in metrics.items()}
+
+    def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, mask: torch.Tensor) -> torch.Tensor:
+        """Sum over this micro-batch's prompts of the ListMLE of its candidates."""
+        lengths = mask.sum(-1).clamp(min=1)
+        policy_mean = (stats.target_logprob * mask).sum(-1) / lengths
+        behaviour_mean = (batch["behaviour_logprobs"] * mask).sum(-1) / lengths
+        group = batch["prompt_group"]
+        num_prompts = int(group.max()) + 1
+        group_sizes = torch.bincount(group, minlength=num_prompts)
+        slot = torch.arange(len(group), device=group.device) - (group_sizes.cumsum(0) - group_sizes)[group]
+        shape = (num_prompts, int(group_sizes.max()))
+        policy = policy_mean.new_zeros(shape).index_put((group, slot), policy_mean)
+        behaviour = behaviour_mean.new_zeros(shape).index_put((group, slot), behaviour_mean)
+        ranks = batch["teacher_rank"].new_zeros(shape).index_put((group, slot), batch["teacher_rank"])
+        present = torch.zeros(shape, dtype=torch.bool, device=group.device).index_put((group, slot), torch.ones_like(group, dtype=torch.bool))
+        return sequence_level_ranking_loss(policy, behaviour, ranks, present, self.beta_p) * num_prompts

@@ -1,0 +1,126 @@
+"""A transformers Trainer that only computes the TSD-KD loss; the engine does everything else.
+
+DDP, FSDP/DeepSpeed configs, accumulation, schedules, checkpoints and resume are the Trainer's.
+Stage-2 specifics: losses normalised by whole-step counts (`StepCounts`), the student's log-softmax
+computed a chunk of tokens at a time, and the loss terms logged next to the Trainer's own logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import Trainer, TrainerCallback
+
+from stage2_distill.chunked import TokenStatistics, chunked_token_statistics
+from stage2_distill.objective import Objective, StepCounts
+from tsdkd.errors import TsdkdError
+
+
+class DistillTrainer(Trainer):
+    # compute_loss already divides by the whole step's counts: no division by accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, objective: Objective, vocab_size: int, logit_chunk_tokens: int, rank_items: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.vocab_size = vocab_size
+        self.logit_chunk_tokens = logit_chunk_tokens
+        self.rank_items = rank_items
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._micro_batches = 0
+        self._window_start = time.perf_counter()
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        # The dataset already shuffles (by epoch) and buckets whole batches; keep its order so that
+        # one process with accumulation and several processes see the same steps.
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> StepCounts:
+        """Tokens, sequences and prompts over the step's micro-batches, summed over processes."""
+        counts = torch.tensor(
+            [[b["completion_mask"].sum(), len(b["prompt_group"]), int(b["prompt_group"].max()) + 1] for b in batch_samples],
+            dtype=torch.float64,
+        ).sum(0).to(device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return StepCounts(*counts.to(torch.float32).clamp(min=1))
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: StepCounts | None = None) -> torch.Tensor:
+        counts = num_items_in_batch or self._get_num_items_in_batch([inputs], inputs["input_ids"].device)
+        stats = self._student_statistics(model, inputs)
+        loss, metrics = self.objective(inputs, stats, counts)
+        if not torch.isfinite(loss):
+            bad = ", ".join(f"{name}={value.item():.4g}" for name, value in metrics.items() if not torch.isfinite(value))
+            raise TsdkdError(
+                f"step {self.state.global_step + 1}: the loss is not finite ({bad}); lower --learning-rate "
+                "or check the signal data with `tsdkd validate`"
+            )
+        for name, value in metrics.items():
+            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value.float()
+        self._metric_sums["completion_tokens"] = self._metric_sums.get("completion_tokens", 0.0) + inputs["completion_mask"].sum().float()
+        self._micro_batches += 1
+        # DDP averages gradients over processes; each process's loss is its share of the sum.
+        return loss * self.accelerator.num_processes
+
+    def _student_statistics(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenStatistics:
+        """Hidden states through the (wrapped) model, then the head chunk by chunk on completion positions."""
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True, logits_to_keep=1)
+        hidden = output.hidden_states[-1]
+        mask = batch["completion_mask"]
+        rows, steps = mask.nonzero(as_tuple=True)
+        # Completion token j of row b is predicted by the hidden state at prompt_length - 1 + j.
+        positions = batch["prompt_lengths"][rows] - 1 + steps
+        head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        flat = chunked_token_statistics(
+            hidden[rows, positions], head, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+            self.logit_chunk_tokens, self.rank_items, self.vocab_size, self.objective.renormalize_topk,
+        )
+        return TokenStatistics(*(self._unflatten(field, mask) for field in flat))
+
+    @staticmethod
+    def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        full = values.new_zeros(mask.shape + values.shape[1:])
+        full[mask] = values
+        return full
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the loss terms (per optimizer step, summed over processes) and tokens/s."""
+        if self._micro_batches and "loss" in logs:
+            names = sorted(self._metric_sums)
+            sums = torch.stack([torch.as_tensor(self._metric_sums[n], dtype=torch.float32) for n in names]).to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            steps = self._micro_batches / self.args.gradient_accumulation_steps
+            elapsed = time.perf_counter() - self._window_start
+            for name, value in zip(names, sums.tolist()):
+                if name == "completion_tokens":
+                    logs["tokens_per_s"] = round(value / max(elapsed, 1e-9), 1)
+                else:
+                    logs[f"train/{name}"] = value / steps
+            self._metric_sums, self._micro_batches, self._window_start = {}, 0, time.perf_counter()
+        super().log(logs, start_time)
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every log record to a jsonl file (main process only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **{k: v for k, v in logs.items() if _is_number(v)}}
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,231 @@
+"""`tsdkd distill` on the transformers Trainer: output, presets, exact accumulation, DDP, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from conftest import ROOT, TOY_STUDENT, assert_one_line_error, run_cli
+from stage2_distill.data import SignalBatches, collate_single
+from stage2_distill.objective import Objective
+from stage2_distill.trainer import DistillTrainer
+from tsdkd.config import DistillConfig
+from tsdkd.errors import TsdkdError
+
+FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
+
+
+def distill_args(signals, out, *extra):
+    return ["distill", "--signals", str(signals), "--student", str(TOY_STUDENT), "--out", str(out), *FAST, *extra]
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_records(folder):
+    return [r for r in metrics(folder) if "loss" in r]
+
+
+def test_output_is_a_hub_style_student(small_dataset, tmp_path):
+    out = tmp_path / "student"
+    result = run_cli(*distill_args(small_dataset, out, "--max-steps", "3"))
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    before = AutoModelForCausalLM.from_pretrained(TOY_STUDENT)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id != tokenizer.pad_token_id
+    assert not [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
+    records = step_records(out)
+    assert len(records) == 3
+    for key in ("train/direct", "train/indirect_token", "train/indirect_sequence", "train/entropy", "train/token_weight_mean",
+                "train/selected_fraction", "train/student_entropy", "tokens_per_s", "loss"):
+        assert all(key in r for r in records), key
+    weighted = records[0]["train/direct"] + 0.1 * (records[0]["train/indirect_token"] + records[0]["train/indirect_sequence"]) + records[0]["train/entropy"]
+    assert records[0]["loss"] == pytest.approx(weighted, rel=1e-5)
+    info = json.loads((out / "tsdkd_distill.json").read_text())
+    assert info["complete"] and info["token_weight_entropy"] == "exact"
+
+
+@pytest.mark.parametrize(
+    "extra, present, absent",
+    [
+        (["--loss", "sft"], ["train/sft"], ["train/direct", "train/entropy", "train/indirect_token"]),
+        (["--loss", "kd"], ["train/direct"], ["train/sft", "train/entropy", "train/indirect_token", "train/indirect_sequence"]),
+        (["--loss", "gkd"], ["train/direct"], ["train/entropy", "train/indirect_token"]),
+        (["--no-indirect"], ["train/direct", "train/entropy"], ["train/indirect_token", "train/indirect_sequence"]),
+        (["--no-entropy", "--indirect", "token"], ["train/direct", "train/indirect_token"], ["train/entropy", "train/indirect_sequence"]),
+        (["--no-selection", "--indirect", "sequence"], ["train/indirect_sequence"], ["train/indirect_token"]),
+        (["--selection-fraction", "0.25"], ["train/direct"], []),
+    ],
+)
+def test_presets_and_ablations(small_dataset, tmp_path, extra, present, absent):
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_dataset, out, "--max-steps", "1", *extra))
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    record = step_records(out)[0]
+    assert all(k in record for k in present) and not any(k in record for k in absent), record
+    if "--no-selection" in extra or "kd" in extra or "gkd" in extra:
+        assert record["train/token_weight_mean"] == pytest.approx(1.0)
+    if "--selection-fraction" in extra:
+        assert record["train/token_weight_mean"] == pytest.approx(0.25, abs=0.02)
+
+
+def one_step_parameters(batches, accumulation, loss_options=None):
+    """Parameters after one SGD step over `batches` (a list of collated micro-batches). SGD, since
+    Adam's first step is lr * sign(gradient), which float noise flips where a gradient is ~0."""
+    cfg = DistillConfig(signals=["x"], student=str(TOY_STUDENT), out="x", **(loss_options or {}))
+    model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.float32)
+    args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=1, gradient_accumulation_steps=accumulation,
+                             learning_rate=1.0, optim="sgd", max_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                             lr_scheduler_type="constant", remove_unused_columns=False, disable_tqdm=True)
+    trainer = DistillTrainer(model=model, args=args, train_dataset=batches, data_collator=collate_single,
+                             objective=Objective.from_config(cfg, "exact"), vocab_size=325, logit_chunk_tokens=7, rank_items=10)
+    trainer.train()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def split_by_prompt(batch):
+    """The micro-batches of one prompt each, cut from one collated batch."""
+    parts = []
+    for group in batch["prompt_group"].unique():
+        rows = batch["prompt_group"] == group
+        part = {k: v[rows] for k, v in batch.items()}
+        part["prompt_group"] = torch.zeros_like(part["prompt_group"])
+        parts.append(part)
+    return parts
+
+
+@pytest.mark.parametrize("loss_options", [{"entropy_quantile": 0.0}, {"loss": "sft"}, {"loss": "kd"}])
+def test_accumulation_equals_one_large_batch(small_dataset, loss_options):
+    """4 micro-batches of 1 prompt == 1 batch of 4 prompts. The entropy quantile is a per-batch
+    statistic by definition, so the test takes q = 0 (every token), where it is exact too."""
+    data = SignalBatches([small_dataset], batch_size=12, pad_token_id=0, group_by_prompt=True, seed=0)
+    whole = data[0]
+    assert int(whole["prompt_group"].max()) + 1 == 4
+    large = one_step_parameters([whole], accumulation=1, loss_options=loss_options)
+    small = one_step_parameters(split_by_prompt(whole), accumulation=4, loss_options=loss_options)
+    for name in large:
+        torch.testing.assert_close(small[name], large[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_processes_equal_one(small_dataset, tmp_path):
+    """torchrun with 2 CPU processes (gloo) == 1 process accumulating 2 micro-batches. The tolerance
+    covers float32 sums taken in another order (all-reduce vs accumulation), about 1e-7 relative."""
+    common = ["--signals", str(small_dataset), "--student", str(TOY_STUDENT), *FAST, "--max-steps", "3", "--batch-size", "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tsdkd", "--",
+                          "distill", *common, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_cli("distill", *common, "--gradient-accumulation-steps", "2", "--out", tmp_path / "single")
+    assert single.exit_code == 0, single.stderr[-2000:]
+    two, one = step_records(tmp_path / "ddp"), step_records(tmp_path / "single")
+    assert len(two) == len(one) == 3
+    for a, b in zip(two, one):
+        for key in ("loss", "train/direct", "train/indirect_token", "train/indirect_sequence", "train/entropy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    final_two = load_file(tmp_path / "ddp" / "model.safetensors")
+    final_one = load_file(tmp_path / "single" / "model.safetensors")
+    for name in final_one:
+        torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_path):
+    args = [*distill_args(small_dataset, "OUT", "--max-steps", "40", "--save-steps", "4", "--save-total-limit", "20")]
+    clean = tmp_path / "clean"
+    assert run_cli(*[str(clean) if a == "OUT" else a for a in args]).exit_code == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "tsdkd", *[str(out) if a == "OUT" else a for a in args]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if list((out / "checkpoints").glob("checkpoint-*")):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "model.safetensors").exists()
+    rerun = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [r["step"] for r in step_records(out)] == list(range(1, 41))
+    resumed, reference = load_file(out / "model.safetensors"), load_file(clean / "model.safetensors")
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-6, atol=1e-7)
+
+
+def test_student_with_padded_embeddings(small_dataset, tmp_path):
+    """Like Qwen2.5: more embedding rows than tokens. The extra rows take no probability mass."""
+    padded = tmp_path / "padded-student"
+    model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT)
+    model.resize_token_embeddings(325 + 11, mean_resizing=False)
+    model.save_pretrained(padded)
+    AutoTokenizer.from_pretrained(TOY_STUDENT).save_pretrained(padded)
+    out = tmp_path / "out"
+    result = run_cli("distill", "--signals", small_dataset, "--student", padded, "--out", out, *FAST, "--max-steps", "2")
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    trained = AutoModelForCausalLM.from_pretrained(out).get_output_embeddings().weight
+    torch.testing.assert_close(trained[325:], model.get_output_embeddings().weight[325:])
+
+
+def test_non_finite_loss_stops_with_the_step(small_dataset):
+    cfg = DistillConfig(signals=["x"], student=str(TOY_STUDENT), out="x")
+    batch = SignalBatches([small_dataset], batch_size=6, pad_token_id=0, group_by_prompt=True)[0]
+    batch["teacher_topk_logprobs"][0, 0, 0] = float("nan")
+    args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=1, max_steps=1, report_to="none",
+                             save_strategy="no", use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    trainer = DistillTrainer(model=AutoModelForCausalLM.from_pretrained(TOY_STUDENT), args=args, train_dataset=[batch],
+                             data_collator=collate_single, objective=Objective.from_config(cfg, "exact"),
+                             vocab_size=325, logit_chunk_tokens=64, rank_items=10)
+    with pytest.raises(TsdkdError, match=r"step 1: the loss is not finite \(.*direct="):
+        trainer.train()
+
+
+def test_bad_input(small_dataset, tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(run_cli(*distill_args(missing, tmp_path / "o1")), "no such folder")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(small_dataset, corrupt)
+    shard = sorted((corrupt / "data").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert_one_line_error(run_cli(*distill_args(corrupt, tmp_path / "o2")), shard.name, "checksum")
+    other = tmp_path / "other-student"
+    shutil.copytree(TOY_STUDENT, other)
+    tokenizer = AutoTokenizer.from_pretrained(TOY_STUDENT)
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(other)
+    result = run_cli("distill", "--signals", small_dataset, "--student", other, "--out", tmp_path / "o3")
+    assert_one_line_error(result, "tokenizer of the student differs")
+    empty = tmp_path / "empty"
+    shutil.copytree(small_dataset, empty)
+    manifest = json.loads((empty / "tsdkd.json").read_text())
+    manifest["shards"], manifest["stats"]["candidates"] = [], 0
+    (empty / "tsdkd.json").write_text(json.dumps(manifest))
+    shutil.rmtree(empty / "data")
+    assert_one_line_error(run_cli(*distill_args(empty, tmp_path / "o4")), "no candidates")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o5", "--jsd-beta", "2")), "--jsd-beta")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o6", "--loss", "dpo")), "--loss must be one of")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o7", "--resume")), "holds no earlier run")
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
+        assert not (tmp_path / name).exists()
+
+
+def test_existing_run_is_never_overwritten(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*distill_args(small_dataset, out, "--max-steps", "1")).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "1")), "not empty", "--resume")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "2", "--resume")), "settings differ", "max_steps")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
