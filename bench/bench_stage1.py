@@ -101,8 +101,9 @@ def main() -> None:
             if batch and (row is None or (len(batch) + 1) * len(row) > 16384):
                 width = max(len(r) for r in batch)
                 ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in batch])
+                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch])
                 with torch.inference_mode():
-                    teacher(input_ids=ids, attention_mask=(ids != -1).long()).logits.float()
+                    teacher(input_ids=ids, attention_mask=mask).logits.float()
                 batch = []
             if row is not None:
                 batch.append(row)

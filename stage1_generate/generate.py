@@ -28,7 +28,7 @@ from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
-from tsdkd.prompts import PromptRecord, load_prompts
+from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -41,7 +41,7 @@ from tsdkd.signals import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from tsdkd.verify import answer_is_correct
+from tsdkd.answers import answer_is_correct
 
 WORK_DIR = ".work"
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -76,14 +76,10 @@ def backend_version(backend: str) -> str | None:
 
 
 def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateConfig, context: int | None) -> list[Prompt]:
-    """Chat-template each prompt with the student's template, keep the ids, check the length."""
+    """Render each prompt with the student's template, keep the ids, check the length."""
     prompts = []
     for record in records:
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(record.messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "\n".join(message["content"] for message in record.messages)
-        token_ids = tokenizer(text, add_special_tokens=tokenizer.chat_template is None)["input_ids"]
+        token_ids = render_prompt(tokenizer, record.messages)
         if context is not None and len(token_ids) + cfg.max_new_tokens > context:
             raise TsdkdError(
                 f"{cfg.prompts} row {record.row}: prompt is {len(token_ids)} tokens; with --max-new-tokens "

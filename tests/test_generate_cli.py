@@ -78,7 +78,7 @@ def with_option(name, value):
     "make_args, fragments",
     [
         (lambda tmp: with_option("--prompts", tmp / "missing.jsonl"), ["missing.jsonl", "not found"]),
-        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"question": "1+1?"}])), ["no field 'prompt'", "question"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"text": "1+1?"}])), ["none of the fields", "text"]),
         (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1+1?"}, {"prompt": "  "}])), ["row 1", "empty"]),
         (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1 + 2 " * 600}])), ["row 0", "context of 1024"]),
         (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": 7}])), ["row 0", "must be a string"]),

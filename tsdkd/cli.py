@@ -50,8 +50,8 @@ def generate(
     top_p: Optional[float] = typer.Option(None, help="Student nucleus sampling [1.0]."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed [0]."),
     backend: Optional[str] = typer.Option(None, help="auto | hf | vllm [auto: vllm with a GPU, else hf]."),
-    prompt_field: Optional[str] = typer.Option(None, help="Field holding the prompt text or chat messages [prompt]."),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the gold answer [answer, if present]."),
+    prompt_field: Optional[str] = typer.Option(None, help="Field holding the prompt text or chat messages [first of prompt/messages/question/problem]."),
+    answer_field: Optional[str] = typer.Option(None, help="Field holding the gold answer [answer or solution, if present]."),
     verifier: Optional[str] = typer.Option(None, help="none | math: rank verified-correct candidates first [math]."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
     shard_index: Optional[int] = typer.Option(None, help="This machine's part of a split job [0]."),
@@ -128,6 +128,77 @@ def distill(
     from tsdkd.config import DistillConfig, build_config
 
     run_distill(build_config(DistillConfig, config_file, options))
+
+
+@app.command()
+@one_line_errors
+def run(
+    prompts: Optional[str] = typer.Option(None, help="Prompt file or saved datasets folder."),
+    student: Optional[str] = typer.Option(None, help="Initial student (round 0)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher, the same in every round."),
+    out: Optional[str] = typer.Option(None, help="Run folder: round-1/, round-2/, ... and tsdkd_run.json."),
+    rounds: Optional[int] = typer.Option(None, help="Rounds of generate-then-distill [3]; may grow on a rerun."),
+    seed: Optional[int] = typer.Option(None, help="Base seed; round r uses seed + r [0]."),
+    num_candidates: Optional[int] = typer.Option(None, help="generate: candidates per prompt [4]."),
+    top_k: Optional[int] = typer.Option(None, help="generate: teacher top-k [20]."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="generate: longest candidate [1024]."),
+    temperature: Optional[float] = typer.Option(None, help="generate: sampling temperature [1.0]."),
+    backend: Optional[str] = typer.Option(None, help="generate: auto | hf | vllm [auto]."),
+    limit: Optional[int] = typer.Option(None, help="generate: use only the first N prompts."),
+    loss: Optional[str] = typer.Option(None, help="distill: tsdkd | sft | kd | gkd [tsdkd]."),
+    learning_rate: Optional[float] = typer.Option(None, help="distill: peak learning rate [5e-6]."),
+    epochs: Optional[float] = typer.Option(None, help="distill: epochs per round [3]."),
+    max_steps: Optional[int] = typer.Option(None, help="distill: optimizer steps per round (overrides --epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="distill: sequences per micro-batch [8]."),
+    config: Optional[str] = typer.Option(None, help="YAML/TOML: the keys above, plus `generate:` and `distill:` sections with any option of those commands."),
+) -> None:
+    """Self-improvement rounds: round r samples with the round r-1 student and distils into round r."""
+    options = dict(locals())
+    config_file = options.pop("config")
+    sections = {
+        "generate": ("num_candidates", "top_k", "max_new_tokens", "temperature", "backend", "limit"),
+        "distill": ("loss", "learning_rate", "epochs", "max_steps", "batch_size"),
+    }
+    given = {section: {k: options.pop(k) for k in keys if options[k] is not None} for section, keys in sections.items()}
+    for key in [k for keys in sections.values() for k in keys]:
+        options.pop(key, None)
+    from tsdkd.rounds import load_run_config, run_rounds
+
+    cfg = load_run_config(config_file, options)
+    for section, values in given.items():
+        getattr(cfg, section).update(values)
+    run_rounds(cfg)
+
+
+@app.command(name="eval")
+@one_line_errors
+def evaluate(
+    model: Optional[str] = typer.Option(None, help="Model folder or hub id."),
+    data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv or saved dataset); repeat for several."),
+    out: Optional[str] = typer.Option(None, help="Folder for results.json and per-item <benchmark>.jsonl."),
+    samples: Optional[int] = typer.Option(None, help="Samples per item; above 1 reports pass@k [1: greedy]."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature [0 for 1 sample, else 1.0]."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling [1.0]."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest response [1024]."),
+    backend: Optional[str] = typer.Option(None, help="auto | hf | vllm [auto]."),
+    prompt_field: Optional[str] = typer.Option(None, help="Prompt field [first of prompt/messages/question/problem]."),
+    answer_field: Optional[str] = typer.Option(None, help="Gold answer field [answer or solution]; GSM8K '#### N' and MATH \\boxed{} are understood."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N items of each benchmark."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch [32]."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed [0]."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]."),
+    trust_remote_code: Optional[bool] = typer.Option(None, help="Allow model code from the model folder [off]."),
+    enforce_eager: Optional[bool] = typer.Option(None, help="vllm: skip compilation [off]."),
+    kv_cache_memory_bytes: Optional[int] = typer.Option(None, help="vllm: KV cache size [1 GiB on CPU]."),
+    config: Optional[str] = typer.Option(None, help="YAML or TOML file with the same keys."),
+) -> None:
+    """Final-answer accuracy on benchmark files (boxed, ####, Answer:, last number; math-verify)."""
+    options = dict(locals())
+    config_file = options.pop("config")
+    from tsdkd.config import EvalConfig, build_config
+    from tsdkd.evaluate import evaluate as run_evaluate
+
+    run_evaluate(build_config(EvalConfig, config_file, options))
 
 
 @app.command()

@@ -33,8 +33,8 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     backend: str = "auto"
-    prompt_field: str = "prompt"
-    # None: use an "answer" column when the prompt file has one.
+    # None: the first of prompt/messages/question/problem and answer/solution the file has.
+    prompt_field: str | None = None
     answer_field: str | None = None
     verifier: str = "math"
     limit: int | None = None
@@ -83,6 +83,56 @@ class GenerateConfig:
                 raise TsdkdError(message)
         if self.temperature == 0 and self.num_candidates > 1:
             raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `tsdkd eval`: greedy by default; `samples` > 1 samples and reports pass@k."""
+
+    model: str = ""
+    data: list[str] = dataclasses.field(default_factory=list)
+    out: str = ""
+    samples: int = 1
+    temperature: float | None = None
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    backend: str = "auto"
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    limit: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    enforce_eager: bool = False
+    kv_cache_memory_bytes: int | None = None
+
+    def check(self) -> None:
+        if not self.model or not self.out:
+            raise TsdkdError("--model and --out are required")
+        if not self.data:
+            raise TsdkdError("--data is required (one or more benchmark files)")
+        rules = [
+            (self.samples >= 1, "--samples must be at least 1"),
+            (self.temperature is None or self.temperature >= 0, "--temperature must be 0 or more"),
+            (self.samples == 1 or self.temperature != 0, "--samples above 1 needs a temperature above 0"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
+            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise TsdkdError(message)
+
+    @property
+    def sampling_temperature(self) -> float:
+        """Greedy for one sample, temperature 1 for pass@k, unless a temperature is given."""
+        if self.temperature is not None:
+            return self.temperature
+        return 0.0 if self.samples == 1 else 1.0
 
 
 LOSSES = ("tsdkd", "sft", "kd", "gkd")
@@ -163,6 +213,34 @@ class DistillConfig:
         for ok, message in rules:
             if not ok:
                 raise TsdkdError(message)
+
+
+@dataclass
+class RunConfig:
+    """Settings of `tsdkd run`: R rounds of generate-then-distill. `generate` and `distill` hold
+    any further keys of those commands (from a config file's sections of the same names)."""
+
+    prompts: str = ""
+    student: str = ""
+    teacher: str = ""
+    out: str = ""
+    rounds: int = 3
+    seed: int = 0
+    generate: dict = dataclasses.field(default_factory=dict)
+    distill: dict = dataclasses.field(default_factory=dict)
+
+    def check(self) -> None:
+        for name in ("prompts", "student", "teacher", "out"):
+            if not getattr(self, name):
+                raise TsdkdError(f"--{name} is required (on the command line or in --config)")
+        if self.rounds < 1:
+            raise TsdkdError("--rounds must be at least 1")
+        reserved = {"generate": {"prompts", "student", "teacher", "out", "round", "seed"},
+                    "distill": {"signals", "student", "out", "seed", "resume"}}
+        for section, keys in reserved.items():
+            clash = sorted(set(getattr(self, section)) & keys)
+            if clash:
+                raise TsdkdError(f"run config: {section}.{clash[0]} is set by `tsdkd run` itself for each round; remove it")
 
 
 ConfigT = TypeVar("ConfigT")

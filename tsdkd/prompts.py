@@ -10,6 +10,9 @@ from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_json
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Field names tried when none is given: plain files, GSM8K (question/answer), MATH (problem/solution).
+PROMPT_FIELDS = ("prompt", "messages", "question", "problem")
+ANSWER_FIELDS = ("answer", "solution")
 
 
 @dataclass
@@ -69,16 +72,21 @@ def as_messages(value: Any, path: Path, row: int, field: str) -> list[dict[str, 
     )
 
 
-def load_prompts(path: Path, prompt_field: str, answer_field: str | None, limit: int | None) -> list[PromptRecord]:
-    """Prompt records in file order; `answer_field=None` uses an 'answer' column if there is one."""
+def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None, limit: int | None) -> list[PromptRecord]:
+    """Prompt records in file order. A field left None is the first of PROMPT_FIELDS / ANSWER_FIELDS
+    the file has (no gold answer when it has none of the latter)."""
     table = load_table(path)
     columns = list(table.column_names)
+    if prompt_field is None:
+        prompt_field = next((f for f in PROMPT_FIELDS if f in columns), None)
+        if prompt_field is None:
+            raise TsdkdError(f"{path}: none of the fields {', '.join(PROMPT_FIELDS)} (fields: {', '.join(columns)}); pass --prompt-field")
     if prompt_field not in columns:
         raise TsdkdError(f"{path}: no field {prompt_field!r} (fields: {', '.join(columns)}); pass --prompt-field")
     if answer_field is not None and answer_field not in columns:
         raise TsdkdError(f"{path}: no field {answer_field!r} (fields: {', '.join(columns)}); pass --answer-field")
-    if answer_field is None and "answer" in columns:
-        answer_field = "answer"
+    if answer_field is None:
+        answer_field = next((f for f in ANSWER_FIELDS if f in columns), None)
     if len(table) == 0:
         raise TsdkdError(f"{path}: the prompt file has no rows")
     if limit is not None:
@@ -94,3 +102,12 @@ def load_prompts(path: Path, prompt_field: str, answer_field: str | None, limit:
             )
         )
     return records
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the prompt under the tokenizer's chat template, generation prompt included."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = "\n".join(message["content"] for message in messages)
+    return list(tokenizer(text)["input_ids"])

@@ -1,0 +1,108 @@
+"""`tsdkd run`: rounds that chain students, survive a kill at any point, and refuse other settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+
+CONFIG = """
+rounds: 2
+generate:
+  limit: 6
+  max-new-tokens: 24
+  top-k: 8
+  num-candidates: 3
+  prompts-per-shard: 2
+  backend: hf
+distill:
+  max-steps: 6
+  save-steps: 2
+  learning-rate: 0.001
+  batch-size: 6
+  logging-steps: 1
+"""
+
+
+def run_args(config, out, *extra):
+    return ["run", "--prompts", str(TOY_PROMPTS), "--student", str(TOY_STUDENT), "--teacher", str(TOY_TEACHER),
+            "--config", str(config), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rounds")
+    config = folder / "run.yaml"
+    config.write_text(CONFIG)
+    result = run_cli(*run_args(config, folder / "run"))
+    assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
+    return config, folder / "run"
+
+
+def test_rounds_chain_their_students(finished_run):
+    _, out = finished_run
+    first = json.loads((out / "round-1" / "signals" / "tsdkd.json").read_text())
+    second = json.loads((out / "round-2" / "signals" / "tsdkd.json").read_text())
+    assert first["student"]["name_or_path"] == str(TOY_STUDENT) and first["round"] == 1
+    assert second["student"]["name_or_path"] == str(out / "round-1" / "student") and second["round"] == 2
+    assert second["sampling"]["seed"] == first["sampling"]["seed"] + 1
+    state = json.loads((out / "tsdkd_run.json").read_text())["rounds"]
+    assert state == {"1": {"signals": True, "student": True}, "2": {"signals": True, "student": True}}
+
+
+def test_rerun_of_a_finished_run_changes_nothing(finished_run):
+    config, out = finished_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert run_cli(*run_args(config, out)).exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "tsdkd_run.json"} == \
+        {p: t for p, t in before.items() if p.name != "tsdkd_run.json"}
+
+
+@pytest.mark.parametrize("kill_when", ["round-1/student/checkpoints/checkpoint-2/trainer_state.json", "round-2/signals/tsdkd.json"])
+def test_kill_and_rerun_ends_like_an_uninterrupted_run(finished_run, tmp_path, kill_when):
+    config, reference = finished_run
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tsdkd", *run_args(config, out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (out / kill_when).exists():
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "round-2" / "student" / "model.safetensors").exists()
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for round_index in (1, 2):
+        ours = json.loads((out / f"round-{round_index}" / "signals" / "tsdkd.json").read_text())["shards"]
+        theirs = json.loads((reference / f"round-{round_index}" / "signals" / "tsdkd.json").read_text())["shards"]
+        assert [s["sha256"] for s in ours] == [s["sha256"] for s in theirs]
+    resumed = load_file(out / "round-2" / "student" / "model.safetensors")
+    expected = load_file(reference / "round-2" / "student" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_other_settings_are_refused(finished_run, tmp_path):
+    config, out = finished_run
+    before = (out / "tsdkd_run.json").read_text()
+    assert_one_line_error(run_cli(*run_args(config, out, "--seed", "5")), "other settings", "seed")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate:\n  seed: 3\n")
+    assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "generate.seed")
+    bad.write_text("distill:\n  jsd_beta: high\n")
+    assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "jsd_beta", "must be float")
+    assert_one_line_error(run_cli(*run_args(config, tmp_path / "o2", "--rounds", "0")), "--rounds")
+    assert (out / "tsdkd_run.json").read_text() == before

@@ -1,0 +1,63 @@
+"""Final-answer extraction and checking, shared by stage 1 (ranking) and `tsdkd eval`.
+
+The common forms, most explicit first: `\\boxed{...}`, GSM8K's `#### N`, `Answer: N`, then the
+last number in the text. Equivalence (2/4 == 0.5, 1,000 == 1000) is math-verify's.
+"""
+
+from __future__ import annotations
+
+import re
+
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Contents of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for index in range(begin - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[begin:index].strip()
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response (or of a gold solution), None when there is none."""
+    boxed = _last_boxed(text)
+    if boxed:
+        return boxed
+    for pattern in (_HASHES, _ANSWER):
+        matches = pattern.findall(text)
+        if matches:
+            return matches[-1].strip().rstrip(".")
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def answers_match(gold: str, predicted: str) -> bool:
+    """math-verify's equivalence of two extracted answers (plain numbers or LaTeX)."""
+    from math_verify import parse, verify
+
+    gold_parsed = parse(f"\\boxed{{{gold}}}")
+    predicted_parsed = parse(f"\\boxed{{{predicted}}}")
+    if gold_parsed and predicted_parsed:
+        return bool(verify(gold_parsed, predicted_parsed))
+    return gold.replace(",", "").strip() == predicted.replace(",", "").strip()
+
+
+def gold_final_answer(gold_answer: str) -> str:
+    """A gold field is a bare answer ("72", "\\frac{1}{2}") or a solution marked by \\boxed{} or ####."""
+    hashes = _HASHES.findall(gold_answer)
+    return _last_boxed(gold_answer) or (hashes[-1].strip() if hashes else gold_answer.strip())
+
+
+def answer_is_correct(gold_answer: str, response: str) -> bool:
+    """True when the response's final answer equals the gold answer's final answer."""
+    gold = gold_final_answer(gold_answer)
+    predicted = extract_answer(response)
+    return predicted is not None and answers_match(gold, predicted)

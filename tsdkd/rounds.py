@@ -1,0 +1,95 @@
+"""`tsdkd run`: self-improvement rounds. Round r samples with the round r-1 student and distils
+into round r; each round is a folder with its signals and its student, under a run manifest.
+
+    OUT/tsdkd_run.json      settings and the state of each round
+    OUT/round-1/signals     signals sampled by the initial student
+    OUT/round-1/student     the student distilled from them
+    OUT/round-2/...
+
+Rerunning the same command continues where a crash stopped it: finished rounds are kept, a
+partial signal dataset resumes shard by shard, a partial distillation from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tsdkd.config import DistillConfig, GenerateConfig, RunConfig, build_config
+from tsdkd.errors import TsdkdError
+from tsdkd.signals import write_json_atomic
+
+RUN_MANIFEST = "tsdkd_run.json"
+
+
+def round_folder(out: Path, round_index: int) -> Path:
+    return out / f"round-{round_index}"
+
+
+def student_of_round(cfg: RunConfig, round_index: int) -> str:
+    """Round 0's student is the one given; round r's is distilled in round r."""
+    return cfg.student if round_index == 0 else str(round_folder(Path(cfg.out), round_index) / "student")
+
+
+def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
+    path = out / RUN_MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+        if manifest["settings"] != json.loads(json.dumps(settings)):
+            differing = sorted(k for k in settings if manifest["settings"].get(k) != json.loads(json.dumps(settings[k])))
+            raise TsdkdError(f"--out {out} holds a run with other settings (differs in: {', '.join(differing)}); use a new --out")
+        return manifest
+    if out.exists() and any(out.iterdir()):
+        raise TsdkdError(f"--out {out} is not empty and holds no {RUN_MANIFEST}; choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
+    manifest = {"settings": settings, "rounds": {}}
+    write_json_atomic(manifest, path)
+    return manifest
+
+
+def run_rounds(cfg: RunConfig) -> Path:
+    """Rounds 1..R (R may grow between reruns); returns the last round's student folder."""
+    from stage1_generate.generate import generate
+    from stage2_distill.distill import RUN_INFO, distill
+
+    cfg.check()
+    out = Path(cfg.out)
+    manifest = start_manifest(cfg, out)
+    for round_index in range(1, cfg.rounds + 1):
+        folder = round_folder(out, round_index)
+        state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
+        print(f"round {round_index} of {cfg.rounds}")
+        generate(build_config(GenerateConfig, None, {
+            **cfg.generate, "prompts": cfg.prompts, "student": student_of_round(cfg, round_index - 1),
+            "teacher": cfg.teacher, "out": str(folder / "signals"), "round": round_index, "seed": cfg.seed + round_index,
+        }))
+        state["signals"] = True
+        write_json_atomic(manifest, out / RUN_MANIFEST)
+        student = folder / "student"
+        distill(build_config(DistillConfig, None, {
+            **cfg.distill, "signals": [str(folder / "signals")], "student": student_of_round(cfg, round_index - 1),
+            "out": str(student), "seed": cfg.seed + round_index, "resume": (student / RUN_INFO).is_file(),
+        }))
+        state["student"] = True
+        write_json_atomic(manifest, out / RUN_MANIFEST)
+    final = Path(student_of_round(cfg, cfg.rounds))
+    print(f"{out}: {cfg.rounds} rounds done; final student in {final}")
+    return final
+
+
+def load_run_config(config_file: str | None, cli_values: dict[str, Any]) -> RunConfig:
+    """Top-level keys and the `generate`/`distill` sections, each checked against its command."""
+    cfg = build_config(RunConfig, config_file, cli_values)
+    for section, cls in (("generate", GenerateConfig), ("distill", DistillConfig)):
+        values = getattr(cfg, section) or {}
+        if not isinstance(values, dict):
+            raise TsdkdError(f"run config: {section} must be a mapping of {section} options")
+        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+        build_config(cls, None, normalised)  # type and name check, one line on error
+        setattr(cfg, section, normalised)
+    return cfg
