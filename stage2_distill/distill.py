@@ -54,7 +54,8 @@ def use_bf16(cfg: DistillConfig) -> bool:
 
 def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
     if cfg.tensorboard:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+        # transformers reads the folder from the environment only; each run (round) gets its own.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=1,  # each dataset item is a whole, bucketed micro-batch

@@ -208,13 +208,12 @@ def token_level_ranking_loss(
 ) -> torch.Tensor:
     """L_tok = mean over decision_prefix_mask positions of ListMLE(log p_S of the student's top-m
     ids, in teacher order): scalar. student_logits [B, T, V] may be log-probs (idempotent)."""
-    selected = decision_prefix_mask(student_entropy, mask, prefix_entropy_fraction)
-    student_logprobs = torch.log_softmax(at_least_float32(student_logits[selected]), dim=-1)
+    student_logprobs = torch.log_softmax(at_least_float32(student_logits), dim=-1)
     item_logprobs, item_ids = student_logprobs.topk(num_items, dim=-1)
-    per_position = _teacher_ordered_listmle(
-        item_ids, item_logprobs, teacher_topk_ids[selected], teacher_topk_logprobs[selected]
+    terms, selected = token_level_ranking_terms(
+        item_ids, item_logprobs, teacher_topk_ids, teacher_topk_logprobs, mask, student_entropy, prefix_entropy_fraction
     )
-    return per_position.sum() / selected.sum().clamp(min=1)
+    return terms.sum() / selected.sum().clamp(min=1)
 
 
 def token_level_ranking_terms(
@@ -237,24 +236,6 @@ def token_level_ranking_terms(
     )
     terms = torch.zeros(selected.shape, dtype=per_position.dtype, device=per_position.device)
     return terms.masked_scatter(selected, per_position), selected
-
-
-def token_level_ranking_loss_from_topm(
-    student_topm_ids: torch.Tensor,
-    student_topm_logprobs: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    student_entropy: torch.Tensor,
-    prefix_entropy_fraction: float = 0.1,
-) -> torch.Tensor:
-    """token_level_ranking_loss from the student's top-m ids and log-probs [B, T, m] (as returned by
-    chunked_token_statistics) instead of full logits: scalar."""
-    terms, selected = token_level_ranking_terms(
-        student_topm_ids, student_topm_logprobs, teacher_topk_ids, teacher_topk_logprobs,
-        mask, student_entropy, prefix_entropy_fraction,
-    )
-    return terms.sum() / selected.sum().clamp(min=1)
 
 
 def sequence_level_ranking_loss(

@@ -222,6 +222,12 @@ def test_bad_input(small_dataset, tmp_path):
         assert not (tmp_path / name).exists()
 
 
+def test_tensorboard_when_asked(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*distill_args(small_dataset, out, "--max-steps", "2", "--tensorboard")).exit_code == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_existing_run_is_never_overwritten(small_dataset, tmp_path):
     out = tmp_path / "run"
     assert run_cli(*distill_args(small_dataset, out, "--max-steps", "1")).exit_code == 0

@@ -11,9 +11,11 @@ import sys
 import time
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import ROOT, SMALL_JOB, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 
 
@@ -185,3 +187,16 @@ def test_resume_redoes_a_damaged_shard(small_dataset, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert shard_hashes(folder) == shard_hashes(small_dataset)
     assert sha256_file(damaged) == manifest["shards"][1]["sha256"]
+
+
+def test_backend_auto_needs_vllm_and_a_gpu(monkeypatch):
+    from stage1_generate import generate as generate_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generate_module.resolve_backend("auto") == "hf"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert generate_module.resolve_backend("auto") == "vllm"
+    monkeypatch.setattr(generate_module.importlib.util, "find_spec", lambda name: None)
+    assert generate_module.resolve_backend("auto") == "hf"
+    with pytest.raises(TsdkdError, match="vLLM is not installed"):
+        generate_module.resolve_backend("vllm")

@@ -24,7 +24,7 @@ from stage2_distill.losses import (
     student_bucket_logprobs,
     teacher_bucket_logprobs,
     token_level_ranking_loss,
-    token_level_ranking_loss_from_topm,
+    token_level_ranking_terms,
     token_selection_weights,
 )
 
@@ -464,10 +464,11 @@ def test_token_level_ranking_loss_matches_loop(fraction):
     )
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     topm_logprobs, topm_ids = torch.log_softmax(student_logits, -1).topk(5, -1)
-    from_topm = token_level_ranking_loss_from_topm(
+    terms, selected = token_level_ranking_terms(
         topm_ids, topm_logprobs, teacher_ids, teacher_logprobs, mask, entropy, fraction
     )
-    assert from_topm.item() == pytest.approx(expected, rel=1e-10)
+    assert (terms.sum() / selected.sum()).item() == pytest.approx(expected, rel=1e-10)
+    assert (terms[~selected] == 0).all()
 
 
 def test_token_level_ranking_gradient_flows_only_through_student_scores():

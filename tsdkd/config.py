@@ -18,6 +18,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 VERIFIERS = ("none", "math")
 
 
+def enforce(rules: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first rule that does not hold."""
+    for ok, message in rules:
+        if not ok:
+            raise TsdkdError(message)
+
+
 @dataclass
 class GenerateConfig:
     """Settings of `tsdkd generate` (stage 1). Defaults follow METHOD.md."""
@@ -78,9 +85,7 @@ class GenerateConfig:
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
             (self.verifier in VERIFIERS, f"--verifier must be one of {', '.join(VERIFIERS)}"),
         ]
-        for ok, message in rules:
-            if not ok:
-                raise TsdkdError(message)
+        enforce(rules)
         if self.temperature == 0 and self.num_candidates > 1:
             raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
 
@@ -123,9 +128,7 @@ class EvalConfig:
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
         ]
-        for ok, message in rules:
-            if not ok:
-                raise TsdkdError(message)
+        enforce(rules)
 
     @property
     def sampling_temperature(self) -> float:
@@ -210,9 +213,7 @@ class DistillConfig:
             (self.bf16 in ("auto", "on", "off"), "--bf16 must be auto, on or off"),
             (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
         ]
-        for ok, message in rules:
-            if not ok:
-                raise TsdkdError(message)
+        enforce(rules)
 
 
 @dataclass
