@@ -79,7 +79,7 @@ def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateCon
     """Render each prompt with the student's template, keep the ids, check the length."""
     prompts = []
     for record in records:
-        token_ids = render_prompt(tokenizer, record.messages)
+        token_ids = render_prompt(tokenizer, record.messages, f"{cfg.prompts} row {record.row}")
         if context is not None and len(token_ids) + cfg.max_new_tokens > context:
             raise TsdkdError(
                 f"{cfg.prompts} row {record.row}: prompt is {len(token_ids)} tokens; with --max-new-tokens "
@@ -183,10 +183,12 @@ def generate(cfg: GenerateConfig) -> Path:
     prompts_path = Path(cfg.prompts)
     records, duplicates = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit))
     contexts = [c for c in (context_length(cfg.student, cfg.trust_remote_code), context_length(cfg.teacher, cfg.trust_remote_code)) if c]
-    prompts = render_prompts(records, student_tokenizer, cfg, min(contexts) if contexts else None)
+    # vLLM scores a candidate by generating one token after it: one position more.
+    context = min(contexts) - (backend == "vllm") if contexts else None
+    prompts = render_prompts(records, student_tokenizer, cfg, context)
     settings = settings_of(
         cfg, backend, source_fingerprint(prompts_path),
-        model_identity(cfg.student), model_identity(cfg.teacher), len(prompts),
+        model_identity(cfg.student, cfg.trust_remote_code), model_identity(cfg.teacher, cfg.trust_remote_code), len(prompts),
     )
     out = Path(cfg.out)
     manifest = prepare_output(out, settings)
@@ -269,7 +271,7 @@ def open_sampler(backend: str, cfg: GenerateConfig, sampling: SamplingSettings, 
     if backend == "vllm":
         from stage1_generate.vllm_backend import VLLMStudentSampler
 
-        return VLLMStudentSampler(cfg.student, sampling, cfg.dtype, cfg.seed, engine_args)
+        return VLLMStudentSampler(cfg.student, sampling, cfg.dtype, cfg.seed, engine_args, len(tokenizer))
     from stage1_generate.hf_backend import HFStudentSampler
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

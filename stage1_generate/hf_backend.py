@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from tsdkd.errors import TsdkdError
 from stage1_generate.types import SampledCandidate, SamplingSettings, TeacherScores, canonical_topk
 
 
@@ -18,9 +19,28 @@ def resolve_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
+    """Safetensors weights only; the model's own generation defaults (penalties, min-p, extra stop
+    ids) are dropped, because transformers merges them into every generate() call and TSD-KD
+    samples the student raw."""
     device, torch_dtype = resolve_device_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise TsdkdError(f"{path}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+    model.generation_config = GenerationConfig()
     return model.to(device).eval()
+
+
+class SuppressPaddedVocabulary(LogitsProcessor):
+    """Embedding matrices padded beyond the tokenizer (Qwen2.5) hold rows that are not tokens."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.vocab_size :] = -float("inf")
+        return scores
 
 
 class BehaviourLogprobRecorder(LogitsProcessor):
@@ -98,7 +118,7 @@ class HFStudentSampler:
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=self._generation_config(),
-            logits_processor=LogitsProcessorList([recorder]),
+            logits_processor=LogitsProcessorList([recorder, SuppressPaddedVocabulary(self.vocab_size)]),
         )
         completions = output.sequences[:, width:].cpu().numpy()
         logprobs = recorder.finish(output.sequences).cpu().numpy()

@@ -29,7 +29,10 @@ def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args
         import torch
 
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    return LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_logprobs=max_logprobs, **engine_args)
+    # generation_config="vllm": ignore the model's generation_config.json defaults (penalties,
+    # extra stop ids), as the hf backend does, so both sample the student raw.
+    return LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_logprobs=max_logprobs,
+               generation_config="vllm", **engine_args)
 
 
 def close_engine(engine: Any) -> None:
@@ -45,9 +48,13 @@ def close_engine(engine: Any) -> None:
 
 
 class VLLMStudentSampler:
-    def __init__(self, path: str, settings: SamplingSettings, dtype: str, seed: int, engine_args: dict[str, Any]) -> None:
+    def __init__(self, path: str, settings: SamplingSettings, dtype: str, seed: int, engine_args: dict[str, Any],
+                 vocab_size: int) -> None:
         self.engine = open_engine(path, dtype, seed, max_logprobs=1, engine_args=engine_args)
         self.settings = settings
+        # Only tokenizer ids may be sampled when the embedding matrix is padded beyond it.
+        model_vocab = self.engine.llm_engine.model_config.get_vocab_size()
+        self.allowed_token_ids = list(range(vocab_size)) if model_vocab > vocab_size else None
 
     def sample(self, prompts: list[list[int]], seeds: list[int]) -> list[list[SampledCandidate]]:
         """`logprobs=0` returns the sampled token's raw (temperature 1) log-prob only."""
@@ -65,6 +72,7 @@ class VLLMStudentSampler:
                 logprobs=0,
                 detokenize=False,
                 flat_logprobs=True,
+                allowed_token_ids=self.allowed_token_ids,
             )
             for seed in seeds
         ]

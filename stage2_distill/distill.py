@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tsdkd.config import DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
+from tsdkd.signals import read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
 CHECKPOINTS = "checkpoints"
@@ -100,7 +102,7 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
         return False
     if not info_path.is_file():
         raise TsdkdError(f"--resume: {out} holds no earlier run ({RUN_INFO} missing); drop --resume to start one")
-    earlier = json.loads(info_path.read_text())
+    earlier = read_run_info(out)
     settings = run_settings(cfg)
     differing = sorted(k for k in settings if earlier["settings"].get(k) != settings[k])
     if differing:
@@ -108,13 +110,19 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
     return bool(earlier.get("complete"))
 
 
+def read_run_info(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / RUN_INFO).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TsdkdError(f"{out / RUN_INFO}: unreadable ({error}); start a new run in another folder") from None
+
+
 def create_output(cfg: DistillConfig, out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
-    info = {"tsdkd_version": __version__, "settings": run_settings(cfg), "complete": False}
-    (out / RUN_INFO).write_text(json.dumps(info, indent=2))
+    write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "complete": False}, out / RUN_INFO)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -134,12 +142,37 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def load_student(cfg: DistillConfig) -> torch.nn.Module:
+    """fp32 master weights from safetensors; heads the chunked loss does not reproduce are refused."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32,
+                                                     trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise TsdkdError(f"--student {cfg.student}: cannot load it ({str(error).strip().splitlines()[0]})") from None
+    head = model.get_output_embeddings()
+    transforms = [name for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                  if getattr(model.config, name, None) not in (None, 1, 1.0)]
+    if getattr(head, "bias", None) is not None:
+        transforms.append("a bias in the output head")
+    if transforms:
+        raise TsdkdError(f"--student {cfg.student}: its logits use {', '.join(transforms)}, which stage 2's chunked head "
+                         "does not apply yet; use a Llama/Qwen/Mistral-style student")
+    return model
+
+
 def drop_metrics_after(path: Path, checkpoint: str | None) -> None:
     """Steps after the checkpoint a run resumes from are redone: forget their records."""
     if not path.is_file():
         return
     last_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line torn by the kill
+
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(line + "\n" for line in kept))
     os.replace(temporary, path)
@@ -150,15 +183,17 @@ def distill(cfg: DistillConfig) -> Path:
     cfg.check()
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
-    manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
-    if check_output(cfg, out):
+    # Under torchrun every process runs this: one checks and prepares while the others wait.
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    if processes.is_main_process and not check_output(cfg, out):
+        check_signals(cfg, tokenizer_fingerprint(tokenizer))
+        if not cfg.resume:
+            create_output(cfg, out)
+    processes.wait_for_everyone()
+    if read_run_info(out).get("complete"):
         print(f"{out}: already trained; nothing to do")
         return out
-    # Under torchrun every process runs this; one creates the folder while the others wait.
-    processes = PartialState(cpu=not torch.cuda.is_available())
-    if processes.is_main_process and not cfg.resume:
-        create_output(cfg, out)
-    processes.wait_for_everyone()
+    manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
     max_length = cfg.max_length or context_length(cfg.student, cfg.trust_remote_code)
     objective = Objective.from_config(cfg, manifests[0]["teacher_entropy"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -166,7 +201,7 @@ def distill(cfg: DistillConfig) -> Path:
         [Path(s) for s in cfg.signals], batch_size=cfg.batch_size, pad_token_id=pad, max_length=max_length,
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
     )
-    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    model = load_student(cfg)
     trainer = DistillTrainer(
         model=model, args=training_arguments(cfg, out), train_dataset=batches, data_collator=collate_single,
         callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),
@@ -176,11 +211,14 @@ def distill(cfg: DistillConfig) -> Path:
     if processes.is_main_process and cfg.resume:
         drop_metrics_after(out / METRICS, resume_from)
     trainer.train(resume_from_checkpoint=resume_from)
-    save_student(trainer, tokenizer, out, manifests, objective)
+    if batches.num_dropped:
+        print(f"note: {batches.num_dropped} candidates whose prompt alone exceeds --max-length {max_length} were left out")
+    save_student(trainer, tokenizer, out, manifests, objective, cfg.keep_checkpoints)
     return out
 
 
-def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: list[dict[str, Any]], objective: Objective) -> None:
+def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: list[dict[str, Any]], objective: Objective,
+                 keep_checkpoints: bool) -> None:
     """safetensors, config, tokenizer and a generation config that stops at the tokenizer's EOS."""
     staging = out / ".model-tmp"
     # Every process takes part (FSDP and DeepSpeed gather the weights); the Trainer writes on one.
@@ -198,12 +236,15 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
-    info = json.loads((out / RUN_INFO).read_text())
+    info = read_run_info(out)
     info.update({
         "complete": True,
         "signals": [{"round": m["round"], "teacher": m["teacher"]["name_or_path"], "teacher_entropy": m["teacher_entropy"]} for m in manifests],
         "token_weight_entropy": objective.weight_entropy,
         "global_step": trainer.state.global_step,
     })
-    (out / RUN_INFO).write_text(json.dumps(info, indent=2))
+    write_json_atomic(info, out / RUN_INFO)
+    if not keep_checkpoints:
+        # A finished student needs no optimizer state: for a 1.5B model that is ~18 GB a checkpoint.
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     print(f"{out}: student saved after {trainer.state.global_step} steps")

@@ -130,11 +130,13 @@ def direct_distillation_loss(
     weights: torch.Tensor,
     mask: torch.Tensor,
     beta: float = 0.9,
+    num_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_direct = sum_t w_t JSD_beta(p_T(t), p_S(t)) / number of completion tokens: scalar.
-    Log-probs [B, T, n] over the same n buckets (or vocabulary); weights and mask [B, T]."""
+    Log-probs [B, T, n] over the same n buckets; num_tokens overrides mask.sum() (a whole step's count)."""
     divergence = generalized_jsd(teacher_logprobs[mask], student_logprobs[mask], beta)
-    return (weights[mask] * divergence).sum() / mask.sum().clamp(min=1)
+    count = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    return (weights[mask] * divergence).sum() / count
 
 
 def listmle_loss(

@@ -2,8 +2,9 @@
 
 Every term is normalised by counts over the whole optimizer step (all accumulation micro-batches
 on all processes: `StepCounts`), so summing the micro-batch values gives the step's loss whatever
-the split: 4 micro-batches of 1 equal 1 of 4, and 2 processes equal 1. The one exception is the
-entropy term's quantile, a statistic of each micro-batch by definition (METHOD.md).
+the split: 4 micro-batches of 1 equal 1 of 4, and 2 processes equal 1. The exceptions are the
+entropy term's quantile and hard selection's top fraction, statistics of each micro-batch by
+definition (METHOD.md).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from stage2_distill.chunked import TokenStatistics
 from stage2_distill.losses import (
     bucket_entropy,
+    direct_distillation_loss,
     entropy_regularization,
-    generalized_jsd,
     sequence_level_ranking_loss,
     teacher_bucket_logprobs,
     token_level_ranking_terms,
@@ -91,8 +92,7 @@ class Objective:
                 weights = token_selection_weights(student_entropy, batch["teacher_entropy"], mask, self.tau_w, self.selection_fraction)
             else:
                 weights = mask.to(stats.entropy.dtype)
-            divergence = generalized_jsd(teacher[mask], stats.bucket_logprobs[mask], self.jsd_beta)
-            metrics["direct"] = (weights[mask] * divergence).sum() / tokens
+            metrics["direct"] = direct_distillation_loss(teacher, stats.bucket_logprobs, weights, mask, self.jsd_beta, tokens)
             metrics["token_weight_mean"] = weights[mask].sum() / tokens
             metrics["selected_fraction"] = (weights[mask] > 0.5).sum() / tokens
             loss = loss + metrics["direct"]

@@ -28,6 +28,10 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args: Any, objective: Objective, vocab_size: int, logit_chunk_tokens: int, rank_items: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or getattr(self.accelerator.state, "deepspeed_plugin", None) and \
+                self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise TsdkdError("FSDP and DeepSpeed ZeRO-3 shard the output head, which the chunked loss reads "
+                             "directly; use DDP or ZeRO-1/2")
         self.objective = objective
         self.vocab_size = vocab_size
         self.logit_chunk_tokens = logit_chunk_tokens

@@ -14,7 +14,7 @@ import torch
 from stage2_distill.data import SignalBatches, collate_single
 from tsdkd.errors import TsdkdError
 from tsdkd.signals import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, CandidateSignal, read_manifest, shard_path,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEYS, MANIFEST_NAME, CandidateSignal, read_manifest, shard_path,
     signals_to_table, write_json_atomic,
 )
 
@@ -49,8 +49,10 @@ def make_dataset(folder: Path, prompts: list[tuple[int, list[int]]], k: int = 4,
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(signals_to_table(rows, vocab_size), path, row_group_size=row_group_size)
         entries.append({"index": index, "file": str(path.relative_to(folder)), "rows": len(rows)})
-    write_json_atomic({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "top_k": k, "shards": entries},
-                      folder / MANIFEST_NAME)
+    # Only what the reader uses is filled in; the other manifest keys just have to be present.
+    manifest = {key: None for key in MANIFEST_KEYS}
+    manifest.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "top_k": k, "shards": entries})
+    write_json_atomic(manifest, folder / MANIFEST_NAME)
     return folder
 
 

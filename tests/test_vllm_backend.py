@@ -67,7 +67,7 @@ def test_teacher_signal_agrees_across_backends(candidates):
 def test_vllm_sampling_logprobs_are_the_students(candidates):
     prompts = [list(p) for p, _ in candidates[::3][:4]]
     settings = SamplingSettings(num_candidates=2, temperature=1.0, top_p=1.0, max_new_tokens=16)
-    sampler = VLLMStudentSampler(str(TOY_STUDENT), settings, "float32", 0, ENGINE)
+    sampler = VLLMStudentSampler(str(TOY_STUDENT), settings, "float32", 0, ENGINE, 325)
     try:
         first = sampler.sample(prompts, seeds=[11, 12, 13, 14])
         second = sampler.sample(prompts, seeds=[11, 12, 13, 14])

@@ -117,6 +117,7 @@ def distill(
     save_steps: Optional[int] = typer.Option(None, help="Steps between checkpoints [200]."),
     save_total_limit: Optional[int] = typer.Option(None, help="Checkpoints kept [2]."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out from its last checkpoint."),
+    keep_checkpoints: Optional[bool] = typer.Option(None, "--keep-checkpoints", help="Keep checkpoints/ after the student is saved [removed]."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to TensorBoard under OUT/tensorboard."),
     trust_remote_code: Optional[bool] = typer.Option(None, help="Allow model code from the model folder [off]."),
     config: Optional[str] = typer.Option(None, help="YAML or TOML file with the same keys; options given here win."),

@@ -139,6 +139,7 @@ class EvalConfig:
 
 
 LOSSES = ("tsdkd", "sft", "kd", "gkd")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 INDIRECT = ("token", "sequence", "both")
 
 
@@ -183,6 +184,7 @@ class DistillConfig:
     save_steps: int = 200
     save_total_limit: int = 2
     resume: bool = False
+    keep_checkpoints: bool = False
     tensorboard: bool = False
     trust_remote_code: bool = False
 
@@ -211,6 +213,7 @@ class DistillConfig:
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.logit_chunk_tokens >= 1, "--logit-chunk-tokens must be at least 1"),
             (self.bf16 in ("auto", "on", "off"), "--bf16 must be auto, on or off"),
+            (self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
         ]
         enforce(rules)

@@ -37,7 +37,7 @@ def open_model(cfg: EvalConfig, tokenizer: Any, longest_prompt: int) -> Any:
                   "trust_remote_code": cfg.trust_remote_code}
         if cfg.kv_cache_memory_bytes or not torch.cuda.is_available():
             engine["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or 1 << 30
-        return VLLMStudentSampler(cfg.model, settings, cfg.dtype, cfg.seed, engine)
+        return VLLMStudentSampler(cfg.model, settings, cfg.dtype, cfg.seed, engine, len(tokenizer))
     from stage1_generate.hf_backend import HFStudentSampler
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -49,7 +49,7 @@ def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | N
     records = load_prompts(path, cfg.prompt_field, cfg.answer_field, cfg.limit)
     if any(r.gold_answer is None for r in records):
         raise TsdkdError(f"{path}: no gold answer field (answer or solution); pass --answer-field")
-    prompts = [render_prompt(tokenizer, r.messages) for r in records]
+    prompts = [render_prompt(tokenizer, r.messages, f"{path} row {r.row}") for r in records]
     for record, ids in zip(records, prompts):
         if context is not None and len(ids) + cfg.max_new_tokens > context:
             raise TsdkdError(f"{path} row {record.row}: prompt is {len(ids)} tokens; with --max-new-tokens "

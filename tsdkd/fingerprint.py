@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tsdkd.errors import TsdkdError
+
 # Weights above this size are identified by file names and sizes only: hashing 30 GB of a
 # 14B teacher would cost minutes on every run.
 WEIGHTS_HASH_LIMIT_BYTES = 2 * 1024**3
@@ -46,11 +48,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def model_identity(path_or_id: str, revision: str | None = None) -> dict[str, Any]:
+def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
     """Path or hub id, revision, config hash and (for local folders) a weights hash."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path_or_id, revision=revision).to_dict()
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code).to_dict()
+    except Exception as error:  # transformers raises OSError, ValueError, ... for a bad folder
+        raise TsdkdError(f"{path_or_id}: cannot load its config.json ({str(error).strip().splitlines()[0]})") from None
     for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         config.pop(volatile, None)
     identity: dict[str, Any] = {
@@ -62,6 +67,8 @@ def model_identity(path_or_id: str, revision: str | None = None) -> dict[str, An
     folder = Path(path_or_id)
     if folder.is_dir():
         weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
         sizes = [(file.name, file.stat().st_size) for file in weights]
         if sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
             identity["weights_sha256"] = sha256_json([(f.name, sha256_file(f)) for f in weights])

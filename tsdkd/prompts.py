@@ -104,10 +104,14 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
     return records
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the prompt under the tokenizer's chat template, generation prompt included."""
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[int]:
+    """Token ids of the prompt under the tokenizer's chat template, generation prompt included;
+    `where` (file and row) names the prompt in errors."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # jinja raises TemplateError, or anything the template itself raises
+            raise TsdkdError(f"{where}: the chat template refuses these messages ({error}); fix the roles or their order") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "\n".join(message["content"] for message in messages)
     return list(tokenizer(text)["input_ids"])

@@ -63,6 +63,8 @@ def run_rounds(cfg: RunConfig) -> Path:
     for round_index in range(1, cfg.rounds + 1):
         folder = round_folder(out, round_index)
         state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
+        if state["student"]:
+            continue
         print(f"round {round_index} of {cfg.rounds}")
         generate(build_config(GenerateConfig, None, {
             **cfg.generate, "prompts": cfg.prompts, "student": student_of_round(cfg, round_index - 1),

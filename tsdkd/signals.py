@@ -29,6 +29,8 @@ MANIFEST_NAME = "tsdkd.json"
 CARD_NAME = "README.md"
 # Rows per Parquet row group: small enough for stage 2 to stream, large enough to compress well.
 ROW_GROUP_ROWS = 256
+MANIFEST_KEYS = ("complete", "round", "student", "teacher", "tokenizer", "sampling", "top_k", "teacher_entropy",
+                 "backend", "settings", "job", "shards")
 
 
 def id_type(vocab_size: int) -> pa.DataType:
@@ -174,6 +176,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{path}: format version {manifest.get('format_version')!r} is not supported by this tsdkd "
             f"(reads version {FORMAT_VERSION}); upgrade tsdkd or regenerate the dataset"
         )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise TsdkdError(f"{path}: manifest lacks {', '.join(missing)}; it was not written by tsdkd generate or was edited")
     return manifest
 
 

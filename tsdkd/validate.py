@@ -83,6 +83,10 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any], seen_promp
     empty = np.flatnonzero(lengths == 0)
     if empty.size:
         fail(int(empty[0]), "empty completion")
+    # Stage 2 reads the prediction of completion token 0 at the last prompt position.
+    empty = np.flatnonzero(pc.list_value_length(table["prompt_token_ids"]).to_numpy(zero_copy_only=False) == 0)
+    if empty.size:
+        fail(int(empty[0]), "empty prompt")
     for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass", "teacher_entropy"):
         other = pc.list_value_length(table[name]).to_numpy(zero_copy_only=False)
         mismatch = np.flatnonzero(other != lengths)
