@@ -1,0 +1,120 @@
+"""`tsdkd eval` and the answer checking it shares with stage 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from tsdkd.answers import answer_is_correct, extract_answer
+
+EVAL = ["--max-new-tokens", "24", "--backend", "hf"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("12 + 7 = 19\n19 * 3 = 57\nAnswer: 57", "57"),
+        ("so the result is \\boxed{\\frac{1}{2}} and \\boxed{x^{2}+1}", "x^{2}+1"),
+        ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72"),
+        ("The answer is 1,234.", "1,234"),
+        ("first 3, then 7", "7"),
+        ("no digits at all", None),
+    ],
+)
+def test_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "gold, response, correct",
+    [
+        ("57", "Answer: 57", True),
+        ("57", "Answer: 58", False),
+        ("#### 1,234", "The answer is 1234", True),
+        ("\\frac{1}{2}", "the answer is 0.5", True),
+        ("We find \\boxed{3}.", "so we get 3", True),
+        ("52", "Answer: 52.0", True),
+        ("52", "nothing", False),
+    ],
+)
+def test_equivalence(gold, response, correct):
+    assert answer_is_correct(gold, response) is correct
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def toy_items(n=6):
+    rows = [json.loads(line) for line in (TOY_TEACHER.parent / "toy" / "test_id.jsonl").read_text().splitlines()[:n]]
+    return rows
+
+
+def test_accuracy_is_computed_from_the_responses(tmp_path):
+    """Gold answers set to what the model says (then to a number it never says): 100% and 0%."""
+    first = tmp_path / "first"
+    options = ["--max-new-tokens", "64", "--backend", "hf"]
+    assert run_cli("eval", "--model", TOY_TEACHER, "--data", write_jsonl(tmp_path / "bench.jsonl", toy_items(12)),
+                   "--out", first, *options).exit_code == 0
+    items = [json.loads(line) for line in (first / "bench.jsonl").read_text().splitlines()]
+    answered = [(row, item["extracted"][0]) for row, item in zip(toy_items(12), items) if item["extracted"][0] is not None]
+    assert answered, "the model gave no answer to check against"
+    right = [{"prompt": row["prompt"], "answer": answer} for row, answer in answered]
+    wrong = [{"prompt": row["prompt"], "answer": "987654321"} for row, _ in answered]
+    out = tmp_path / "second"
+    result = run_cli("eval", "--model", TOY_TEACHER, "--data", write_jsonl(tmp_path / "right.jsonl", right),
+                     "--data", write_jsonl(tmp_path / "wrong.jsonl", wrong), "--out", out, *options)
+    assert result.exit_code == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())["benchmarks"]
+    assert results["right"]["accuracy"] == 1.0 and results["wrong"]["accuracy"] == 0.0
+    assert "| right | " in result.stdout and "100.0%" in result.stdout
+
+
+def test_gsm8k_and_math_fields(tmp_path):
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
+    math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "What is 2 + 3?", "solution": "It is $\\boxed{5}$."}])
+    out = tmp_path / "out"
+    assert run_cli("eval", "--model", TOY_STUDENT, "--data", gsm8k, "--data", math, "--out", out, *EVAL).exit_code == 0
+    for name in ("gsm8k", "math"):
+        item = json.loads((out / f"{name}.jsonl").read_text())
+        assert item["gold"] == "5" and item["prompt"] == "What is 2 + 3?"
+
+
+def test_pass_at_k(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("eval", "--model", TOY_STUDENT, "--data", write_jsonl(tmp_path / "b.jsonl", toy_items(4)),
+                     "--out", out, "--samples", "3", *EVAL)
+    assert result.exit_code == 0, result.stderr
+    row = json.loads((out / "results.json").read_text())["benchmarks"]["b"]
+    items = [json.loads(line) for line in (out / "b.jsonl").read_text().splitlines()]
+    assert all(len(item["responses"]) == 3 for item in items)
+    assert row["pass@3"] == sum(any(item["correct"]) for item in items) / 4
+    assert row["accuracy"] == sum(sum(item["correct"]) for item in items) / 12
+
+
+def test_vllm_greedy_equals_hf_greedy(tmp_path):
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(4))
+    for backend in ("hf", "vllm"):
+        args = ["--max-new-tokens", "24", "--backend", backend, "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 27)]
+        result = run_cli("eval", "--model", TOY_TEACHER, "--data", bench, "--out", tmp_path / backend, *args)
+        assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    hf, vllm = ([json.loads(line)["responses"] for line in (tmp_path / b / "b.jsonl").read_text().splitlines()] for b in ("hf", "vllm"))
+    assert hf == vllm
+
+
+def test_bad_input(tmp_path):
+    no_answer = write_jsonl(tmp_path / "noanswer.jsonl", [{"prompt": "2 + 2?"}])
+    assert_one_line_error(run_cli("eval", "--model", TOY_STUDENT, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "o"), "not found")
+    assert_one_line_error(run_cli("eval", "--model", TOY_STUDENT, "--data", no_answer, "--out", tmp_path / "o"), "no gold answer")
+    assert_one_line_error(run_cli("eval", "--model", TOY_STUDENT, "--data", no_answer, "--out", tmp_path / "o", "--samples", "2",
+                                  "--temperature", "0"), "--samples above 1")
+    assert_one_line_error(run_cli("eval", "--model", tmp_path / "nomodel", "--data", no_answer, "--out", tmp_path / "o"), "no such model folder")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    same_names = [write_jsonl(tmp_path / folder / "bench.jsonl", [{"prompt": "1?", "answer": "1"}]) for folder in ("a", "b")]
+    result = run_cli("eval", "--model", TOY_STUDENT, "--data", same_names[0], "--data", same_names[1], "--out", tmp_path / "o", *EVAL)
+    assert_one_line_error(result, "two benchmark files")
+    assert not (tmp_path / "o").exists()
