@@ -221,6 +221,8 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
                  keep_checkpoints: bool) -> None:
     """safetensors, config, tokenizer and a generation config that stops at the tokenizer's EOS."""
     staging = out / ".model-tmp"
+    # Training turns the KV cache off in the config; the saved student generates with it.
+    trainer.model.config.use_cache = True
     # Every process takes part (FSDP and DeepSpeed gather the weights); the Trainer writes on one.
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
