@@ -2,7 +2,8 @@
 
 A full [tokens, V] log-softmax of a 150k-token vocabulary dominates stage-2 memory. Here each chunk
 of tokens is projected, reduced to a few numbers per token and dropped; torch.utils.checkpoint
-recomputes the chunk in the backward pass instead of storing its [chunk_size, V] intermediates.
+recomputes the chunk in the backward pass instead of storing its [chunk_size, V] intermediates
+(when there is more than one chunk: a single chunk is kept, as recomputing it would save nothing).
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def chunked_token_statistics(
     # Embedding matrices are often padded beyond the tokenizer (Qwen2.5: 151936 vs 152064 rows);
     # the padded rows are not tokens and must not take probability mass.
     lm_head_weight = lm_head_weight[:vocab_size]
-    # At least one (possibly empty) chunk, so that an empty batch still yields empty fields.
-    chunk_starts = range(0, max(hidden_states.shape[0], 1), chunk_size)
+    if hidden_states.shape[0] <= chunk_size:
+        # One chunk: recomputing it in the backward pass would cost time and save no memory.
+        fields = _chunk_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, num_items, renormalize_topk)
+        return TokenStatistics(*fields)
     chunks = [
         checkpoint(
             _chunk_statistics,
@@ -74,6 +77,6 @@ def chunked_token_statistics(
             renormalize_topk,
             use_reentrant=False,
         )
-        for start in chunk_starts
+        for start in range(0, hidden_states.shape[0], chunk_size)
     ]
     return TokenStatistics(*(torch.cat(field) for field in zip(*chunks)))
