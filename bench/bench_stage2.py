@@ -227,24 +227,31 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             "completion_tokens_per_pass": sum(map(completion_tokens, items)), "steps_per_pass": n}
 
 
+def loop_setup(args: argparse.Namespace, variant: str, folder: Path) -> tuple:
+    """The micro-batches, the student, its loss function for `variant` (`ce` or `tsdkd-loop`),
+    AdamW, and the DistillTrainer behind the TSD-KD loss (None for CE)."""
+    cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, folder / "run")
+    items = [batches[i] for i in range(len(batches))]
+    model = load_student(args.student)
+    model.train()
+    trainer = None
+    if variant == "tsdkd-loop":
+        trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items))
+        model = trainer.model
+
+        def loss_of(batch):
+            return trainer.compute_loss(model, batch)
+    else:
+        def loss_of(batch):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return items, model, loss_of, optimizer, trainer
+
+
 def worker_loop(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """`ce` (plain cross-entropy step) or `tsdkd-loop` (DistillTrainer.compute_loss in the same loop)."""
     with tempfile.TemporaryDirectory() as folder:
-        cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, Path(folder) / "run")
-        items = [batches[i] for i in range(len(batches))]
-        model = load_student(args.student)
-        model.train()
-        if variant == "tsdkd-loop":
-            trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items))
-            model = trainer.model
-
-            def loss_of(batch):
-                return trainer.compute_loss(model, batch)
-        else:
-            def loss_of(batch):
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        items, model, loss_of, optimizer, trainer = loop_setup(args, variant, Path(folder))
 
         def step(batch):
             loss_of(batch).backward()
@@ -268,7 +275,7 @@ def worker_loop(args: argparse.Namespace, variant: str) -> dict[str, Any]:
                   "completion_tokens_per_pass": sum(map(completion_tokens, items)), "steps_per_pass": len(items),
                   "ce_label_tokens_per_pass": sum(int((b["labels"][:, 1:] != -100).sum()) for b in items)}
         if args.breakdown:
-            result["breakdown"] = breakdown(args, model, items, loss_of, trainer if variant == "tsdkd-loop" else None)
+            result["breakdown"] = breakdown(args, model, items, loss_of, trainer)
     return result
 
 
@@ -360,20 +367,7 @@ def worker_tensor_memory(args: argparse.Namespace, variant: str) -> dict[str, An
     from torch.profiler import ProfilerActivity, profile
 
     with tempfile.TemporaryDirectory() as folder:
-        cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, Path(folder) / "run")
-        items = [batches[i] for i in range(len(batches))]
-        model = load_student(args.student)
-        model.train()
-        if variant == "tsdkd-loop":
-            trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items))
-            model = trainer.model
-
-            def loss_of(batch):
-                return trainer.compute_loss(model, batch)
-        else:
-            def loss_of(batch):
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        items, model, loss_of, optimizer, _ = loop_setup(args, variant, Path(folder))
         largest = max(range(len(items)), key=lambda i: items[i]["input_ids"].numel())
         for batch in items[:2]:
             loss_of(batch).backward()

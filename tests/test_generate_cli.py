@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ROOT, SMALL_JOB, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from conftest import ROOT, SMALL_JOB, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 

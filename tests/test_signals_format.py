@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from conftest import TOY_STUDENT, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 from tsdkd.signals import CandidateSignal, signal_schema, signals_to_table, write_parquet_atomic

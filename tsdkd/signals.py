@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import sha256_file
 
 FORMAT_NAME = "tsdkd-teacher-signals"
 FORMAT_VERSION = 1
