@@ -151,9 +151,10 @@ def test_split_job_merges_into_the_single_job_dataset(small_dataset, tmp_path):
 def test_resume_after_kill_matches_an_uninterrupted_run(small_dataset, tmp_path):
     """SIGKILL the real command once its first shard is final, rerun it, compare with a clean run."""
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "tsdkd", "generate", *SMALL_JOB, "--prompts-per-shard", "2", "--out", str(out)]
+    # One prompt per shard: twelve shards, so the kill lands between two of them.
+    command = [sys.executable, "-m", "tsdkd", "generate", *SMALL_JOB, "--prompts-per-shard", "1", "--out", str(out)]
     clean = tmp_path / "clean"
-    assert run_cli("generate", *SMALL_JOB, "--prompts-per-shard", "2", "--out", clean).exit_code == 0
+    assert run_cli("generate", *SMALL_JOB, "--prompts-per-shard", "1", "--out", clean).exit_code == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -162,7 +163,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_dataset, tmp_path)
         if manifest.exists() and json.loads(manifest.read_text())["shards"]:
             process.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
     process.wait()
     killed_at = json.loads((out / "tsdkd.json").read_text())
     assert process.returncode == -signal.SIGKILL and not killed_at["complete"], "the run ended before it could be killed"
