@@ -94,3 +94,18 @@ def test_generate_with_vllm_backend(tmp_path):
     manifest = validate_dataset(out)
     assert manifest["backend"]["name"] == "vllm" and manifest["teacher_entropy"] == "estimated_topk_buckets"
     assert manifest["stats"]["candidates"] == 4 * 3
+
+
+def test_vllm_loads_a_distilled_student(small_dataset, tmp_path):
+    out = tmp_path / "student"
+    result = run_cli("distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", out,
+                     "--max-steps", "2", "--learning-rate", "1e-3", "--batch-size", "6", "--warmup-ratio", "0")
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    settings = SamplingSettings(num_candidates=1, temperature=0.0, top_p=1.0, max_new_tokens=8)
+    sampler = VLLMStudentSampler(str(out), settings, "float32", 0, ENGINE, 325)
+    try:
+        [[candidate]] = sampler.sample([[1, 2, 3]], seeds=[0])
+    finally:
+        sampler.close()
+    rescored = hf_scores(out, [([1, 2, 3], candidate.completion_token_ids)], 4)[0]
+    np.testing.assert_allclose(candidate.behaviour_logprobs, rescored.token_logprobs, atol=TOKEN_TOLERANCE)
