@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from tsdkd.config import EvalConfig, RunConfig  # noqa: E402
 from tsdkd.evaluate import evaluate  # noqa: E402
-from tsdkd.rounds import run_rounds, student_of_round  # noqa: E402
+from tsdkd.rounds import run_rounds, start_manifest, student_of_round  # noqa: E402
 
 METHODS = {
     "tsdkd": {},
@@ -42,10 +43,21 @@ def evaluate_once(model: str, out: Path, eval_limit: int, max_new_tokens: int) -
     """Greedy accuracy per test set, cached in OUT/results.json."""
     cached = out / "results.json"
     if not cached.is_file():
-        evaluate(EvalConfig(model=model, data=[str(ROOT / "data" / "toy" / f"{name}.jsonl") for name in TEST_SETS],
+        evaluate(EvalConfig(model=[model], data=[str(ROOT / "data" / "toy" / f"{name}.jsonl") for name in TEST_SETS],
                             out=str(out), limit=eval_limit, max_new_tokens=max_new_tokens, backend="hf", batch_size=64))
     results = json.loads(cached.read_text())["benchmarks"]
     return {name: results[name]["accuracy"] for name in TEST_SETS}
+
+
+def share_first_round(cfg: RunConfig, first_signals: Path) -> None:
+    """Round 1 samples with the same initial student, prompts and seed for every method: copy the
+    first method's finished round-1 signals instead of generating them again (same bytes)."""
+    target = Path(cfg.out) / "round-1" / "signals"
+    manifest = first_signals / "tsdkd.json"
+    if target.exists() or not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
+        return
+    start_manifest(cfg, Path(cfg.out))
+    shutil.copytree(first_signals, target)
 
 
 def mean_and_spread(values: list[float]) -> str:
@@ -156,6 +168,7 @@ def main() -> None:
             cfg = RunConfig(prompts=str(ROOT / "data" / "toy" / "train.jsonl"), student=student, teacher=teacher,
                             out=str(folder), rounds=args.rounds, seed=seed, generate=dict(generate),
                             distill={**distill, **METHODS[method]})
+            share_first_round(cfg, out / "runs" / args.methods[0].replace(" ", "_") / f"seed{seed}" / "round-1" / "signals")
             run_rounds(cfg)
             results["methods"].setdefault(method, {})[str(seed)] = {
                 str(r): evaluate_once(student_of_round(cfg, r), folder / f"round-{r}" / "eval", args.eval_limit, args.max_new_tokens)

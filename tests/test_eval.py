@@ -95,6 +95,23 @@ def test_pass_at_k(tmp_path):
     assert row["accuracy"] == sum(sum(item["correct"]) for item in items) / 12
 
 
+def test_several_models_are_compared_with_the_same_settings(tmp_path):
+    """--model twice: each model's results equal its own single-model run; one table compares them."""
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(8))
+    options = ["--data", bench, "--max-new-tokens", "48", "--backend", "hf"]
+    both = run_cli("eval", "--model", TOY_STUDENT, "--model", TOY_TEACHER, "--out", tmp_path / "both", *options)
+    assert both.exit_code == 0, both.stderr
+    comparison = json.loads((tmp_path / "both" / "comparison.json").read_text())["models"]
+    assert list(comparison) == ["1-toy-student", "2-toy-teacher"]
+    for label, model in zip(comparison, (TOY_STUDENT, TOY_TEACHER)):
+        assert run_cli("eval", "--model", model, "--out", tmp_path / label, *options).exit_code == 0
+        alone = json.loads((tmp_path / label / "results.json").read_text())
+        assert comparison[label] == alone == json.loads((tmp_path / "both" / label / "results.json").read_text())
+        accuracy = alone["benchmarks"]["b"]["accuracy"]
+        assert f"| {label} ({model}) | {100 * accuracy:.1f}% |" in both.stdout
+        assert (tmp_path / "both" / label / "b.jsonl").read_text() == (tmp_path / label / "b.jsonl").read_text()
+
+
 def test_vllm_greedy_equals_hf_greedy(tmp_path):
     bench = write_jsonl(tmp_path / "b.jsonl", toy_items(4))
     for backend in ("hf", "vllm"):

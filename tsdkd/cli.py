@@ -174,9 +174,9 @@ def run(
 @app.command(name="eval")
 @one_line_errors
 def evaluate(
-    model: Optional[str] = typer.Option(None, help="Model folder or hub id."),
+    model: Optional[list[str]] = typer.Option(None, help="Model folder or hub id; repeat to compare several (e.g. student before, after, teacher)."),
     data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv or saved dataset); repeat for several."),
-    out: Optional[str] = typer.Option(None, help="Folder for results.json and per-item <benchmark>.jsonl."),
+    out: Optional[str] = typer.Option(None, help="Folder for results.json and per-item <benchmark>.jsonl (one subfolder per model when several)."),
     samples: Optional[int] = typer.Option(None, help="Samples per item; above 1 reports pass@k [1: greedy]."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature [0 for 1 sample, else 1.0]."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling [1.0]."),

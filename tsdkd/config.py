@@ -92,9 +92,10 @@ class GenerateConfig:
 
 @dataclass
 class EvalConfig:
-    """Settings of `tsdkd eval`: greedy by default; `samples` > 1 samples and reports pass@k."""
+    """Settings of `tsdkd eval`: greedy by default; `samples` > 1 samples and reports pass@k.
+    Several models are evaluated one after the other with the same settings and compared."""
 
-    model: str = ""
+    model: list[str] = dataclasses.field(default_factory=list)
     data: list[str] = dataclasses.field(default_factory=list)
     out: str = ""
     samples: int = 1
@@ -114,7 +115,7 @@ class EvalConfig:
 
     def check(self) -> None:
         if not self.model or not self.out:
-            raise TsdkdError("--model and --out are required")
+            raise TsdkdError("--model (one or more) and --out are required")
         if not self.data:
             raise TsdkdError("--data is required (one or more benchmark files)")
         rules = [

@@ -23,7 +23,7 @@ from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import write_json_atomic
 
 
-def open_model(cfg: EvalConfig, tokenizer: Any, longest_prompt: int) -> Any:
+def open_model(cfg: EvalConfig, model_path: str, tokenizer: Any, longest_prompt: int) -> Any:
     from stage1_generate.generate import resolve_backend
     from stage1_generate.types import SamplingSettings
 
@@ -37,11 +37,11 @@ def open_model(cfg: EvalConfig, tokenizer: Any, longest_prompt: int) -> Any:
                   "trust_remote_code": cfg.trust_remote_code}
         if cfg.kv_cache_memory_bytes or not torch.cuda.is_available():
             engine["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or 1 << 30
-        return VLLMStudentSampler(cfg.model, settings, cfg.dtype, cfg.seed, engine, len(tokenizer))
+        return VLLMStudentSampler(model_path, settings, cfg.dtype, cfg.seed, engine, len(tokenizer))
     from stage1_generate.hf_backend import HFStudentSampler
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return HFStudentSampler(cfg.model, settings, tokenizer.eos_token_id, pad, len(tokenizer), cfg.batch_size,
+    return HFStudentSampler(model_path, settings, tokenizer.eos_token_id, pad, len(tokenizer), cfg.batch_size,
                             cfg.dtype, cfg.trust_remote_code)
 
 
@@ -58,24 +58,38 @@ def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | N
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run every benchmark; returns the results that are also written to OUT/results.json."""
+    """Every model on every benchmark. One model: OUT/results.json (returned). Several: each in
+    OUT/<n>-<folder name>/, then OUT/comparison.json and a table of accuracy by model (returned)."""
     cfg.check()
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, "model")
-    context = context_length(cfg.model, cfg.trust_remote_code)
+    out = Path(cfg.out)
+    if len(cfg.model) == 1:
+        results = evaluate_model(cfg, cfg.model[0], out)
+        print(results_table(results))
+        return results
+    labels = [f"{index}-{Path(model.rstrip('/')).name}" for index, model in enumerate(cfg.model, start=1)]
+    comparison = {"models": {label: evaluate_model(cfg, model, out / label) for label, model in zip(labels, cfg.model)}}
+    write_json_atomic(comparison, out / "comparison.json")
+    print(comparison_table(comparison))
+    return comparison
+
+
+def evaluate_model(cfg: EvalConfig, model_path: str, out: Path) -> dict[str, Any]:
+    """One model on every benchmark; results also written to OUT/results.json."""
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, "model")
+    context = context_length(model_path, cfg.trust_remote_code)
     benchmarks = {}
     for data in cfg.data:
         path = Path(data)
         if path.stem in benchmarks:
             raise TsdkdError(f"--data {data}: two benchmark files are named {path.stem!r}; rename one")
         benchmarks[path.stem] = (path, *load_benchmark(cfg, path, tokenizer, context))
-    out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
     longest = max(len(p) for _, _, prompts in benchmarks.values() for p in prompts)
-    model = open_model(cfg, tokenizer, longest)
-    results: dict[str, Any] = {"model": cfg.model, "samples": cfg.samples, "temperature": cfg.sampling_temperature,
+    model = open_model(cfg, model_path, tokenizer, longest)
+    results: dict[str, Any] = {"model": model_path, "samples": cfg.samples, "temperature": cfg.sampling_temperature,
                                "max_new_tokens": cfg.max_new_tokens, "benchmarks": {}}
     try:
         for name, (path, records, prompts) in benchmarks.items():
@@ -83,7 +97,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     finally:
         model.close()
     write_json_atomic(results, out / "results.json")
-    print(results_table(results))
     return results
 
 
@@ -126,4 +139,15 @@ def results_table(results: dict[str, Any]) -> str:
             cells.append(f"{100 * row[f'pass@{k}']:.1f}%")
         cells.append(f"{100 * row['stopped_fraction']:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(comparison: dict[str, Any]) -> str:
+    """Accuracy of each model (rows) on each benchmark (columns)."""
+    models = comparison["models"]
+    names = list(next(iter(models.values()))["benchmarks"])
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, results in models.items():
+        cells = [f"{100 * results['benchmarks'][name]['accuracy']:.1f}%" for name in names]
+        lines.append(f"| {label} ({results['model']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
