@@ -15,8 +15,10 @@ student and teacher in data/, 32 prompts, 4 candidates, 128 new tokens, top-k 20
 (b) the authors' online recipe (per step: sample the batch's candidates from the current student
     with `generate`, teacher forward over them, then the full-vocabulary TSD-KD loss step) vs the
     offline step of (a) from the cache.
-(c) peak memory and time of `chunked_token_statistics` forward+backward at V=32768, 4096 tokens,
-    d=256, k=20, m=10: chunk 512 vs 4096 (unchunked), with a plain cross-entropy head for reference.
+(c) peak memory and time of `chunked_token_statistics` (+ `chunked_top_items` on every 10th token, as
+    the token-level ranking reads top-m at the decision-prefix positions only) forward+backward at
+    V=32768, 4096 tokens, d=256, k=20, m=10: chunk 512 vs 4096 (unchunked), with a plain
+    cross-entropy head for reference.
 
 Timing: the data is decoded before the clock starts; each variant runs one warm-up pass over all
 the batches and then --repeats timed passes, in each of --processes fresh processes (variants
@@ -300,11 +302,13 @@ def breakdown(args, model, items, loss_of, trainer) -> dict[str, Any]:
     original_forward = model.forward
     model.forward = timed("model forward", original_forward)
     if trainer is not None:
-        patches = [(trainer_module, "chunked_token_statistics"), (chunked_module, "_chunk_statistics")]
+        patches = [(trainer_module, "student_statistics"), (chunked_module, "chunked_token_statistics"),
+                   (chunked_module, "chunked_top_items"), (chunked_module._HeadStatistics, "backward")]
         originals = [getattr(m, n) for m, n in patches]
-        trainer_module.chunked_token_statistics = timed("head: chunked statistics, forward", originals[0])
-        chunked_module._chunk_statistics = timed(
-            lambda a: "  of which chunk recompute in backward" if in_backward[0] else "  of which chunk computation, forward", originals[1])
+        trainer_module.student_statistics = timed("head: student statistics, forward", originals[0])
+        chunked_module.chunked_token_statistics = timed("  of which fused head statistics, forward", originals[1])
+        chunked_module.chunked_top_items = timed("  of which top-m at the ranked positions", originals[2])
+        chunked_module._HeadStatistics.backward = staticmethod(timed("  of which fused head statistics, backward", originals[3]))
         objective = trainer.objective
 
         class TimedObjective:
@@ -352,7 +356,7 @@ def breakdown(args, model, items, loss_of, trainer) -> dict[str, Any]:
     num_ops = sum(e.count for e in ops) / len(items)
     model.forward = original_forward
     for (module, name), original in zip(patches, originals if patches else []):
-        setattr(module, name, original)
+        setattr(module, name, staticmethod(original) if isinstance(module, type) else original)
     return {"step_s": best_total / len(items), "sections_s": best, "profiler_top_ops": top, "profiler_ops_per_step": num_ops}
 
 
@@ -505,7 +509,7 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from stage2_distill.chunked import chunked_token_statistics
+    from stage2_distill.chunked import chunked_token_statistics, chunked_top_items
 
     d, vocab, k, m = args.hidden, args.vocab, args.k, args.m
 
@@ -521,8 +525,11 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
         if args.chunk_size == 0:
             loss = torch.nn.functional.cross_entropy(hidden @ head.T, targets)
         else:
-            stats = chunked_token_statistics(hidden, head, teacher_ids, targets, args.chunk_size, m, vocab)
-            loss = stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + stats.topm_logprobs.sum()
+            stats = chunked_token_statistics(hidden, head, teacher_ids, targets, args.chunk_size, vocab)
+            # Top-m only where the token-level ranking reads it (decision-prefix positions): here every 10th token.
+            ranked = slice(0, None, 10)
+            _, topm = chunked_top_items(hidden[ranked], head, stats.log_normalizer[ranked], m, args.chunk_size, vocab)
+            loss = stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + topm.sum()
         loss.backward()
         hidden.grad = head.grad = None
 
@@ -738,9 +745,9 @@ def main() -> None:
 
 NAMES = {"ce": "plain CE loop (baseline)", "tsdkd": "`tsdkd distill` step (DistillTrainer.train)",
          "tsdkd-loop": "TSD-KD loss in the plain loop", "ce-trainer": "transformers Trainer, CE"}
-SECTION_ORDER = ["loss (forward incl. model)", "model forward", "head: chunked statistics, forward",
-                 "  of which chunk computation, forward", "objective: loss terms", "backward",
-                 "  of which chunk recompute in backward", "AdamW step + zero_grad"]
+SECTION_ORDER = ["loss (forward incl. model)", "model forward", "head: student statistics, forward",
+                 "  of which fused head statistics, forward", "  of which top-m at the ranked positions",
+                 "objective: loss terms", "backward", "  of which fused head statistics, backward", "AdamW step + zero_grad"]
 
 
 def print_tables(result: dict[str, Any]) -> None:

@@ -1,48 +1,179 @@
-"""Per-token student statistics that never hold more than chunk_size rows of [*, V] at once.
+"""The student's per-token statistics from its output head, never holding more than chunk_size rows of [*, V].
 
-A full [tokens, V] log-softmax of a 150k-token vocabulary dominates stage-2 memory. Here each chunk
-of tokens is projected, reduced to a few numbers per token and dropped; torch.utils.checkpoint
-recomputes the chunk in the backward pass instead of storing its [chunk_size, V] intermediates
-(when there is more than one chunk: a single chunk is kept, as recomputing it would save nothing).
+A full [tokens, V] log-softmax of a 150k-token vocabulary dominates stage-2 memory, and a chain of
+autograd ops over it (log-softmax, gathers, a scatter and logsumexp for the tail bucket, the
+entropy, top-m) stores and backpropagates a dozen [tokens, V] intermediates. Here one
+`torch.autograd.Function` (`_HeadStatistics`) reduces each chunk of tokens to a few numbers per token
+and drops the chunk; its backward is analytic. With z = h W^T, p = softmax(z), log p = z - lse:
+
+    d log p_i / dz          = e_i - p
+    d H / dz                = -p (log p + H)                        H = -sum_j p_j log p_j
+    d log tail / dz         = p [j not in K] / tail - p             tail = sum_{j not in K} p_j
+    d (z_i - lse_K(z)) / dz = e_i - softmax_K(z)                    (renormalised top-k)
+    d lse / dz              = p
+
+so grad_z = p * (a row scalar - g_H log p) + a few scattered entries, then grad_h = grad_z W and
+grad_W = grad_z^T h. The backward recomputes each chunk's logits (no torch.utils.checkpoint) unless
+there is a single chunk, whose log p is kept (a recompute would save no memory).
+
+The student's top-m items (token-level ranking) are needed only at the decision-prefix positions,
+a small share of the tokens: `chunked_top_items` finds the ids there without gradient and computes
+their log-probs as h . W[id] - lse, differentiable through h, W and lse.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Callable, NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from stage2_distill.losses import at_least_float32, bucket_entropy, student_bucket_logprobs
+from stage2_distill.losses import TAIL_MASS_FLOOR, at_least_float32
+
+LOG_TAIL_FLOOR = math.log(TAIL_MASS_FLOOR)
 
 
-class TokenStatistics(NamedTuple):
+class HeadStatistics(NamedTuple):
+    """Per completion token, flat [N, ...]."""
+
     bucket_logprobs: torch.Tensor  # [N, k+1] (teacher top-k, tail); [N, k] with renormalize_topk
     entropy: torch.Tensor  # [N], over the full (sliced) vocabulary
     target_logprob: torch.Tensor  # [N]
-    topm_ids: torch.Tensor  # [N, m], best first, int64, no gradient
-    topm_logprobs: torch.Tensor  # [N, m]
+    log_normalizer: torch.Tensor  # [N], lse = logsumexp of the logits: log p_S(i) = z_i - lse
 
 
-def _chunk_statistics(
-    hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    target_ids: torch.Tensor,
-    num_items: int,
-    renormalize_topk: bool,
-) -> tuple[torch.Tensor, ...]:
-    """log p_S = log_softmax(h W^T) for one chunk, reduced to the TokenStatistics fields.
-    Shapes [n, d], [V, d], [n, k], [n] -> the fields for n tokens."""
-    logprobs = torch.log_softmax(at_least_float32(hidden_states @ lm_head_weight.T), dim=-1)
-    topm_logprobs, topm_ids = logprobs.topk(num_items, dim=-1)
-    return (
-        student_bucket_logprobs(logprobs, teacher_topk_ids, renormalize_topk),
-        bucket_entropy(logprobs),
-        logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1),
-        topm_ids,
-        topm_logprobs,
-    )
+class TokenStatistics(NamedTuple):
+    """What the Objective reads, laid out [B, T, ...] like the batch."""
+
+    bucket_logprobs: torch.Tensor  # [B, T, k+1] or [B, T, k]
+    entropy: torch.Tensor  # [B, T]
+    target_logprob: torch.Tensor  # [B, T]
+    # The student's top-m ids (best first, int64) and their log-probs [B, T, m], computed only at the
+    # positions the token-level ranking uses (Objective.ranked_positions), 0 elsewhere; None without it.
+    topm_ids: torch.Tensor | None = None
+    topm_logprobs: torch.Tensor | None = None
+
+
+def _logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h W^T in the inputs' dtype, then float32 or wider (as `at_least_float32` before log_softmax)."""
+    return at_least_float32(hidden_states @ weight.T)
+
+
+def _chunks(total: int, chunk_size: int) -> list[slice]:
+    return [slice(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
+
+
+def _forward_chunk(hidden_states, weight, teacher_topk_ids, target_ids, renormalize_topk):
+    """One chunk's fields: (buckets, entropy, target log-prob, lse, unclamped log tail or None, log p [n, V])."""
+    logprobs = _logits(hidden_states, weight)
+    # One exp pass gives lse and p: e = exp(z - max), s = sum(e), p = e / s, lse = max + log(s).
+    top = logprobs.amax(-1, keepdim=True)
+    exps = (logprobs - top).exp_()
+    sums = exps.sum(-1)
+    log_sums = sums.log()
+    lse = top.squeeze(-1) + log_sums
+    logprobs.sub_(lse.unsqueeze(-1))
+    # H = -sum_j p_j log p_j. Logits from a matmul of finite numbers are finite, so log p is too and an
+    # underflowing p_j gives 0 * finite = 0.
+    entropy = torch.linalg.vecdot(exps, logprobs).div_(sums).neg_()
+    target = logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    topk = logprobs.gather(-1, teacher_topk_ids)
+    if renormalize_topk:
+        return topk - topk.logsumexp(-1, keepdim=True), entropy, target, lse, None, logprobs
+    # The tail mass as a sum of the complement's own probabilities: no 1 - sum(top-k) cancellation.
+    # Where it is >= the floor, its largest term is >= floor / V, far from underflow, so the sum is
+    # exact to rounding; below the floor it is clamped (and gets no gradient).
+    log_tail = exps.scatter_(-1, teacher_topk_ids, 0.0).sum(-1).log_().sub_(log_sums)
+    buckets = torch.cat([topk, log_tail.clamp(min=LOG_TAIL_FLOOR).unsqueeze(-1)], dim=-1)
+    return buckets, entropy, target, lse, log_tail, logprobs
+
+
+class _HeadStatistics(torch.autograd.Function):
+    """(hidden [N, d], weight [V', d], teacher ids [N, k], target ids [N]) -> HeadStatistics fields,
+    over the first vocab_size rows of weight, chunk by chunk. See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk):
+        weight_v = weight[:vocab_size]
+        spans = _chunks(hidden_states.shape[0], chunk_size)
+        if len(spans) <= 1:
+            # One chunk (or none): keep its log p for the backward rather than recompute it.
+            *fields, kept_logprobs = _forward_chunk(hidden_states, weight_v, teacher_topk_ids, target_ids, renormalize_topk)
+        else:
+            kept_logprobs = None
+            chunks = [_forward_chunk(hidden_states[span], weight_v, teacher_topk_ids[span], target_ids[span],
+                                     renormalize_topk)[:5] for span in spans]
+            fields = [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
+        buckets, entropy, target, lse, log_tail = fields
+        ctx.vocab_size, ctx.chunk_size, ctx.renormalize_topk = vocab_size, chunk_size, renormalize_topk
+        # A backward recompute must see the logits the forward saw, autocast included.
+        device_type = hidden_states.device.type
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+        ctx.save_for_backward(hidden_states, weight, teacher_topk_ids, target_ids, lse, entropy, log_tail,
+                              buckets if renormalize_topk else None, kept_logprobs)
+        return buckets, entropy, target, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_buckets, grad_entropy, grad_target, grad_lse):
+        hidden_states, weight, teacher_topk_ids, target_ids, lse, entropy, log_tail, buckets, kept_logprobs = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        vocab_size = ctx.vocab_size
+        weight_v = weight[:vocab_size]
+        spans = _chunks(hidden_states.shape[0], ctx.chunk_size)
+        if not spans:  # no tokens
+            return (torch.zeros_like(hidden_states) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
+                    None, None, None, None, None)
+        k = teacher_topk_ids.shape[-1]
+        # Row scalars: grad_z = p * (row - g_H log p) + scattered terms.
+        row = grad_lse - grad_target - grad_entropy * entropy
+        if ctx.renormalize_topk:
+            sparse = grad_buckets - grad_buckets.sum(-1, keepdim=True) * buckets.exp()
+            row_off_topk = row
+        else:
+            sparse = grad_buckets[:, :k]
+            grad_tail = torch.where(log_tail >= LOG_TAIL_FLOOR, grad_buckets[:, k], 0.0)
+            row = row - sparse.sum(-1) - grad_tail
+            # Off the top-k the tail adds g_tail p_j / tail; exp(-log tail) <= 1 / floor where it counts.
+            row_off_topk = row + grad_tail * torch.exp(-log_tail.clamp(min=LOG_TAIL_FLOOR))
+        grad_hidden = []
+        grad_weight = None
+        for span in spans:
+            ids = teacher_topk_ids[span]
+            if kept_logprobs is not None:
+                logprobs = kept_logprobs
+            else:
+                device_type, autocast_dtype, autocast_enabled = ctx.autocast
+                with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                    logits = _logits(hidden_states[span], weight_v)
+                logprobs = logits.sub_(lse[span].unsqueeze(-1))
+            topk_logprobs = logprobs.gather(-1, ids)
+            probs = logprobs.exp()
+            # grad_z = p * (row - g_H log p); a kept log p is a saved tensor and not overwritten, a
+            # recomputed one is (one [n, V] buffer less).
+            scale = grad_entropy[span].neg().unsqueeze(-1)
+            grad_z = logprobs * scale if kept_logprobs is not None else logprobs.mul_(scale)
+            grad_z.add_(row_off_topk[span].unsqueeze(-1)).mul_(probs)
+            del probs, logprobs
+            # On the top-k entries: no tail term (written over the dense value, never cancelled against it).
+            topk_grad = topk_logprobs.mul(scale).add_(row[span].unsqueeze(-1)).mul_(topk_logprobs.exp())
+            grad_z.scatter_(-1, ids, topk_grad)
+            grad_z.scatter_add_(-1, ids, sparse[span])
+            grad_z.scatter_add_(-1, target_ids[span].unsqueeze(-1), grad_target[span].unsqueeze(-1))
+            grad_z = grad_z.to(weight.dtype)
+            if need_hidden:
+                grad_hidden.append((grad_z @ weight_v).to(hidden_states.dtype))
+            if need_weight:
+                chunk_hidden = hidden_states[span].to(weight.dtype)
+                if grad_weight is None and vocab_size == weight.shape[0]:
+                    grad_weight = grad_z.T @ chunk_hidden
+                else:  # accumulated in place: no [V, d] temporary per chunk
+                    if grad_weight is None:
+                        grad_weight = torch.zeros_like(weight)
+                    grad_weight[:vocab_size].addmm_(grad_z.T, chunk_hidden)
+            del grad_z
+        grad_hidden = (grad_hidden[0] if len(grad_hidden) == 1 else torch.cat(grad_hidden)) if need_hidden else None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_token_statistics(
@@ -51,32 +182,74 @@ def chunked_token_statistics(
     teacher_topk_ids: torch.Tensor,
     target_ids: torch.Tensor,
     chunk_size: int,
-    num_items: int,
     vocab_size: int | None = None,
     renormalize_topk: bool = False,
-) -> TokenStatistics:
-    """log p_S = log_softmax(h W[:vocab_size]^T) in float32 or wider, chunk by chunk with recompute;
-    per token: buckets on the teacher's top-k, entropy, log p_S(target), top-m ids and log-probs."""
+) -> HeadStatistics:
+    """log p_S = log_softmax(h W[:vocab_size]^T) in float32 or wider, chunk by chunk, reduced per token to
+    buckets on the teacher's top-k, entropy, log p_S(target) and the log-normaliser. Shapes [N, d],
+    [V', d], [N, k], [N] -> HeadStatistics; gradients reach h and W (none reach W's rows >= vocab_size)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     # Embedding matrices are often padded beyond the tokenizer (Qwen2.5: 151936 vs 152064 rows);
     # the padded rows are not tokens and must not take probability mass.
-    lm_head_weight = lm_head_weight[:vocab_size]
-    if hidden_states.shape[0] <= chunk_size:
-        # One chunk: recomputing it in the backward pass would cost time and save no memory.
-        fields = _chunk_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, num_items, renormalize_topk)
-        return TokenStatistics(*fields)
-    chunks = [
-        checkpoint(
-            _chunk_statistics,
-            hidden_states[start : start + chunk_size],
-            lm_head_weight,
-            teacher_topk_ids[start : start + chunk_size],
-            target_ids[start : start + chunk_size],
-            num_items,
-            renormalize_topk,
-            use_reentrant=False,
-        )
-        for start in range(0, hidden_states.shape[0], chunk_size)
-    ]
-    return TokenStatistics(*(torch.cat(field) for field in zip(*chunks)))
+    vocab_size = lm_head_weight.shape[0] if vocab_size is None else min(vocab_size, lm_head_weight.shape[0])
+    return HeadStatistics(*_HeadStatistics.apply(
+        hidden_states, lm_head_weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk
+    ))
+
+
+def chunked_top_items(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    log_normalizer: torch.Tensor,
+    num_items: int,
+    chunk_size: int,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's top-m ids (best first, no gradient) and log-probs z_id - lse: [n, d], [V', d], [n]
+    -> [n, m] int64, [n, m]. The log-probs are differentiable through h, W[id] and lse."""
+    weight = lm_head_weight[:vocab_size]
+    with torch.no_grad():
+        ids = [_logits(hidden_states[span], weight).topk(num_items, dim=-1).indices
+               for span in _chunks(hidden_states.shape[0], chunk_size)]
+    ids = torch.cat(ids) if ids else torch.zeros((0, num_items), dtype=torch.long, device=hidden_states.device)
+    # One dot product per item, rounded to the inputs' dtype like the matmul's logits above (bf16 in,
+    # bf16 logits), then float32 or wider.
+    dtype = torch.promote_types(hidden_states.dtype, weight.dtype)
+    products = at_least_float32(weight[ids]) * at_least_float32(hidden_states).unsqueeze(-2)
+    item_logits = at_least_float32(products.sum(-1).to(dtype))
+    return ids, item_logits - log_normalizer.unsqueeze(-1)
+
+
+def student_statistics(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    target_ids: torch.Tensor,
+    chunk_size: int,
+    vocab_size: int | None,
+    renormalize_topk: bool,
+    num_items: int,
+    ranked_positions: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+) -> TokenStatistics:
+    """TokenStatistics laid out like `mask` [B, T] from the flat per-token inputs (hidden [N, d], teacher
+    ids [N, k], targets [N], N = mask.sum(), in mask order). With ranked_positions(entropy, mask) -> bool
+    [B, T], the student's top-m at those positions."""
+    flat = chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size,
+                                    vocab_size, renormalize_topk)
+    bucket_logprobs, entropy, target_logprob = (_unflatten(field, mask) for field in flat[:3])
+    if ranked_positions is None:
+        return TokenStatistics(bucket_logprobs, entropy, target_logprob)
+    chosen = ranked_positions(entropy.detach(), mask)[mask]
+    ids, logprobs = chunked_top_items(hidden_states[chosen], lm_head_weight, flat.log_normalizer[chosen], num_items,
+                                      chunk_size, vocab_size)
+    positions = mask.clone()
+    positions[mask] = chosen
+    return TokenStatistics(bucket_logprobs, entropy, target_logprob, _unflatten(ids, positions), _unflatten(logprobs, positions))
+
+
+def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    full = values.new_zeros(mask.shape + values.shape[1:])
+    full[mask] = values
+    return full

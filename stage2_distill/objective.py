@@ -17,6 +17,7 @@ import torch
 from stage2_distill.chunked import TokenStatistics
 from stage2_distill.losses import (
     bucket_entropy,
+    decision_prefix_mask,
     direct_distillation_loss,
     entropy_regularization,
     sequence_level_ranking_loss,
@@ -79,6 +80,10 @@ class Objective:
             entropy_quantile=cfg.entropy_quantile,
         )
 
+    def ranked_positions(self, student_entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Where the token-level ranking reads the student's top-m (TokenStatistics.topm_*): bool [B, T]."""
+        return decision_prefix_mask(student_entropy, mask, self.prefix_entropy_fraction)
+
     def __call__(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, counts: StepCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics) for one micro-batch; `stats` fields are laid out [B, L, ...] like the batch."""
         mask = batch["completion_mask"]
@@ -100,6 +105,8 @@ class Objective:
             metrics["sft"] = -stats.target_logprob[mask].sum() / tokens
             loss = loss + metrics["sft"]
         if self.token_ranking:
+            # token_level_ranking_terms reads the top-m at decision_prefix_mask positions only: exactly
+            # the ranked_positions where they were computed.
             per_position, selected = token_level_ranking_terms(
                 stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
                 mask, stats.entropy, self.prefix_entropy_fraction,

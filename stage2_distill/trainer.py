@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
-from stage2_distill.chunked import TokenStatistics, chunked_token_statistics
+from stage2_distill.chunked import TokenStatistics, student_statistics
 from stage2_distill.objective import Objective, StepCounts
 from tsdkd.errors import TsdkdError
 
@@ -36,6 +36,8 @@ class DistillTrainer(Trainer):
         self.vocab_size = vocab_size
         self.logit_chunk_tokens = logit_chunk_tokens
         self.rank_items = rank_items
+        self._head: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (wrapped model, its output head)
+        self._flops_per_token: int | None = None  # 6 x non-embedding parameters
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._micro_batches = 0
         self._window_start = time.perf_counter()
@@ -82,18 +84,24 @@ class DistillTrainer(Trainer):
         rows, steps = mask.nonzero(as_tuple=True)
         # Completion token j of row b is predicted by the hidden state at prompt_length - 1 + j.
         positions = batch["prompt_lengths"][rows] - 1 + steps
-        head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-        flat = chunked_token_statistics(
-            hidden[rows, positions], head, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
-            self.logit_chunk_tokens, self.rank_items, self.vocab_size, self.objective.renormalize_topk,
+        return student_statistics(
+            hidden[rows, positions], self._output_head(model).weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+            self.logit_chunk_tokens, self.vocab_size, self.objective.renormalize_topk, self.rank_items,
+            self.objective.ranked_positions if self.objective.token_ranking else None,
         )
-        return TokenStatistics(*(self._unflatten(field, mask) for field in flat))
 
-    @staticmethod
-    def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        full = values.new_zeros(mask.shape + values.shape[1:])
-        full[mask] = values
-        return full
+    def _output_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        # unwrap_model walks every module: once per wrapped model, not once per step.
+        if self._head is None or self._head[0] is not model:
+            self._head = (model, self.accelerator.unwrap_model(model).get_output_embeddings())
+        return self._head[1]
+
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
+        """The Trainer's estimate (6 x tokens x non-embedding parameters), with the parameters counted once
+        rather than every step."""
+        if self._flops_per_token is None:
+            self._flops_per_token = super().floating_point_ops({"input_ids": torch.empty(1)})
+        return inputs["input_ids"].numel() * self._flops_per_token
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the loss terms (per optimizer step, summed over processes) and tokens/s."""

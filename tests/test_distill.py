@@ -162,8 +162,10 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_pat
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [r["step"] for r in step_records(out)] == list(range(1, 41))
     resumed, reference = load_file(out / "model.safetensors"), load_file(clean / "model.safetensors")
+    # Float rounding only: a new process's matmul kernels need not sum in the same order (measured
+    # differences up to 2.4e-7 on weights of order 1e-2 after 40 steps).
     for name in reference:
-        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-6, atol=1e-6)
 
 
 def test_student_with_padded_embeddings(small_dataset, tmp_path):

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -85,14 +87,25 @@ def test_kill_and_rerun_ends_like_an_uninterrupted_run(finished_run, tmp_path, k
     assert not (out / "round-2" / "student" / "model.safetensors").exists()
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    for round_index in (1, 2):
-        ours = json.loads((out / f"round-{round_index}" / "signals" / "tsdkd.json").read_text())["shards"]
-        theirs = json.loads((reference / f"round-{round_index}" / "signals" / "tsdkd.json").read_text())["shards"]
-        assert [s["sha256"] for s in ours] == [s["sha256"] for s in theirs]
+    ours = json.loads((out / "round-1" / "signals" / "tsdkd.json").read_text())["shards"]
+    theirs = json.loads((reference / "round-1" / "signals" / "tsdkd.json").read_text())["shards"]
+    assert [s["sha256"] for s in ours] == [s["sha256"] for s in theirs]
+    # A resumed distillation equals the uninterrupted one to float rounding (weights within 1e-6:
+    # matmul kernels need not sum in the same order in a new process), so round 2, sampled from it,
+    # must hold the same tokens, ranks and verdicts, and log-probs equal to rounding.
+    resumed_rows, expected_rows = (pq.read_table(run / "round-2" / "signals" / "data").to_pylist() for run in (out, reference))
+    assert len(resumed_rows) == len(expected_rows) > 0
+    for resumed_row, expected_row in zip(resumed_rows, expected_rows):
+        for key, value in expected_row.items():
+            if key in ("behaviour_logprobs", "teacher_logprobs", "teacher_topk_logprobs", "teacher_tail_mass",
+                       "teacher_entropy", "teacher_score"):
+                np.testing.assert_allclose(resumed_row[key], value, rtol=1e-4, atol=1e-5)
+            else:
+                assert resumed_row[key] == value, key
     resumed = load_file(out / "round-2" / "student" / "model.safetensors")
     expected = load_file(reference / "round-2" / "student" / "model.safetensors")
     for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-6, atol=1e-6)
 
 
 def test_other_settings_are_refused(finished_run, tmp_path):

@@ -1,0 +1,329 @@
+"""The fused head statistics (stage2_distill.chunked) against independent references.
+
+Three references, none calling the code under test: brute-force Python loops over small
+vocabularies in float64 (math.fsum), `torch.autograd.gradcheck` of the analytic backward, and the
+autograd composite the fused function replaced (log_softmax, student_bucket_logprobs,
+bucket_entropy, gather, topk over every token), copied here as it was.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stage2_distill.chunked import TokenStatistics, chunked_token_statistics, chunked_top_items, student_statistics
+from stage2_distill.losses import TAIL_MASS_FLOOR, at_least_float32, bucket_entropy, student_bucket_logprobs
+from stage2_distill.objective import Objective, StepCounts
+from tsdkd.config import DistillConfig
+
+F64 = torch.float64
+VOCAB, PADDED_VOCAB = 11, 13
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_inputs(seed: int, tokens: int = 9, hidden: int = 4, k: int = 3, dtype=F64, scale: float = 1.0):
+    rng = generator(seed)
+    hidden_states = (scale * torch.randn(tokens, hidden, generator=rng, dtype=F64)).to(dtype).requires_grad_()
+    weight = torch.randn(PADDED_VOCAB, hidden, generator=rng, dtype=F64).to(dtype).requires_grad_()
+    teacher_ids = torch.stack([torch.randperm(VOCAB, generator=rng)[:k] for _ in range(tokens)])
+    target_ids = torch.randint(0, VOCAB, (tokens,), generator=rng)
+    return hidden_states, weight, teacher_ids, target_ids
+
+
+def clamped_tail_inputs(tokens: int = 6, k: int = 3, gap: float = 40.0):
+    """Every other token puts all but ~e^-gap of its mass on its teacher's top-k (the same ids), so
+    its tail bucket is below the floor (1e-12 = e^-27.6) and clamped; the others are random tokens."""
+    hidden_states, weight, teacher_ids, target_ids = random_inputs(31, tokens=tokens, k=k)
+    hidden_states, weight = hidden_states.detach().clone(), weight.detach().clone()
+    teacher_ids[0::2] = teacher_ids[0]
+    weight[:, 0] = -0.5
+    weight[teacher_ids[0], 0] = 0.5
+    hidden_states[0::2, 1:] *= 0.3  # small: the gap stays ~gap; nonzero: no tied logits in the top-m
+    hidden_states[0::2, 0] = gap
+    return hidden_states.requires_grad_(), weight.requires_grad_(), teacher_ids, target_ids
+
+
+# ---------------------------------------------------------------- brute-force loops
+
+
+def loop_statistics(hidden_states, weight, teacher_ids, target_ids, vocab_size, m, renormalize):
+    """Per token, from the logits as Python floats: buckets, entropy, target log-prob, lse, top-m ids and log-probs."""
+    h, w = hidden_states.detach().tolist(), weight.detach().tolist()
+    rows = []
+    for i in range(len(h)):
+        logits = [math.fsum(a * b for a, b in zip(h[i], w[j])) for j in range(vocab_size)]
+        top = max(logits)
+        lse = top + math.log(math.fsum(math.exp(z - top) for z in logits))
+        probs = [math.exp(z - lse) for z in logits]
+        ids = teacher_ids[i].tolist()
+        if renormalize:
+            kept = math.fsum(probs[j] for j in ids)
+            buckets = [math.log(probs[j] / kept) for j in ids]
+        else:
+            tail = math.fsum(p for j, p in enumerate(probs) if j not in ids)
+            buckets = [logits[j] - lse for j in ids] + [math.log(max(tail, TAIL_MASS_FLOOR))]
+        entropy = -math.fsum(p * (z - lse) for p, z in zip(probs, logits))
+        order = sorted(range(vocab_size), key=lambda j: -logits[j])[:m]
+        rows.append((buckets, entropy, logits[int(target_ids[i])] - lse, lse, order, [logits[j] - lse for j in order]))
+    return [torch.tensor(column, dtype=F64) for column in zip(*rows)]
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_values_equal_brute_force_loops(renormalize, chunk_size):
+    hidden_states, weight, teacher_ids, target_ids = random_inputs(1, scale=2.0)
+    stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, VOCAB, renormalize)
+    ids, topm = chunked_top_items(hidden_states, weight, stats.log_normalizer, 4, chunk_size, VOCAB)
+    buckets, entropy, target, lse, loop_ids, loop_topm = loop_statistics(
+        hidden_states, weight, teacher_ids, target_ids, VOCAB, 4, renormalize)
+    for got, expected in [(stats.bucket_logprobs, buckets), (stats.entropy, entropy), (stats.target_logprob, target),
+                          (stats.log_normalizer, lse), (topm, loop_topm)]:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert ids.equal(loop_ids.long())
+
+
+def test_tail_below_the_floor_is_clamped_and_small_tails_are_exact():
+    hidden_states, weight, teacher_ids, target_ids = clamped_tail_inputs()
+    stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, 4, VOCAB)
+    buckets = loop_statistics(hidden_states, weight, teacher_ids, target_ids, VOCAB, 1, False)[0]
+    torch.testing.assert_close(stats.bucket_logprobs, buckets, rtol=1e-12, atol=1e-12)
+    assert (stats.bucket_logprobs[0::2, -1] == math.log(TAIL_MASS_FLOOR)).all()
+    # A tail of e^-20 (above the floor) in float32: 1 - sum(top-k) would be exactly 0 there.
+    hidden32, weight32 = (hidden_states.detach() * 0.5).float(), weight.detach().float()
+    tail32 = chunked_token_statistics(hidden32, weight32, teacher_ids, target_ids, 4, VOCAB).bucket_logprobs[0::2, -1]
+    expected = loop_statistics(hidden32.double(), weight32.double(), teacher_ids, target_ids, VOCAB, 1, False)[0][0::2, -1]
+    assert (expected > math.log(TAIL_MASS_FLOOR)).all() and (expected < -15).all()
+    torch.testing.assert_close(tail32.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_empty_complement_gives_a_clamped_tail_and_finite_gradients():
+    """vocab_size == k: the teacher's top-k is the whole vocabulary."""
+    rng = generator(5)
+    hidden_states = torch.randn(4, 3, generator=rng, dtype=F64, requires_grad=True)
+    weight = torch.randn(5, 3, generator=rng, dtype=F64, requires_grad=True)
+    teacher_ids = torch.stack([torch.randperm(3, generator=rng) for _ in range(4)])
+    stats = chunked_token_statistics(hidden_states, weight, teacher_ids, torch.zeros(4, dtype=torch.long), 2, 3)
+    assert (stats.bucket_logprobs[:, -1] == math.log(TAIL_MASS_FLOOR)).all()
+    torch.testing.assert_close(stats.bucket_logprobs[:, :-1].exp().sum(-1), torch.ones(4, dtype=F64))
+    assert torch.autograd.gradcheck(
+        lambda h, w: tuple(chunked_token_statistics(h, w, teacher_ids, torch.zeros(4, dtype=torch.long), 2, 3)),
+        (hidden_states, weight))
+
+
+# ---------------------------------------------------------------- gradcheck of the analytic backward
+
+
+def all_outputs(h, w, teacher_ids, target_ids, chunk_size, renormalize, vocab_size=VOCAB):
+    stats = chunked_token_statistics(h, w, teacher_ids, target_ids, chunk_size, vocab_size, renormalize)
+    _, topm = chunked_top_items(h, w, stats.log_normalizer, 3, chunk_size, vocab_size)
+    return (*stats, topm)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [2, 64])  # several chunks (recompute) and one (kept log p)
+@pytest.mark.parametrize("clamped", [False, True])
+def test_gradcheck_every_output(renormalize, chunk_size, clamped):
+    inputs = clamped_tail_inputs() if clamped else random_inputs(2, tokens=5, hidden=3)
+    hidden_states, weight, teacher_ids, target_ids = inputs
+    assert torch.autograd.gradcheck(
+        lambda h, w: all_outputs(h, w, teacher_ids, target_ids, chunk_size, renormalize), (hidden_states, weight))
+    if clamped and not renormalize:
+        # The clamped tails have no gradient at all: a cotangent on them alone moves nothing.
+        stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, VOCAB)
+        stats.bucket_logprobs[0::2, -1].sum().backward()
+        assert hidden_states.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def test_gradcheck_with_a_frozen_head_and_with_frozen_hidden_states():
+    hidden_states, weight, teacher_ids, target_ids = random_inputs(3, tokens=5, hidden=3)
+    assert torch.autograd.gradcheck(
+        lambda h: all_outputs(h, weight.detach(), teacher_ids, target_ids, 2, False), (hidden_states,))
+    assert torch.autograd.gradcheck(
+        lambda w: all_outputs(hidden_states.detach(), w, teacher_ids, target_ids, 64, False), (weight,))
+
+
+# ---------------------------------------------------------------- the autograd composite it replaced
+
+
+def composite_statistics(hidden_states, weight, teacher_ids, target_ids, vocab_size, m, renormalize):
+    """The former stage2_distill.chunked._chunk_statistics (plus lse), unchunked."""
+    logits = at_least_float32(hidden_states @ weight[:vocab_size].T)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    topm_logprobs, topm_ids = logprobs.topk(m, dim=-1)
+    return (
+        student_bucket_logprobs(logprobs, teacher_ids, renormalize),
+        bucket_entropy(logprobs),
+        logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1),
+        logits.logsumexp(-1),
+        topm_ids,
+        topm_logprobs,
+    )
+
+
+def fused_statistics(hidden_states, weight, teacher_ids, target_ids, vocab_size, m, renormalize, chunk_size):
+    stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, vocab_size, renormalize)
+    return (*stats, *chunked_top_items(hidden_states, weight, stats.log_normalizer, m, chunk_size, vocab_size))
+
+
+def compare(fused, composite, hidden_states, weight, value_tol, grad_tol, seed):
+    """Equal values, top-m ids and gradients for one random cotangent on every float output."""
+    assert fused[4].equal(composite[4])
+    floats = [0, 1, 2, 3, 5]
+    for index in floats:
+        torch.testing.assert_close(fused[index], composite[index], **value_tol)
+    rng = generator(seed)
+    cotangents = [torch.randn(composite[i].shape, generator=rng, dtype=F64).to(composite[i].dtype) for i in floats]
+
+    def gradients(fields):
+        return torch.autograd.grad(sum((fields[i] * c).sum() for i, c in zip(floats, cotangents)), (hidden_states, weight))
+
+    for got, expected in zip(gradients(fused), gradients(composite)):
+        torch.testing.assert_close(got, expected, **grad_tol)
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_equals_the_autograd_composite(seed, renormalize, chunk_size):
+    for dtype, value_tol, grad_tol in [(F64, dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-12)),
+                                       (torch.float32, dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-5))]:
+        hidden_states, weight, teacher_ids, target_ids = random_inputs(seed, tokens=10, dtype=dtype, scale=3.0)
+        fused = fused_statistics(hidden_states, weight, teacher_ids, target_ids, VOCAB, 5, renormalize, chunk_size)
+        composite = composite_statistics(hidden_states, weight, teacher_ids, target_ids, VOCAB, 5, renormalize)
+        compare(fused, composite, hidden_states, weight, value_tol, grad_tol, seed)
+
+
+class _RoundToBf16(torch.autograd.Function):
+    """x rounded to bf16 and back, with the identity as its gradient (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.bfloat16().to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_equals_the_composite_for_bf16_inputs_computing_in_float32():
+    """bf16 hidden states and head: logits are a bf16 matmul, everything after it float32 (both)."""
+    hidden_states, weight, teacher_ids, target_ids = random_inputs(13, tokens=10, dtype=torch.bfloat16, scale=3.0)
+    fused = fused_statistics(hidden_states, weight, teacher_ids, target_ids, VOCAB, 5, False, 64)
+    composite = composite_statistics(hidden_states, weight, teacher_ids, target_ids, VOCAB, 5, False)
+    assert all(fused[i].dtype == torch.float32 for i in (0, 1, 2, 3, 5))
+    assert fused[4].equal(composite[4])
+    floats = [0, 1, 2, 3, 5]
+    for index in floats:  # the same bf16 logits, then float32 arithmetic in both
+        torch.testing.assert_close(fused[index], composite[index], rtol=1e-5, atol=1e-5)
+    # Gradients are bf16 like the inputs, so both differ from exact ones by bf16 rounding. Exact here:
+    # float64 from the same inputs, with the logits rounded to bf16 (straight-through).
+    hidden64, weight64 = (x.detach().double().requires_grad_() for x in (hidden_states, weight))
+    logits = _RoundToBf16.apply(hidden64 @ weight64[:VOCAB].T)
+    logprobs = torch.log_softmax(logits, -1)
+    exact = (student_bucket_logprobs(logprobs, teacher_ids), bucket_entropy(logprobs),
+             logprobs.gather(-1, target_ids[:, None]).squeeze(-1), logits.logsumexp(-1), None, logprobs.gather(-1, fused[4]))
+    rng = generator(13)
+    cotangents = [torch.randn(composite[i].shape, generator=rng, dtype=F64) for i in floats]
+
+    def gradients(fields, inputs):
+        return torch.autograd.grad(sum((fields[i] * c.to(fields[i].dtype)).sum() for i, c in zip(floats, cotangents)), inputs)
+
+    for got, former, reference in zip(gradients(fused, (hidden_states, weight)), gradients(composite, (hidden_states, weight)),
+                                      gradients(exact, (hidden64, weight64))):
+        assert got.dtype == torch.bfloat16
+        error, former_error = ((g.double() - reference).abs().max() for g in (got, former))
+        assert error <= max(1.5 * former_error, 2**-8 * reference.abs().max()), (error, former_error)
+
+
+def test_recompute_under_autocast_sees_the_forward_logits():
+    """Under CPU autocast the logits are a bf16 matmul; the backward's recompute (several chunks) must
+    use the same logits as the forward, so its gradients equal those of the kept log p (one chunk)."""
+    hidden_states, weight, teacher_ids, target_ids = random_inputs(14, tokens=10, dtype=torch.float32, scale=3.0)
+    rng = generator(15)
+    cotangents = [torch.randn(10, 4, generator=rng), torch.randn(10, generator=rng), torch.randn(10, generator=rng),
+                  torch.randn(10, generator=rng)]
+    gradients = []
+    for chunk_size in (3, 64):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, VOCAB)
+        loss = sum((field.float() * c).sum() for field, c in zip(stats, cotangents))
+        gradients.append(torch.autograd.grad(loss, (hidden_states, weight)))
+    for recomputed, kept in zip(*gradients):
+        torch.testing.assert_close(recomputed, kept, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the objective on top
+
+
+def synthetic_batch(seed: int, k: int = 3):
+    """Two prompts x two candidates, ragged completions, cached teacher signals over VOCAB ids."""
+    rng = generator(seed)
+    lengths = torch.tensor([7, 4, 6, 2])
+    mask = torch.arange(7) < lengths[:, None]
+    teacher_logits = 2 * torch.randn(4, 7, VOCAB, generator=rng, dtype=F64)
+    teacher_logprobs = torch.log_softmax(teacher_logits, -1)
+    topk = teacher_logprobs.topk(k, -1)
+    return {
+        "completion_mask": mask,
+        "completion_ids": torch.randint(0, VOCAB, (4, 7), generator=rng),
+        "teacher_topk_ids": topk.indices,
+        "teacher_topk_logprobs": topk.values,
+        "teacher_tail_mass": 1 - topk.values.exp().sum(-1),
+        "teacher_entropy": -(teacher_logprobs.exp() * teacher_logprobs).sum(-1),
+        "behaviour_logprobs": -torch.rand(4, 7, generator=rng, dtype=F64),
+        "prompt_group": torch.tensor([0, 0, 1, 1]),
+        "teacher_rank": torch.tensor([1, 0, 0, 1]),
+    }
+
+
+@pytest.mark.parametrize("options", [{}, {"prefix_entropy_fraction": 0.5, "renormalize_topk": True},
+                                     {"indirect": "token", "selection_fraction": 0.3}])
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_objective_equals_the_former_path(options, chunk_size):
+    """Loss, metrics and gradients of the TSD-KD objective with top-m computed only at the ranked
+    positions == with top-m computed everywhere by the composite (the former TokenStatistics)."""
+    batch = synthetic_batch(20)
+    mask = batch["completion_mask"]
+    objective = Objective.from_config(DistillConfig(**options), "exact")
+    assert objective.token_ranking
+    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
+    hidden_states, weight, _, _ = random_inputs(21, tokens=int(mask.sum()), scale=2.0)
+    teacher_ids, targets = batch["teacher_topk_ids"][mask], batch["completion_ids"][mask]
+
+    def layout(values):
+        full = values.new_zeros(mask.shape + values.shape[1:])
+        full[mask] = values
+        return full
+
+    former = composite_statistics(hidden_states, weight, teacher_ids, targets, VOCAB, 10, objective.renormalize_topk)
+    former_stats = TokenStatistics(*(layout(former[i]) for i in (0, 1, 2, 4, 5)))
+    new_stats = student_statistics(hidden_states, weight, mask, teacher_ids, targets, chunk_size, VOCAB,
+                                   objective.renormalize_topk, 10, objective.ranked_positions)
+    chosen = objective.ranked_positions(new_stats.entropy, mask)
+    assert 0 < chosen.sum() < mask.sum()
+    assert new_stats.topm_ids[chosen].equal(former_stats.topm_ids[chosen])
+    assert (new_stats.topm_ids[~chosen] == 0).all() and (new_stats.topm_logprobs[~chosen] == 0).all()
+    new_loss, new_metrics = objective(batch, new_stats, counts)
+    former_loss, former_metrics = objective(batch, former_stats, counts)
+    assert new_metrics.keys() == former_metrics.keys() and "indirect_token" in new_metrics
+    for name in former_metrics:
+        torch.testing.assert_close(new_metrics[name], former_metrics[name], rtol=1e-12, atol=1e-12, msg=name)
+    new_grads = torch.autograd.grad(new_loss, (hidden_states, weight))
+    former_grads = torch.autograd.grad(former_loss, (hidden_states, weight))
+    for got, expected in zip(new_grads, former_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_no_top_items_without_token_ranking():
+    batch = synthetic_batch(22)
+    mask = batch["completion_mask"]
+    hidden_states, weight, _, _ = random_inputs(23, tokens=int(mask.sum()))
+    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                               8, VOCAB, False, 10, None)
+    assert stats.topm_ids is None and stats.topm_logprobs is None
+    assert stats.entropy.shape == mask.shape and (stats.entropy[~mask] == 0).all()
