@@ -1,6 +1,6 @@
 """The toy-scale study: TSD-KD against its baselines and ablations over self-improvement rounds.
 
-    python experiments/study.py --out runs/study --seeds 0 1 --rounds 3
+    python experiments/study.py     # = --out runs/study-2000 --prompts 2000 --seeds 0 1 --rounds 3 --learning-rate 1e-4 --epochs 1
 
 From the committed toy pair (data/toy-teacher, data/toy-student), every method runs `tsdkd run`
 with the same prompts, the same generation settings, the same distillation budget and the same
@@ -35,6 +35,10 @@ METHODS = {
     "tsdkd -indirect": {"no_indirect": True},
     "tsdkd -entropy": {"no_entropy": True},
     "tsdkd -selection": {"no_selection": True},
+    # One TSD-KD addition at a time on top of gkd (= tsdkd with all three switched off).
+    "gkd +selection": {"no_indirect": True, "no_entropy": True},
+    "gkd +entropy": {"no_indirect": True, "no_selection": True},
+    "gkd +indirect": {"no_entropy": True, "no_selection": True},
 }
 TEST_SETS = ["test_id", "test_long", "test_large", "test_shifted"]
 
@@ -142,14 +146,14 @@ def plot_token_weights(signals: Path, student: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--out", default="runs/study-2000")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=256, help="training prompts per round")
+    parser.add_argument("--prompts", type=int, default=2000, help="training prompts per round")
     parser.add_argument("--eval-limit", type=int, default=100, help="items per test set")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     args = parser.parse_args()
     out = Path(args.out)
