@@ -47,11 +47,14 @@ def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[
 
 
 def use_bf16(cfg: DistillConfig) -> bool:
+    """bf16 autocast over fp32 master weights: `auto` on a bf16 GPU only; `on` there or, on a machine
+    without a GPU, on the CPU (torch's CPU autocast; fast only on CPUs with bf16 instructions)."""
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if cfg.bf16 == "on":
-        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-            raise TsdkdError("--bf16 on needs a GPU with bf16 support; use --bf16 auto")
+        if torch.cuda.is_available() and not gpu_bf16:
+            raise TsdkdError("--bf16 on: this GPU has no bf16 support; use --bf16 off")
         return True
-    return cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.bf16 == "auto" and gpu_bf16
 
 
 def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
@@ -72,14 +75,14 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=use_bf16(cfg),
+        # Without it, accelerate sees no distributed run on a CPU-only machine under torchrun.
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         report_to=["tensorboard"] if cfg.tensorboard else "none",
         remove_unused_columns=False,
-        # Without it, accelerate sees no distributed run on a CPU-only machine under torchrun.
-        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
