@@ -363,13 +363,26 @@ def breakdown(args, model, items, loss_of, trainer) -> dict[str, Any]:
 TIMELINE_CATEGORIES = ["unknown", "parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail"]
 
 
-def worker_tensor_memory(args: argparse.Namespace, variant: str) -> dict[str, Any]:
-    """Peak bytes of live tensors during one step on the largest micro-batch (after two warm-up
-    steps), from torch.profiler's memory timeline: independent of the allocator and of one-time costs."""
+def live_tensor_timeline(step: Callable[[], None]) -> list[list[int]]:
+    """Bytes of live tensors by TIMELINE_CATEGORIES at each moment of one call of `step`
+    (torch.profiler's memory timeline)."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
 
+    with tempfile.TemporaryDirectory() as folder:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            step()
+        path = Path(folder) / "timeline.raw.json"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prof.export_memory_timeline(str(path), device="cpu")
+        return json.loads(path.read_text())[1]
+
+
+def worker_tensor_memory(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """Peak bytes of live tensors during one step on the largest micro-batch (after two warm-up
+    steps), from torch.profiler's memory timeline: independent of the allocator and of one-time costs."""
     with tempfile.TemporaryDirectory() as folder:
         items, model, loss_of, optimizer, _ = loop_setup(args, variant, Path(folder))
         largest = max(range(len(items)), key=lambda i: items[i]["input_ids"].numel())
@@ -377,15 +390,13 @@ def worker_tensor_memory(args: argparse.Namespace, variant: str) -> dict[str, An
             loss_of(batch).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+
+        def step() -> None:
             loss_of(items[largest]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        path = Path(folder) / "timeline.raw.json"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prof.export_memory_timeline(str(path), device="cpu")
-        _, sizes = json.loads(path.read_text())
+
+        sizes = live_tensor_timeline(step)
     totals = [sum(row) for row in sizes]
     at_peak = sizes[max(range(len(totals)), key=totals.__getitem__)]
     return {"peak_tensor_bytes": max(totals), "start_tensor_bytes": totals[0],
@@ -505,8 +516,6 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
     Memory: a small run first (code pages, lazy initialisation), then the mark is reset and the
     first full-size run is measured; timing: best of --repeats after it; then one more run under
     torch.profiler for the live-tensor peak."""
-    import warnings
-
     from torch.profiler import ProfilerActivity, profile
 
     from stage2_distill.chunked import chunked_token_statistics, chunked_top_items
@@ -545,14 +554,7 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
         run(*data)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    with tempfile.TemporaryDirectory() as folder:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-            run(*data)
-        path = Path(folder) / "timeline.raw.json"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prof.export_memory_timeline(str(path), device="cpu")
-        _, sizes = json.loads(path.read_text())
+    sizes = live_tensor_timeline(lambda: run(*data))
     totals = [sum(row) for row in sizes]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run(*data)
