@@ -226,6 +226,9 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     staging = out / ".model-tmp"
     # Training turns the KV cache off in the config; the saved student generates with it.
     trainer.model.config.use_cache = True
+    if trainer.is_fsdp_enabled:
+        # The Trainer saves whole tensors under FSDP only with this type, whatever the checkpoints used.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     # Every process takes part (FSDP and DeepSpeed gather the weights); the Trainer writes on one.
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()

@@ -1,8 +1,9 @@
 """A transformers Trainer that only computes the TSD-KD loss; the engine does everything else.
 
-DDP, FSDP/DeepSpeed configs, accumulation, schedules, checkpoints and resume are the Trainer's.
+DDP, FSDP and DeepSpeed configs, accumulation, schedules, checkpoints and resume are the Trainer's.
 Stage-2 specifics: losses normalised by whole-step counts (`StepCounts`), the student's log-softmax
-computed a chunk of tokens at a time, and the loss terms logged next to the Trainer's own logs.
+computed a chunk of tokens at a time inside the output head's forward, and the loss terms logged
+next to the Trainer's own logs.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import SequentialSampler
@@ -28,10 +30,11 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args: Any, objective: Objective, vocab_size: int, logit_chunk_tokens: int, rank_items: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled or getattr(self.accelerator.state, "deepspeed_plugin", None) and \
-                self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise TsdkdError("FSDP and DeepSpeed ZeRO-3 shard the output head, which the chunked loss reads "
-                             "directly; use DDP or ZeRO-1/2")
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if deepspeed is not None and deepspeed.zero_stage == 3 and \
+                not deepspeed.deepspeed_config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
+            raise TsdkdError("DeepSpeed ZeRO-3 config: set zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                             "to true, or the student is saved as a ZeRO checkpoint instead of safetensors")
         self.objective = objective
         self.vocab_size = vocab_size
         self.logit_chunk_tokens = logit_chunk_tokens
@@ -76,24 +79,29 @@ class DistillTrainer(Trainer):
         return loss * self.accelerator.num_processes
 
     def _student_statistics(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenStatistics:
-        """Hidden states through the (wrapped) model, then the head chunk by chunk on completion positions."""
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       output_hidden_states=True, logits_to_keep=1)
-        hidden = output.hidden_states[-1]
+        """The (wrapped) model's forward, its output head returning the statistics of the completion positions."""
         mask = batch["completion_mask"]
         rows, steps = mask.nonzero(as_tuple=True)
         # Completion token j of row b is predicted by the hidden state at prompt_length - 1 + j.
         positions = batch["prompt_lengths"][rows] - 1 + steps
-        return student_statistics(
-            hidden[rows, positions], self._output_head(model).weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
-            self.logit_chunk_tokens, self.vocab_size, self.objective.renormalize_topk, self.rank_items,
-            self.objective.ranked_positions if self.objective.token_ranking else None,
-        )
+
+        def statistics(hidden: torch.Tensor, head_weight: torch.Tensor) -> TokenStatistics:
+            return student_statistics(
+                hidden[rows, positions], head_weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                self.logit_chunk_tokens, self.vocab_size, self.objective.renormalize_topk, self.rank_items,
+                self.objective.ranked_positions if self.objective.token_ranking else None,
+            )
+
+        with _head_returns(self._output_head(model), statistics):
+            # logits_to_keep=0: the head receives every position's final hidden state.
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=0, use_cache=False).logits
 
     def _output_head(self, model: torch.nn.Module) -> torch.nn.Module:
         # unwrap_model walks every module: once per wrapped model, not once per step.
         if self._head is None or self._head[0] is not model:
-            self._head = (model, self.accelerator.unwrap_model(model).get_output_embeddings())
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            # FSDP1 wraps a head that is a unit of its own; the inner module runs with the weight gathered.
+            self._head = (model, getattr(head, "_fsdp_wrapped_module", head))
         return self._head[1]
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
@@ -119,6 +127,23 @@ class DistillTrainer(Trainer):
                     logs[f"train/{name}"] = value / steps
             self._metric_sums, self._micro_batches, self._window_start = {}, 0, time.perf_counter()
         super().log(logs, start_time)
+
+
+@contextmanager
+def _head_returns(head: torch.nn.Module, statistics: Callable[[torch.Tensor, torch.Tensor], TokenStatistics]) -> Iterator[None]:
+    """For the forward calls inside, `head(hidden)` returns `statistics(hidden, head.weight)`, which the
+    model passes on as its `logits`.
+
+    FSDP and ZeRO-3 gather a module's full weight only while that module runs, and hook the module's
+    outputs to gather it again for the backward; reading the weight after the model's forward would
+    see a shard.
+    The override is an instance attribute, so the engine's hooks on the head still fire.
+    """
+    head.forward = lambda hidden: statistics(hidden, head.weight)
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 class MetricsFile(TrainerCallback):

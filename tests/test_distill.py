@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from conftest import ROOT, TOY_STUDENT, assert_one_line_error, run_cli
+from fsdp_worker import batch_halves, distill_trainer, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer
@@ -254,3 +255,27 @@ def test_existing_run_is_never_overwritten(small_dataset, tmp_path):
     assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "1")), "not empty", "--resume")
     assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "2", "--resume")), "settings differ", "max_steps")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "own"), ("zero3", "root"), ("zero3", "own")])
+def test_sharded_student_equals_one_process(small_dataset, tmp_path, engine, head_unit):
+    """The loss and gradients with the student sharded over 2 processes by FSDP equal those of one
+    unsharded process accumulating the same two micro-batches. The output head must be read inside
+    its forward, where FSDP has gathered it: a head in its own unit is resharded right after."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_worker.py"),
+                          str(small_dataset), str(tmp_path), engine, head_unit], env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sharded = json.loads((tmp_path / "result.json").read_text())
+    assert sharded["local_numel"] < 0.6 * sharded["full_numel"]  # really sharded (about half, plus padding)
+
+    model = toy_student(head_unit)
+    trainer = distill_trainer(model, str(tmp_path / "single"))
+    halves = batch_halves(str(small_dataset))
+    counts = trainer._get_num_items_in_batch(halves, torch.device("cpu"))
+    loss = sum(trainer.compute_loss(model, half, num_items_in_batch=counts) for half in halves)
+    loss.backward()
+    assert sharded["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    grads = load_file(tmp_path / "grads.safetensors")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

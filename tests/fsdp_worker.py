@@ -1,0 +1,124 @@
+"""One TSD-KD loss and backward with the toy student sharded by FSDP2 over CPU processes (gloo).
+
+Run by tests/test_distill.py::test_fsdp_sharded_student_equals_one_process under torchrun; the
+test imports `batch_halves`, `toy_student` and `distill_trainer` for its single-process reference.
+Accelerate turns FSDP on for GPUs only, so here the student is sharded with torch's `fully_shard`
+directly and the Trainer's own `compute_loss` runs on it.
+
+Two layouts: the toy's tied head in the root unit, or an untied head as its own unit (as a size-based
+wrap policy makes of a large vocabulary), which FSDP reshards right after the head's forward.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from stage2_distill.data import SignalBatches, collate_single
+from stage2_distill.objective import Objective
+from stage2_distill.trainer import DistillTrainer
+from tsdkd.config import DistillConfig
+
+TOY_STUDENT = Path(__file__).resolve().parents[1] / "data" / "toy-student"
+
+
+def batch_halves(signals: str) -> list[dict[str, torch.Tensor]]:
+    """One 4-prompt batch cut into two micro-batches of 2 prompts each."""
+    whole = SignalBatches([signals], batch_size=12, pad_token_id=0, group_by_prompt=True, seed=0)[0]
+    halves = []
+    for groups in ((0, 1), (2, 3)):
+        rows = (whole["prompt_group"] == groups[0]) | (whole["prompt_group"] == groups[1])
+        half = {k: v[rows] for k, v in whole.items()}
+        half["prompt_group"] = half["prompt_group"] - groups[0]
+        halves.append(half)
+    return halves
+
+
+def toy_student(head_unit: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.float32)
+    if head_unit == "own":
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model
+
+
+def distill_trainer(model: torch.nn.Module, output_dir: str) -> DistillTrainer:
+    cfg = DistillConfig(signals=["x"], student=str(TOY_STUDENT), out="x")
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=1, report_to="none", save_strategy="no",
+                             use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    return DistillTrainer(model=model, args=args, train_dataset=[], data_collator=collate_single,
+                          objective=Objective.from_config(cfg, "exact"), vocab_size=325, logit_chunk_tokens=7, rank_items=10)
+
+
+def shard(model: torch.nn.Module, engine: str, head_unit: str, world: int) -> torch.nn.Module:
+    """Each decoder layer a unit, the head its own unit or part of the root's (ZeRO-3 has no units:
+    it gathers each module's parameters while that module runs)."""
+    if engine == "zero3":
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+        wrapped, *_ = deepspeed.initialize(model=model, config=config, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+        return wrapped
+    if engine == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import CustomPolicy
+
+        layer_class = type(model.model.layers[0])
+        policy = CustomPolicy(lambda module: isinstance(module, layer_class) or (head_unit == "own" and module is model.lm_head))
+        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if head_unit == "own":
+        fully_shard(model.lm_head, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def local_size(parameter: torch.Tensor) -> int:
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor.numel()
+    return parameter.to_local().numel() if hasattr(parameter, "to_local") else parameter.numel()
+
+
+def full_gradients(model: torch.nn.Module, engine: str) -> dict[str, torch.Tensor]:
+    if engine == "zero3":
+        from deepspeed.utils import safe_get_full_grad
+
+        return {name: safe_get_full_grad(p).clone() for name, p in model.module.named_parameters()}
+    if engine == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+            return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.grad.full_tensor().contiguous() for name, p in model.named_parameters()}
+
+
+def main(signals: str, out: str, engine: str, head_unit: str) -> None:
+    model = toy_student(head_unit)
+    trainer = distill_trainer(model, out)  # under torchrun: starts the gloo process group
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    model = shard(model, engine, head_unit, world)
+    # Outside any forward, each process holds 1/world of the parameters.
+    local_numel = sum(local_size(p) for p in model.parameters())
+    half = batch_halves(signals)[rank]
+    counts = trainer._get_num_items_in_batch([half], torch.device("cpu"))
+    loss = trainer.compute_loss(model, half, num_items_in_batch=counts)
+    model.backward(loss) if engine == "zero3" else loss.backward()
+    loss_sum = trainer.accelerator.reduce(loss.detach(), reduction="sum") / world
+    grads = full_gradients(model, engine)
+    if rank == 0:
+        save_file(grads, f"{out}/grads.safetensors")
+        result = {"loss": loss_sum.item(), "local_numel": local_numel, "full_numel": sum(g.numel() for g in grads.values())}
+        Path(out, "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
