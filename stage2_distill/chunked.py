@@ -43,13 +43,14 @@ class HeadStatistics(NamedTuple):
 
 
 class TokenStatistics(NamedTuple):
-    """What the Objective reads, laid out [B, T, ...] like the batch."""
+    """What the Objective reads: per completion token, flat [N, ...] in mask order."""
 
-    bucket_logprobs: torch.Tensor  # [B, T, k+1] or [B, T, k]
-    entropy: torch.Tensor  # [B, T]
-    target_logprob: torch.Tensor  # [B, T]
-    # The student's top-m ids (best first, int64) and their log-probs [B, T, m], computed only at the
-    # positions the token-level ranking uses (Objective.ranked_positions), 0 elsewhere; None without it.
+    bucket_logprobs: torch.Tensor  # [N, k+1] or [N, k]
+    entropy: torch.Tensor  # [N]
+    target_logprob: torch.Tensor  # [N]
+    # With the token-level ranking: bool [N], the tokens it ranks (Objective.ranked_positions), and
+    # there the student's top-m ids (best first, int64) and their log-probs, [R, m]; else None.
+    ranked: torch.Tensor | None = None
     topm_ids: torch.Tensor | None = None
     topm_logprobs: torch.Tensor | None = None
 
@@ -233,23 +234,16 @@ def student_statistics(
     num_items: int,
     ranked_positions: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
 ) -> TokenStatistics:
-    """TokenStatistics laid out like `mask` [B, T] from the flat per-token inputs (hidden [N, d], teacher
-    ids [N, k], targets [N], N = mask.sum(), in mask order). With ranked_positions(entropy, mask) -> bool
+    """TokenStatistics from the flat per-token inputs (hidden [N, d], teacher ids [N, k], targets [N],
+    N = mask.sum(), in the order of `mask` [B, T]). With ranked_positions(entropy [B, T], mask) -> bool
     [B, T], the student's top-m at those positions."""
     flat = chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size,
                                     vocab_size, renormalize_topk)
-    bucket_logprobs, entropy, target_logprob = (_unflatten(field, mask) for field in flat[:3])
     if ranked_positions is None:
-        return TokenStatistics(bucket_logprobs, entropy, target_logprob)
-    chosen = ranked_positions(entropy.detach(), mask)[mask]
-    ids, logprobs = chunked_top_items(hidden_states[chosen], lm_head_weight, flat.log_normalizer[chosen], num_items,
+        return TokenStatistics(*flat[:3])
+    entropy = flat.entropy.detach().new_zeros(mask.shape)
+    entropy[mask] = flat.entropy.detach()
+    ranked = ranked_positions(entropy, mask)[mask]
+    ids, logprobs = chunked_top_items(hidden_states[ranked], lm_head_weight, flat.log_normalizer[ranked], num_items,
                                       chunk_size, vocab_size)
-    positions = mask.clone()
-    positions[mask] = chosen
-    return TokenStatistics(bucket_logprobs, entropy, target_logprob, _unflatten(ids, positions), _unflatten(logprobs, positions))
-
-
-def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    full = values.new_zeros(mask.shape + values.shape[1:])
-    full[mask] = values
-    return full
+    return TokenStatistics(*flat[:3], ranked, ids, logprobs)

@@ -101,24 +101,26 @@ def generalized_jsd(
 def token_selection_weights(
     student_entropy: torch.Tensor,
     teacher_entropy: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     tau: float = 1.0,
     hard_fraction: float | None = None,
 ) -> torch.Tensor:
     """w_t = sigmoid((H_S(t) - H_T(t)) / tau); with hard_fraction rho, 1 on the top round(rho * n)
-    (at least 1) of the n completion tokens by H_S - H_T, else 0. 0 on padding, detached: [B, T]."""
+    (at least 1) of the n completion tokens by H_S - H_T, else 0. 0 on padding, detached: [B, T].
+    mask None: every entry is a completion token (flat [N] inputs)."""
     if tau <= 0.0:
         raise ValueError(f"tau must be positive, got {tau}")
     with torch.no_grad():
         entropy_gap = student_entropy - teacher_entropy
         if hard_fraction is None:
-            return torch.where(mask, torch.sigmoid(entropy_gap / tau), 0.0)
+            weights = torch.sigmoid(entropy_gap / tau)
+            return weights if mask is None else torch.where(mask, weights, 0.0)
         if not 0.0 < hard_fraction <= 1.0:
             raise ValueError(f"hard_fraction must lie in (0, 1], got {hard_fraction}")
-        num_tokens = int(mask.sum())
+        num_tokens = entropy_gap.numel() if mask is None else int(mask.sum())
         # round() rather than floor/ceil: rho * count carries float noise (0.29 * 100 = 28.999...).
         num_selected = max(1, round(hard_fraction * num_tokens)) if num_tokens else 0
-        candidate_gaps = entropy_gap.masked_fill(~mask, -math.inf).flatten()
+        candidate_gaps = (entropy_gap if mask is None else entropy_gap.masked_fill(~mask, -math.inf)).flatten()
         weights = torch.zeros_like(candidate_gaps)
         weights[candidate_gaps.topk(num_selected).indices] = 1.0
         return weights.view_as(entropy_gap)
@@ -128,15 +130,18 @@ def direct_distillation_loss(
     teacher_logprobs: torch.Tensor,
     student_logprobs: torch.Tensor,
     weights: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     beta: float = 0.9,
     num_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_direct = sum_t w_t JSD_beta(p_T(t), p_S(t)) / number of completion tokens: scalar.
-    Log-probs [B, T, n] over the same n buckets; num_tokens overrides mask.sum() (a whole step's count)."""
-    divergence = generalized_jsd(teacher_logprobs[mask], student_logprobs[mask], beta)
-    count = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
-    return (weights[mask] * divergence).sum() / count
+    Log-probs [B, T, n] over the same n buckets (mask None: flat [N, n], all real); num_tokens
+    overrides the count (a whole step's)."""
+    if mask is not None:
+        teacher_logprobs, student_logprobs, weights = teacher_logprobs[mask], student_logprobs[mask], weights[mask]
+    divergence = generalized_jsd(teacher_logprobs, student_logprobs, beta)
+    count = max(weights.numel(), 1) if num_tokens is None else num_tokens
+    return (weights * divergence).sum() / count
 
 
 def listmle_loss(
@@ -181,14 +186,15 @@ def decision_prefix_mask(
         return mask & ((entropy_before < threshold) | first_position)
 
 
-def _teacher_ordered_listmle(
+def teacher_ordered_listmle(
     student_item_ids: torch.Tensor,
     student_item_logprobs: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
 ) -> torch.Tensor:
-    """ListMLE of the student's items [n, m] ordered by the teacher's cached log-prob [n, k]: [n].
-    Items outside the teacher's top-k are tied last, so only the r items inside it give terms."""
+    """Token-level ranking at n positions: ListMLE of the student's items [n, m] (its top-m, log p_S)
+    in the order of the teacher's cached log-probs [n, k]: [n]. Items outside the teacher's top-k
+    are tied last, so only the r items inside it give terms."""
     with torch.no_grad():
         is_teacher_id = student_item_ids.unsqueeze(-1) == teacher_topk_ids.unsqueeze(-2)
         teacher_item_logprobs = torch.where(
@@ -210,34 +216,11 @@ def token_level_ranking_loss(
 ) -> torch.Tensor:
     """L_tok = mean over decision_prefix_mask positions of ListMLE(log p_S of the student's top-m
     ids, in teacher order): scalar. student_logits [B, T, V] may be log-probs (idempotent)."""
-    student_logprobs = torch.log_softmax(at_least_float32(student_logits), dim=-1)
-    item_logprobs, item_ids = student_logprobs.topk(num_items, dim=-1)
-    terms, selected = token_level_ranking_terms(
-        item_ids, item_logprobs, teacher_topk_ids, teacher_topk_logprobs, mask, student_entropy, prefix_entropy_fraction
-    )
-    return terms.sum() / selected.sum().clamp(min=1)
-
-
-def token_level_ranking_terms(
-    student_topm_ids: torch.Tensor,
-    student_topm_logprobs: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    student_entropy: torch.Tensor,
-    prefix_entropy_fraction: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ListMLE of the student's top-m [B, T, m] in teacher order at each decision_prefix_mask
-    position: (per-position loss [B, T], 0 elsewhere; the selection mask [B, T])."""
     selected = decision_prefix_mask(student_entropy, mask, prefix_entropy_fraction)
-    per_position = _teacher_ordered_listmle(
-        student_topm_ids[selected],
-        student_topm_logprobs[selected],
-        teacher_topk_ids[selected],
-        teacher_topk_logprobs[selected],
-    )
-    terms = torch.zeros(selected.shape, dtype=per_position.dtype, device=per_position.device)
-    return terms.masked_scatter(selected, per_position), selected
+    student_logprobs = torch.log_softmax(at_least_float32(student_logits[selected]), dim=-1)
+    item_logprobs, item_ids = student_logprobs.topk(num_items, dim=-1)
+    terms = teacher_ordered_listmle(item_ids, item_logprobs, teacher_topk_ids[selected], teacher_topk_logprobs[selected])
+    return terms.sum() / selected.sum().clamp(min=1)
 
 
 def sequence_level_ranking_loss(
@@ -260,13 +243,14 @@ def sequence_level_ranking_loss(
 
 
 def entropy_regularization(
-    student_entropy: torch.Tensor, mask: torch.Tensor, quantile: float = 0.1
+    student_entropy: torch.Tensor, mask: torch.Tensor | None, quantile: float = 0.1
 ) -> torch.Tensor:
     """L_ent = mean of H_S(t) over completion tokens with H_S(t) >= the q-quantile of H_S over the
-    batch's completion tokens (torch.quantile's linear interpolation; padding excluded): scalar."""
+    batch's completion tokens (torch.quantile's linear interpolation; padding excluded): scalar.
+    mask None: every entry is a completion token (flat [N] input)."""
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
-    entropy = student_entropy[mask]
+    entropy = student_entropy if mask is None else student_entropy[mask]
     if entropy.numel() == 0:
         return entropy.sum()
     threshold = torch.quantile(entropy.detach(), quantile)

@@ -22,7 +22,7 @@ from stage2_distill.losses import (
     entropy_regularization,
     sequence_level_ranking_loss,
     teacher_bucket_logprobs,
-    token_level_ranking_terms,
+    teacher_ordered_listmle,
     token_selection_weights,
 )
 from tsdkd.config import DistillConfig
@@ -85,50 +85,53 @@ class Objective:
         return decision_prefix_mask(student_entropy, mask, self.prefix_entropy_fraction)
 
     def __call__(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, counts: StepCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, metrics) for one micro-batch; `stats` fields are laid out [B, L, ...] like the batch."""
+        """(loss, metrics) for one micro-batch; `stats` are flat over the completion tokens of `batch`."""
         mask = batch["completion_mask"]
+        # Every per-token term works on the completion tokens only, in mask order, like `stats`.
+        rows, steps = mask.nonzero(as_tuple=True)
         tokens = counts.tokens
-        metrics: dict[str, torch.Tensor] = {"student_entropy": stats.entropy[mask].detach().sum() / tokens}
+        metrics: dict[str, torch.Tensor] = {"student_entropy": stats.entropy.detach().sum() / tokens}
         loss = stats.entropy.new_zeros(())
         if self.direct:
-            teacher = teacher_bucket_logprobs(batch["teacher_topk_logprobs"], batch["teacher_tail_mass"], self.renormalize_topk)
+            teacher_topk_logprobs = batch["teacher_topk_logprobs"][rows, steps]
+            teacher = teacher_bucket_logprobs(teacher_topk_logprobs, batch["teacher_tail_mass"][rows, steps], self.renormalize_topk)
             if self.selection:
                 student_entropy = stats.entropy if self.weight_entropy == "exact" else bucket_entropy(stats.bucket_logprobs)
-                weights = token_selection_weights(student_entropy, batch["teacher_entropy"], mask, self.tau_w, self.selection_fraction)
+                weights = token_selection_weights(student_entropy, batch["teacher_entropy"][rows, steps], None, self.tau_w,
+                                                  self.selection_fraction)
             else:
-                weights = mask.to(stats.entropy.dtype)
-            metrics["direct"] = direct_distillation_loss(teacher, stats.bucket_logprobs, weights, mask, self.jsd_beta, tokens)
-            metrics["token_weight_mean"] = weights[mask].sum() / tokens
-            metrics["selected_fraction"] = (weights[mask] > 0.5).sum() / tokens
+                weights = torch.ones_like(stats.entropy)
+            metrics["direct"] = direct_distillation_loss(teacher, stats.bucket_logprobs, weights, None, self.jsd_beta, tokens)
+            metrics["token_weight_mean"] = weights.sum() / tokens
+            metrics["selected_fraction"] = (weights > 0.5).sum() / tokens
             loss = loss + metrics["direct"]
         if self.sft:
-            metrics["sft"] = -stats.target_logprob[mask].sum() / tokens
+            metrics["sft"] = -stats.target_logprob.sum() / tokens
             loss = loss + metrics["sft"]
         if self.token_ranking:
-            # token_level_ranking_terms reads the top-m at decision_prefix_mask positions only: exactly
-            # the ranked_positions where they were computed.
-            per_position, selected = token_level_ranking_terms(
-                stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-                mask, stats.entropy, self.prefix_entropy_fraction,
+            ranked_rows, ranked_steps = rows[stats.ranked], steps[stats.ranked]
+            per_position = teacher_ordered_listmle(
+                stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"][ranked_rows, ranked_steps],
+                batch["teacher_topk_logprobs"][ranked_rows, ranked_steps],
             )
-            per_sequence = per_position.sum(-1) / selected.sum(-1).clamp(min=1)
-            metrics["indirect_token"] = per_sequence.sum() / counts.sequences
+            metrics["indirect_token"] = _per_sequence_mean(per_position, ranked_rows, len(mask)).sum() / counts.sequences
             loss = loss + self.alpha * metrics["indirect_token"]
         if self.sequence_ranking:
-            metrics["indirect_sequence"] = self._sequence_ranking(batch, stats, mask) / counts.prompts
+            metrics["indirect_sequence"] = self._sequence_ranking(batch, stats, rows, steps) / counts.prompts
             loss = loss + self.alpha * metrics["indirect_sequence"]
         if self.entropy:
-            micro_tokens = mask.sum()
-            metrics["entropy"] = entropy_regularization(stats.entropy, mask, self.entropy_quantile) * micro_tokens / tokens
+            metrics["entropy"] = entropy_regularization(stats.entropy, None, self.entropy_quantile) * len(rows) / tokens
             loss = loss + self.lambda_ent * metrics["entropy"]
         metrics["loss"] = loss
         return loss, {name: value.detach() for name, value in metrics.items()}
 
-    def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, mask: torch.Tensor) -> torch.Tensor:
-        """Sum over this micro-batch's prompts of the ListMLE of its candidates."""
-        lengths = mask.sum(-1).clamp(min=1)
-        policy_mean = (stats.target_logprob * mask).sum(-1) / lengths
-        behaviour_mean = (batch["behaviour_logprobs"] * mask).sum(-1) / lengths
+    def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor,
+                          steps: torch.Tensor) -> torch.Tensor:
+        """Sum over this micro-batch's prompts of the ListMLE of its candidates; (rows, steps) locate the
+        completion tokens."""
+        num_sequences = len(batch["completion_mask"])
+        policy_mean = _per_sequence_mean(stats.target_logprob, rows, num_sequences)
+        behaviour_mean = _per_sequence_mean(batch["behaviour_logprobs"][rows, steps], rows, num_sequences)
         group = batch["prompt_group"]
         num_prompts = int(group.max()) + 1
         group_sizes = torch.bincount(group, minlength=num_prompts)
@@ -139,3 +142,9 @@ class Objective:
         ranks = batch["teacher_rank"].new_zeros(shape).index_put((group, slot), batch["teacher_rank"])
         present = torch.zeros(shape, dtype=torch.bool, device=group.device).index_put((group, slot), torch.ones_like(group, dtype=torch.bool))
         return sequence_level_ranking_loss(policy, behaviour, ranks, present, self.beta_p) * num_prompts
+
+
+def _per_sequence_mean(values: torch.Tensor, rows: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Mean of the per-token `values` [n] of each sequence (`rows` [n]): [num_sequences], 0 where it has none."""
+    sums = values.new_zeros(num_sequences).index_add(0, rows, values)
+    return sums / torch.bincount(rows, minlength=num_sequences).clamp(min=1)

@@ -285,8 +285,8 @@ def synthetic_batch(seed: int, k: int = 3):
                                      {"indirect": "token", "selection_fraction": 0.3}])
 @pytest.mark.parametrize("chunk_size", [4, 64])
 def test_objective_equals_the_former_path(options, chunk_size):
-    """Loss, metrics and gradients of the TSD-KD objective with top-m computed only at the ranked
-    positions == with top-m computed everywhere by the composite (the former TokenStatistics)."""
+    """Loss, metrics and gradients of the TSD-KD objective with the fused head and top-m computed only
+    at the ranked positions == with the autograd composite computing top-m everywhere."""
     batch = synthetic_batch(20)
     mask = batch["completion_mask"]
     objective = Objective.from_config(DistillConfig(**options), "exact")
@@ -295,19 +295,16 @@ def test_objective_equals_the_former_path(options, chunk_size):
     hidden_states, weight, _, _ = random_inputs(21, tokens=int(mask.sum()), scale=2.0)
     teacher_ids, targets = batch["teacher_topk_ids"][mask], batch["completion_ids"][mask]
 
-    def layout(values):
-        full = values.new_zeros(mask.shape + values.shape[1:])
-        full[mask] = values
-        return full
-
     former = composite_statistics(hidden_states, weight, teacher_ids, targets, VOCAB, 10, objective.renormalize_topk)
-    former_stats = TokenStatistics(*(layout(former[i]) for i in (0, 1, 2, 4, 5)))
     new_stats = student_statistics(hidden_states, weight, mask, teacher_ids, targets, chunk_size, VOCAB,
                                    objective.renormalize_topk, 10, objective.ranked_positions)
-    chosen = objective.ranked_positions(new_stats.entropy, mask)
+    entropy = torch.zeros(mask.shape, dtype=F64)
+    entropy[mask] = former[1].detach()
+    chosen = objective.ranked_positions(entropy, mask)[mask]
     assert 0 < chosen.sum() < mask.sum()
-    assert new_stats.topm_ids[chosen].equal(former_stats.topm_ids[chosen])
-    assert (new_stats.topm_ids[~chosen] == 0).all() and (new_stats.topm_logprobs[~chosen] == 0).all()
+    assert new_stats.ranked.equal(chosen)
+    assert new_stats.topm_ids.equal(former[4][chosen])
+    former_stats = TokenStatistics(*former[:3], chosen, former[4][chosen], former[5][chosen])
     new_loss, new_metrics = objective(batch, new_stats, counts)
     former_loss, former_metrics = objective(batch, former_stats, counts)
     assert new_metrics.keys() == former_metrics.keys() and "indirect_token" in new_metrics
@@ -325,5 +322,30 @@ def test_no_top_items_without_token_ranking():
     hidden_states, weight, _, _ = random_inputs(23, tokens=int(mask.sum()))
     stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
                                8, VOCAB, False, 10, None)
-    assert stats.topm_ids is None and stats.topm_logprobs is None
-    assert stats.entropy.shape == mask.shape and (stats.entropy[~mask] == 0).all()
+    assert stats.ranked is None and stats.topm_ids is None and stats.topm_logprobs is None
+    assert stats.entropy.shape == (mask.sum(),)
+
+
+def test_objective_ignores_padded_positions():
+    """NaN and out-of-range garbage in the padded positions of every batch field change no loss term,
+    metric or gradient: the objective reads the completion tokens only."""
+    batch = synthetic_batch(24)
+    mask = batch["completion_mask"]
+    objective = Objective.from_config(DistillConfig(), "exact")
+    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
+    hidden_states, weight, _, _ = random_inputs(25, tokens=int(mask.sum()), scale=2.0)
+    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                               8, VOCAB, False, 10, objective.ranked_positions)
+    garbage = dict(batch)
+    for name, values in batch.items():
+        if name != "completion_mask" and values.shape[:2] == mask.shape:
+            padding = ~mask.view(mask.shape + (1,) * (values.dim() - 2)).expand_as(values)
+            garbage[name] = values.masked_fill(padding, math.nan if values.is_floating_point() else 10**6)
+    loss, metrics = objective(batch, stats, counts)
+    garbage_loss, garbage_metrics = objective(garbage, stats, counts)
+    assert set(metrics) >= {"direct", "indirect_token", "indirect_sequence", "entropy"}
+    for name in metrics:
+        torch.testing.assert_close(garbage_metrics[name], metrics[name], rtol=0, atol=0, msg=name)
+    garbage_grads = torch.autograd.grad(garbage_loss, (hidden_states, weight), retain_graph=True)
+    for got, expected in zip(garbage_grads, torch.autograd.grad(loss, (hidden_states, weight))):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -23,8 +23,8 @@ from stage2_distill.losses import (
     sequence_level_ranking_loss,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
+    teacher_ordered_listmle,
     token_level_ranking_loss,
-    token_level_ranking_terms,
     token_selection_weights,
 )
 
@@ -463,12 +463,11 @@ def test_token_level_ranking_loss_matches_loop(fraction):
         student_logits, teacher_ids, teacher_logprobs, mask, entropy, 5, fraction
     )
     assert loss.item() == pytest.approx(expected, rel=1e-10)
-    topm_logprobs, topm_ids = torch.log_softmax(student_logits, -1).topk(5, -1)
-    terms, selected = token_level_ranking_terms(
-        topm_ids, topm_logprobs, teacher_ids, teacher_logprobs, mask, entropy, fraction
-    )
+    selected = decision_prefix_mask(entropy, mask, fraction)
+    topm_logprobs, topm_ids = torch.log_softmax(student_logits[selected], -1).topk(5, -1)
+    terms = teacher_ordered_listmle(topm_ids, topm_logprobs, teacher_ids[selected], teacher_logprobs[selected])
+    assert terms.shape == (selected.sum(),)
     assert (terms.sum() / selected.sum()).item() == pytest.approx(expected, rel=1e-10)
-    assert (terms[~selected] == 0).all()
 
 
 def test_token_level_ranking_gradient_flows_only_through_student_scores():
@@ -531,6 +530,39 @@ def test_entropy_quantile_ignores_padding_and_gradcheck():
     assert torch.autograd.gradcheck(
         lambda h: entropy_regularization(h, mask, 0.3), (entropy.clone().requires_grad_(True),)
     )
+
+
+# ---------------------------------------------------------------- flat inputs (mask None)
+
+
+def test_flat_inputs_equal_masked_inputs():
+    """mask=None takes the completion tokens already gathered (flat [N]), as the Objective does:
+    values and gradients equal the masked call on the padded layout (tested against loops above)."""
+    student_logits, _, ids, topk_logprobs, tail_mass, teacher_entropy, mask = make_direct_batch(30, length=5)
+    student_entropy = torch.rand(mask.shape, generator=generator(31), dtype=F64) * 3
+    teacher = teacher_bucket_logprobs(topk_logprobs, tail_mass)
+    logits = student_logits.requires_grad_(True)
+    student = student_bucket_logprobs(torch.log_softmax(logits, -1), ids)
+    entropy = student_entropy.requires_grad_(True)
+    for hard_fraction in (None, 0.4):
+        masked = token_selection_weights(entropy, teacher_entropy, mask, hard_fraction=hard_fraction)
+        flat = token_selection_weights(entropy[mask], teacher_entropy[mask], None, hard_fraction=hard_fraction)
+        assert flat.equal(masked[mask])
+    weights = token_selection_weights(entropy, teacher_entropy, mask)
+    pairs = [
+        (direct_distillation_loss(teacher, student, weights, mask, 0.9),
+         direct_distillation_loss(teacher[mask], student[mask], weights[mask], None, 0.9)),
+        (direct_distillation_loss(teacher, student, weights, mask, 0.5, torch.tensor(7.0, dtype=F64)),
+         direct_distillation_loss(teacher[mask], student[mask], weights[mask], None, 0.5, torch.tensor(7.0, dtype=F64))),
+        (entropy_regularization(entropy, mask, 0.3), entropy_regularization(entropy[mask], None, 0.3)),
+    ]
+    for masked, flat in pairs:
+        assert flat.item() == pytest.approx(masked.item(), rel=1e-14)
+        for got, expected in zip(torch.autograd.grad(flat, (logits, entropy), allow_unused=True, retain_graph=True),
+                                 torch.autograd.grad(masked, (logits, entropy), allow_unused=True, retain_graph=True)):
+            assert (got is None) == (expected is None)
+            if got is not None:
+                torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
 
 
 # ---------------------------------------------------------------- padding invariance
