@@ -3,7 +3,8 @@
 Shapes: B sequences, T completion positions (padded), V vocabulary, k teacher top-k width.
 `mask` is a bool [B, T], True on real completion tokens. Every mean over completion tokens divides
 by mask.sum(), and padded positions are indexed away, so their contents (even NaN) never reach a
-value or a gradient.
+value or a gradient. Where `mask` may be None, the inputs are already the completion tokens, flat
+[N, ...] (as the Objective passes them), and means divide by N.
 """
 
 from __future__ import annotations

@@ -30,11 +30,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args: Any, objective: Objective, vocab_size: int, logit_chunk_tokens: int, rank_items: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if deepspeed is not None and deepspeed.zero_stage == 3 and \
-                not deepspeed.deepspeed_config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
-            raise TsdkdError("DeepSpeed ZeRO-3 config: set zero_optimization.stage3_gather_16bit_weights_on_model_save "
-                             "to true, or the student is saved as a ZeRO checkpoint instead of safetensors")
+        check_deepspeed_config(getattr(self.accelerator.state, "deepspeed_plugin", None))
         self.objective = objective
         self.vocab_size = vocab_size
         self.logit_chunk_tokens = logit_chunk_tokens
@@ -92,9 +88,16 @@ class DistillTrainer(Trainer):
                 self.objective.ranked_positions if self.objective.token_ranking else None,
             )
 
-        with _head_returns(self._output_head(model), statistics):
-            # logits_to_keep=0: the head receives every position's final hidden state.
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=0, use_cache=False).logits
+        try:
+            with _head_returns(self._output_head(model), statistics):
+                # logits_to_keep=0: the head receives every position's final hidden state.
+                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=0,
+                             use_cache=False).logits
+        except (AttributeError, TypeError) as error:
+            if TokenStatistics.__name__ not in str(error):
+                raise
+            raise TsdkdError(f"the student's forward transforms its output head's logits ({error}); stage 2 needs a "
+                             "forward that returns lm_head(hidden states) as the logits (Llama/Qwen/Mistral-style)") from None
 
     def _output_head(self, model: torch.nn.Module) -> torch.nn.Module:
         # unwrap_model walks every module: once per wrapped model, not once per step.
@@ -139,11 +142,24 @@ def _head_returns(head: torch.nn.Module, statistics: Callable[[torch.Tensor, tor
     see a shard.
     The override is an instance attribute, so the engine's hooks on the head still fire.
     """
+    earlier_override = head.__dict__.get("forward")  # e.g. accelerate's device-map hooks
     head.forward = lambda hidden: statistics(hidden, head.weight)
     try:
         yield
     finally:
-        del head.forward
+        if earlier_override is None:
+            del head.forward
+        else:
+            head.forward = earlier_override
+
+
+def check_deepspeed_config(plugin: Any) -> None:
+    """ZeRO-3 must gather the weights when saving, or the Trainer writes a ZeRO checkpoint instead of
+    the safetensors student (and no error until the end of the run)."""
+    if plugin is not None and plugin.zero_stage == 3 and \
+            not plugin.deepspeed_config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
+        raise TsdkdError("DeepSpeed ZeRO-3 config: set zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                         "to true, or the student is saved as a ZeRO checkpoint instead of safetensors")
 
 
 class MetricsFile(TrainerCallback):

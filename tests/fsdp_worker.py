@@ -1,8 +1,9 @@
-"""One TSD-KD loss and backward with the toy student sharded by FSDP2 over CPU processes (gloo).
+"""One TSD-KD loss and backward with the toy student sharded over CPU processes (gloo) by FSDP1,
+FSDP2 or DeepSpeed ZeRO-3.
 
-Run by tests/test_distill.py::test_fsdp_sharded_student_equals_one_process under torchrun; the
-test imports `batch_halves`, `toy_student` and `distill_trainer` for its single-process reference.
-Accelerate turns FSDP on for GPUs only, so here the student is sharded with torch's `fully_shard`
+Run by tests/test_distill.py::test_sharded_student_equals_one_process under torchrun; the test
+imports `batch_halves`, `toy_student` and `distill_trainer` for its single-process reference.
+Accelerate turns FSDP and DeepSpeed on for GPUs only, so here the engine shards the student
 directly and the Trainer's own `compute_loss` runs on it.
 
 Two layouts: the toy's tied head in the root unit, or an untied head as its own unit (as a size-based

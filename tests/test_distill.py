@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from conftest import ROOT, TOY_STUDENT, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.objective import Objective
-from stage2_distill.trainer import DistillTrainer
+from stage2_distill.trainer import DistillTrainer, check_deepspeed_config
 from tsdkd.config import DistillConfig
 from tsdkd.errors import TsdkdError
 
@@ -257,11 +258,14 @@ def test_existing_run_is_never_overwritten(small_dataset, tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "own"), ("zero3", "root"), ("zero3", "own")])
+@pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),
+                                               ("zero3", "root"), ("zero3", "own")])
 def test_sharded_student_equals_one_process(small_dataset, tmp_path, engine, head_unit):
-    """The loss and gradients with the student sharded over 2 processes by FSDP equal those of one
-    unsharded process accumulating the same two micro-batches. The output head must be read inside
-    its forward, where FSDP has gathered it: a head in its own unit is resharded right after."""
+    """The loss and gradients with the student sharded over 2 processes by FSDP or ZeRO-3 equal those
+    of one unsharded process accumulating the same two micro-batches. The output head must be read
+    inside its forward, where the engine has gathered it: a head in its own FSDP unit is resharded
+    right after, ZeRO-3 releases every module's weights after its forward. (FSDP keeps the root unit
+    gathered until the backward, so the "root" cases check that layout works rather than the timing.)"""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_worker.py"),
                           str(small_dataset), str(tmp_path), engine, head_unit], env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
@@ -279,3 +283,29 @@ def test_sharded_student_equals_one_process(small_dataset, tmp_path, engine, hea
     grads = load_file(tmp_path / "grads.safetensors")
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_zero3_config_must_gather_weights_on_save():
+    """Without stage3_gather_16bit_weights_on_model_save the Trainer would save a ZeRO checkpoint, not
+    safetensors, after the whole run: refused at start (ZeRO-1/2 and other stages are not affected)."""
+    def plugin(stage, **zero):
+        return SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": {"stage": stage, **zero}})
+
+    with pytest.raises(TsdkdError, match="stage3_gather_16bit_weights_on_model_save"):
+        check_deepspeed_config(plugin(3))
+    check_deepspeed_config(plugin(3, stage3_gather_16bit_weights_on_model_save=True))
+    check_deepspeed_config(plugin(2))
+    check_deepspeed_config(None)
+
+
+def test_student_whose_forward_transforms_the_logits_is_refused(small_dataset):
+    """The head returns the statistics in place of logits; a forward that post-processes them (remote
+    code, for instance) gets one clear line instead of an AttributeError deep inside the model."""
+    model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.float32)
+    original = model.forward
+    model.forward = lambda **kwargs: SimpleNamespace(logits=original(**kwargs).logits.float())
+    trainer = distill_trainer(model, "/tmp/unused")
+    batch = SignalBatches([small_dataset], batch_size=6, pad_token_id=0, group_by_prompt=True, seed=0)[0]
+    with pytest.raises(TsdkdError, match="transforms its output head's logits"):
+        trainer.compute_loss(model, batch)
+    assert "forward" not in model.get_output_embeddings().__dict__  # the head is restored

@@ -14,7 +14,18 @@ import pytest
 import torch
 
 from stage2_distill.chunked import TokenStatistics, chunked_token_statistics, chunked_top_items, student_statistics
-from stage2_distill.losses import TAIL_MASS_FLOOR, at_least_float32, bucket_entropy, student_bucket_logprobs
+from stage2_distill.losses import (
+    TAIL_MASS_FLOOR,
+    at_least_float32,
+    bucket_entropy,
+    direct_distillation_loss,
+    entropy_regularization,
+    sequence_level_ranking_loss,
+    student_bucket_logprobs,
+    teacher_bucket_logprobs,
+    token_level_ranking_loss,
+    token_selection_weights,
+)
 from stage2_distill.objective import Objective, StepCounts
 from tsdkd.config import DistillConfig
 
@@ -257,6 +268,21 @@ def test_recompute_under_autocast_sees_the_forward_logits():
         torch.testing.assert_close(recomputed, kept, rtol=1e-5, atol=1e-5)
 
 
+def test_top_items_under_autocast_use_the_logits_of_the_statistics():
+    """Under CPU autocast the statistics' logits are a bf16 matmul; the top-m log-probs must be
+    z_id - lse of those same logits (computing z_id in float32 would shift them by up to ~0.4 here)."""
+    rng = generator(16)
+    hidden_states = 3 * torch.randn(50, 64, generator=rng)
+    weight = torch.randn(300, 64, generator=rng)
+    teacher_ids, target_ids = torch.randint(0, 300, (50, 5), generator=rng), torch.randint(0, 300, (50,), generator=rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, 16, 300)
+        ids, logprobs = chunked_top_items(hidden_states, weight, stats.log_normalizer, 5, 16, 300)
+    reference = torch.log_softmax((hidden_states.bfloat16() @ weight.bfloat16().T).float(), -1)
+    assert (reference.gather(-1, ids) >= reference.topk(5, -1).values[:, -1:]).all()  # the top 5, up to bf16 ties
+    torch.testing.assert_close(logprobs, reference.gather(-1, ids), rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------- the objective on top
 
 
@@ -284,7 +310,7 @@ def synthetic_batch(seed: int, k: int = 3):
 @pytest.mark.parametrize("options", [{}, {"prefix_entropy_fraction": 0.5, "renormalize_topk": True},
                                      {"indirect": "token", "selection_fraction": 0.3}])
 @pytest.mark.parametrize("chunk_size", [4, 64])
-def test_objective_equals_the_former_path(options, chunk_size):
+def test_objective_on_fused_statistics_equals_the_autograd_composite(options, chunk_size):
     """Loss, metrics and gradients of the TSD-KD objective with the fused head and top-m computed only
     at the ranked positions == with the autograd composite computing top-m everywhere."""
     batch = synthetic_batch(20)
@@ -349,3 +375,38 @@ def test_objective_ignores_padded_positions():
     garbage_grads = torch.autograd.grad(garbage_loss, (hidden_states, weight), retain_graph=True)
     for got, expected in zip(garbage_grads, torch.autograd.grad(loss, (hidden_states, weight))):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_objective_terms_equal_the_padded_reference_losses():
+    """Each term of the flat objective equals the [B, T] masked loss functions (tested against loops
+    in test_losses.py) applied to the same batch: direct and entropy over all tokens, the token
+    ranking as a mean per sequence, the sequence ranking over each prompt's candidates."""
+    batch = synthetic_batch(26)
+    mask = batch["completion_mask"]
+    objective = Objective.from_config(DistillConfig(prefix_entropy_fraction=0.4), "exact")
+    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
+    hidden_states, weight, _, _ = random_inputs(27, tokens=int(mask.sum()), scale=2.0)
+    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                               8, VOCAB, False, 10, objective.ranked_positions)
+    _, metrics = objective(batch, stats, counts)
+
+    logprobs = torch.zeros(mask.shape + (VOCAB,), dtype=F64)
+    logprobs[mask] = torch.log_softmax(hidden_states @ weight[:VOCAB].T, -1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    teacher = teacher_bucket_logprobs(batch["teacher_topk_logprobs"], batch["teacher_tail_mass"])
+    weights = token_selection_weights(entropy, batch["teacher_entropy"], mask, objective.tau_w)
+    direct = direct_distillation_loss(teacher, student_bucket_logprobs(logprobs, batch["teacher_topk_ids"]), weights, mask,
+                                      objective.jsd_beta, counts.tokens)
+    token_ranking = sum(token_level_ranking_loss(logprobs[b:b + 1], batch["teacher_topk_ids"][b:b + 1],
+                                                 batch["teacher_topk_logprobs"][b:b + 1], mask[b:b + 1], entropy[b:b + 1],
+                                                 10, objective.prefix_entropy_fraction) for b in range(4)) / counts.sequences
+    target = logprobs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    lengths = mask.sum(-1)
+    policy = (torch.where(mask, target, 0.0).sum(-1) / lengths).view(2, 2)
+    behaviour = (torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / lengths).view(2, 2)
+    sequence_ranking = sequence_level_ranking_loss(policy, behaviour, batch["teacher_rank"].view(2, 2),
+                                                   torch.ones(2, 2, dtype=torch.bool), objective.beta_p) * 2 / counts.prompts
+    expected = {"direct": direct, "indirect_token": token_ranking, "indirect_sequence": sequence_ranking,
+                "entropy": entropy_regularization(entropy, mask, objective.entropy_quantile)}
+    for name, value in expected.items():
+        torch.testing.assert_close(metrics[name], value.detach(), rtol=1e-10, atol=1e-12, msg=name)
