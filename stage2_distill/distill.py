@@ -75,6 +75,7 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=use_bf16(cfg),
+        gradient_checkpointing=cfg.gradient_checkpointing,
         # Without it, accelerate sees no distributed run on a CPU-only machine under torchrun.
         use_cpu=not torch.cuda.is_available(),
         logging_steps=cfg.logging_steps,
@@ -89,7 +90,9 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
 
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
-    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "out")}
+    """What a `--resume` must repeat. Gradient checkpointing changes memory, not results: a run that
+    ran out of memory may resume with it."""
+    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", "gradient_checkpointing")}
 
 
 def check_output(cfg: DistillConfig, out: Path) -> bool:

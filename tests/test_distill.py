@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from conftest import ROOT, TOY_STUDENT, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, toy_student
 from stage2_distill.data import SignalBatches, collate_single
+from stage2_distill.distill import training_arguments
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config
 from tsdkd.config import DistillConfig
@@ -128,7 +129,7 @@ def test_two_processes_equal_one(small_dataset, tmp_path):
     covers float32 sums taken in another order (all-reduce vs accumulation), about 1e-7 relative."""
     common = ["--signals", str(small_dataset), "--student", str(TOY_STUDENT), *FAST, "--max-steps", "3", "--batch-size", "3"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tsdkd", "--",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tsdkd", "--",
                           "distill", *common, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = run_cli("distill", *common, "--gradient-accumulation-steps", "2", "--out", tmp_path / "single")
@@ -161,7 +162,8 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_pat
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "model.safetensors").exists()
-    rerun = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    # As after running out of memory: resume with gradient checkpointing, which changes no result.
+    rerun = subprocess.run([*command, "--resume", "--gradient-checkpointing"], env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [r["step"] for r in step_records(out)] == list(range(1, 41))
     resumed, reference = load_file(out / "model.safetensors"), load_file(clean / "model.safetensors")
@@ -267,7 +269,7 @@ def test_sharded_student_equals_one_process(small_dataset, tmp_path, engine, hea
     right after, ZeRO-3 releases every module's weights after its forward. (FSDP keeps the root unit
     gathered until the backward, so the "root" cases check that layout works rather than the timing.)"""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_worker.py"),
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_worker.py"),
                           str(small_dataset), str(tmp_path), engine, head_unit], env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     sharded = json.loads((tmp_path / "result.json").read_text())
@@ -309,3 +311,26 @@ def test_student_whose_forward_transforms_the_logits_is_refused(small_dataset):
     with pytest.raises(TsdkdError, match="transforms its output head's logits"):
         trainer.compute_loss(model, batch)
     assert "forward" not in model.get_output_embeddings().__dict__  # the head is restored
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_dataset, tmp_path):
+    """--gradient-checkpointing: the decoder layers run twice per micro-batch (forward, then again in
+    the backward), and the trained weights equal those of a run without it (float rounding)."""
+    items = [SignalBatches([small_dataset], batch_size=6, pad_token_id=0, group_by_prompt=True, seed=0)[i] for i in range(2)]
+    runs = {}
+    for checkpointing in (False, True):
+        cfg = DistillConfig(signals=[str(small_dataset)], student=str(TOY_STUDENT), out=str(tmp_path / str(checkpointing)),
+                            max_steps=2, learning_rate=1e-3, gradient_checkpointing=checkpointing)
+        model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.float32)
+        layer_calls = []
+        # Counted in forward itself: checkpointing's recompute does not run module hooks.
+        mlp_forward = model.model.layers[0].mlp.forward
+        model.model.layers[0].mlp.forward = lambda *args: layer_calls.append(1) or mlp_forward(*args)
+        trainer = DistillTrainer(model=model, args=training_arguments(cfg, tmp_path / str(checkpointing)), train_dataset=items,
+                                 data_collator=collate_single, objective=Objective.from_config(cfg, "exact"), vocab_size=325,
+                                 logit_chunk_tokens=7, rank_items=10)
+        trainer.train()
+        runs[checkpointing] = (len(layer_calls), {name: p.detach().clone() for name, p in model.named_parameters()})
+    assert runs[False][0] == 2 and runs[True][0] == 4
+    for name, weight in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], weight, rtol=1e-5, atol=1e-6, msg=name)

@@ -113,6 +113,7 @@ def distill(
     seed: Optional[int] = typer.Option(None, help="Seed for batches and initialisation [0]."),
     logit_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens whose full log-softmax may exist at once [2048]."),
     bf16: Optional[str] = typer.Option(None, help="auto | on | off: bf16 autocast (fp32 master weights) [auto: on a bf16 GPU; on: also on a CPU-only machine]."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Recompute layer activations in the backward: less memory, more compute [off]."),
     logging_steps: Optional[int] = typer.Option(None, help="Steps between metric records [10]."),
     save_steps: Optional[int] = typer.Option(None, help="Steps between checkpoints [200]."),
     save_total_limit: Optional[int] = typer.Option(None, help="Checkpoints kept [2]."),
