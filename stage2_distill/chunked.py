@@ -213,13 +213,11 @@ def chunked_top_items(
     with torch.no_grad():
         ids = [_logits(hidden_states[span], weight).topk(num_items, dim=-1).indices
                for span in _chunks(hidden_states.shape[0], chunk_size)]
+        # The dtype the matmul computes in: the inputs' (promoted), or autocast's inside its region.
+        dtype = (hidden_states[:0] @ weight[:0].T).dtype
     ids = torch.cat(ids) if ids else torch.zeros((0, num_items), dtype=torch.long, device=hidden_states.device)
-    # One dot product per item, in the dtype the matmul above computes in (the inputs' dtype, or the
-    # autocast dtype inside an autocast region) and rounded to it like the matmul's logits, so that
-    # z_id - lse is the log-prob the head's own statistics use; then float32 or wider.
-    device = hidden_states.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
-        torch.promote_types(hidden_states.dtype, weight.dtype)
+    # One dot product per item in that dtype, rounded to it like the matmul's logits, so that z_id - lse
+    # is the log-prob the head's own statistics use; then float32 or wider.
     products = at_least_float32(weight[ids].to(dtype)) * at_least_float32(hidden_states.to(dtype)).unsqueeze(-2)
     item_logits = at_least_float32(products.sum(-1).to(dtype))
     return ids, item_logits - log_normalizer.unsqueeze(-1)

@@ -160,6 +160,8 @@ def load_student(cfg: DistillConfig) -> torch.nn.Module:
                   if getattr(model.config, name, None) not in (None, 1, 1.0)]
     if getattr(head, "bias", None) is not None:
         transforms.append("a bias in the output head")
+    if cfg.gradient_checkpointing and not model.supports_gradient_checkpointing:
+        raise TsdkdError(f"--gradient-checkpointing: {type(model).__name__} does not support it; drop the option")
     if transforms:
         raise TsdkdError(f"--student {cfg.student}: its logits use {', '.join(transforms)}, which stage 2's chunked head "
                          "does not apply yet; use a Llama/Qwen/Mistral-style student")

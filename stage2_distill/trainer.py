@@ -81,23 +81,32 @@ class DistillTrainer(Trainer):
         # Completion token j of row b is predicted by the hidden state at prompt_length - 1 + j.
         positions = batch["prompt_lengths"][rows] - 1 + steps
 
+        produced = []
+
         def statistics(hidden: torch.Tensor, head_weight: torch.Tensor) -> TokenStatistics:
-            return student_statistics(
+            stats = student_statistics(
                 hidden[rows, positions], head_weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
                 self.logit_chunk_tokens, self.vocab_size, self.objective.renormalize_topk, self.rank_items,
                 self.objective.ranked_positions if self.objective.token_ranking else None,
             )
+            produced.append(True)
+            return stats
 
+        transformed = "the student's forward transforms its output head's logits ({}); stage 2 needs a forward " \
+                      "that returns lm_head(hidden states) as the logits (Llama/Qwen/Mistral-style)"
         try:
             with _head_returns(self._output_head(model), statistics):
                 # logits_to_keep=0: the head receives every position's final hidden state.
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=0,
-                             use_cache=False).logits
-        except (AttributeError, TypeError) as error:
-            if TokenStatistics.__name__ not in str(error):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=0,
+                               use_cache=False).logits
+        except Exception as error:
+            if not produced:  # an error of the model or of the statistics themselves
                 raise
-            raise TsdkdError(f"the student's forward transforms its output head's logits ({error}); stage 2 needs a "
-                             "forward that returns lm_head(hidden states) as the logits (Llama/Qwen/Mistral-style)") from None
+            # The head was the forward's last step; whatever failed after it worked on its output.
+            raise TsdkdError(transformed.format(f"{type(error).__name__}: {error}")) from error
+        if not isinstance(logits, TokenStatistics):
+            raise TsdkdError(transformed.format(f"got a {type(logits).__name__}"))
+        return logits
 
     def _output_head(self, model: torch.nn.Module) -> torch.nn.Module:
         # unwrap_model walks every module: once per wrapped model, not once per step.
@@ -142,15 +151,15 @@ def _head_returns(head: torch.nn.Module, statistics: Callable[[torch.Tensor, tor
     see a shard.
     The override is an instance attribute, so the engine's hooks on the head still fire.
     """
-    earlier_override = head.__dict__.get("forward")  # e.g. accelerate's device-map hooks
+    if "forward" in head.__dict__:
+        # accelerate's device-map hooks, for one: replacing them would skip their device moves.
+        raise TsdkdError("the student's output head has its forward replaced (a device_map or another wrapper); "
+                         "load the student on one device without hooks")
     head.forward = lambda hidden: statistics(hidden, head.weight)
     try:
         yield
     finally:
-        if earlier_override is None:
-            del head.forward
-        else:
-            head.forward = earlier_override
+        del head.forward
 
 
 def check_deepspeed_config(plugin: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from conftest import ROOT, TOY_STUDENT, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, toy_student
 from stage2_distill.data import SignalBatches, collate_single
-from stage2_distill.distill import training_arguments
+from stage2_distill.distill import check_output, create_output, training_arguments
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config
 from tsdkd.config import DistillConfig
@@ -162,8 +163,7 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_pat
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "model.safetensors").exists()
-    # As after running out of memory: resume with gradient checkpointing, which changes no result.
-    rerun = subprocess.run([*command, "--resume", "--gradient-checkpointing"], env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [r["step"] for r in step_records(out)] == list(range(1, 41))
     resumed, reference = load_file(out / "model.safetensors"), load_file(clean / "model.safetensors")
@@ -300,17 +300,30 @@ def test_zero3_config_must_gather_weights_on_save():
     check_deepspeed_config(None)
 
 
-def test_student_whose_forward_transforms_the_logits_is_refused(small_dataset):
+@pytest.mark.parametrize("transform", [lambda logits: logits.float(), lambda logits: logits * 2,
+                                       lambda logits: logits[..., :325]])
+def test_student_whose_forward_transforms_the_logits_is_refused(small_dataset, tmp_path, transform):
     """The head returns the statistics in place of logits; a forward that post-processes them (remote
-    code, for instance) gets one clear line instead of an AttributeError deep inside the model."""
+    code, for instance) gets one clear line instead of an error deep inside the model or the loss."""
     model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.float32)
     original = model.forward
-    model.forward = lambda **kwargs: SimpleNamespace(logits=original(**kwargs).logits.float())
-    trainer = distill_trainer(model, "/tmp/unused")
+    model.forward = lambda **kwargs: SimpleNamespace(logits=transform(original(**kwargs).logits))
+    trainer = distill_trainer(model, str(tmp_path))
     batch = SignalBatches([small_dataset], batch_size=6, pad_token_id=0, group_by_prompt=True, seed=0)[0]
     with pytest.raises(TsdkdError, match="transforms its output head's logits"):
         trainer.compute_loss(model, batch)
     assert "forward" not in model.get_output_embeddings().__dict__  # the head is restored
+
+
+def test_output_head_with_its_forward_replaced_is_refused(small_dataset, tmp_path):
+    """A head whose forward something else already replaced (accelerate's device-map hooks) is not
+    silently bypassed."""
+    model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    head.forward = head.forward
+    batch = SignalBatches([small_dataset], batch_size=6, pad_token_id=0, group_by_prompt=True, seed=0)[0]
+    with pytest.raises(TsdkdError, match="output head has its forward replaced"):
+        distill_trainer(model, str(tmp_path)).compute_loss(model, batch)
 
 
 def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_dataset, tmp_path):
@@ -323,7 +336,7 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
                             max_steps=2, learning_rate=1e-3, gradient_checkpointing=checkpointing)
         model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.float32)
         layer_calls = []
-        # Counted in forward itself: checkpointing's recompute does not run module hooks.
+        # Counted in forward itself: checkpointing's recompute may stop before post-forward hooks run.
         mlp_forward = model.model.layers[0].mlp.forward
         model.model.layers[0].mlp.forward = lambda *args: layer_calls.append(1) or mlp_forward(*args)
         trainer = DistillTrainer(model=model, args=training_arguments(cfg, tmp_path / str(checkpointing)), train_dataset=items,
@@ -334,3 +347,9 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
     assert runs[False][0] == 2 and runs[True][0] == 4
     for name, weight in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    # A run that ran out of memory may resume with it switched on; other settings must still match.
+    started = DistillConfig(signals=[str(small_dataset)], student=str(TOY_STUDENT), out=str(tmp_path / "run"), max_steps=2)
+    create_output(started, tmp_path / "run")
+    assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run") is False
+    with pytest.raises(TsdkdError, match="settings differ"):
+        check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run")

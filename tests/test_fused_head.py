@@ -281,6 +281,13 @@ def test_top_items_under_autocast_use_the_logits_of_the_statistics():
     reference = torch.log_softmax((hidden_states.bfloat16() @ weight.bfloat16().T).float(), -1)
     assert (reference.gather(-1, ids) >= reference.topk(5, -1).values[:, -1:]).all()  # the top 5, up to bf16 ties
     torch.testing.assert_close(logprobs, reference.gather(-1, ids), rtol=0, atol=1e-4)
+    # Autocast leaves a float64 matmul in float64: so do the items.
+    hidden_states, weight = hidden_states.double(), weight.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, 16, 300)
+        ids, logprobs = chunked_top_items(hidden_states, weight, stats.log_normalizer, 5, 16, 300)
+    reference = torch.log_softmax(hidden_states @ weight.T, -1)
+    torch.testing.assert_close(logprobs, reference.gather(-1, ids), rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- the objective on top

@@ -129,15 +129,13 @@ def distill(
     from stage2_distill.distill import distill as run_distill
     from tsdkd.config import DistillConfig, build_config
 
-    try:
-        run_distill(build_config(DistillConfig, config_file, options))
-    finally:
-        import torch.distributed
+    run_distill(build_config(DistillConfig, config_file, options))
+    import torch.distributed
 
-        # Under torchrun: a process that exits with its gloo group alive can abort (SIGABRT,
-        # "terminate called without an active exception"; pytorch issue 190489).
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # Under torchrun: a process that exits with its gloo group alive can abort (SIGABRT, "terminate
+    # called without an active exception"). Not after an error: peers may still wait in a collective.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @app.command()
