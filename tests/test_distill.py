@@ -353,3 +353,17 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
     assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run") is False
     with pytest.raises(TsdkdError, match="settings differ"):
         check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run")
+
+
+def test_gradient_checkpointing_refused_for_a_model_without_it(small_dataset, tmp_path, monkeypatch):
+    """One error line right after loading the student (its loading bar comes first), instead of the
+    Trainer's ValueError after the whole setup."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    out = tmp_path / "out"
+    result = run_cli(*distill_args(small_dataset, out, "--max-steps", "1", "--gradient-checkpointing"))
+    assert result.exit_code == 2 and "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["error: --gradient-checkpointing: LlamaForCausalLM does not support it; drop the option"], result.stderr
+    assert not (out / "model.safetensors").exists()
