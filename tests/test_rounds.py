@@ -108,6 +108,19 @@ def test_kill_and_rerun_ends_like_an_uninterrupted_run(finished_run, tmp_path, k
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-6, atol=1e-6)
 
 
+def test_rerun_may_switch_gradient_checkpointing_on(finished_run, tmp_path):
+    """As after running out of memory: the same run with gradient checkpointing goes on (here: finds
+    nothing left to do), while any other changed distill setting is refused."""
+    config, out = finished_run
+    with_checkpointing = tmp_path / "run.yaml"
+    with_checkpointing.write_text(config.read_text() + "  gradient-checkpointing: true\n")
+    result = run_cli(*run_args(with_checkpointing, out))
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    other = tmp_path / "other.yaml"
+    other.write_text(config.read_text() + "  jsd-beta: 0.5\n")
+    assert_one_line_error(run_cli(*run_args(other, out)), "other settings", "distill")
+
+
 def test_other_settings_are_refused(finished_run, tmp_path):
     config, out = finished_run
     before = (out / "tsdkd_run.json").read_text()

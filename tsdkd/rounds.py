@@ -33,7 +33,10 @@ def student_of_round(cfg: RunConfig, round_index: int) -> str:
 
 
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    # What a rerun must repeat: not the number of rounds (it may grow), nor gradient checkpointing
+    # (memory, not results: a run that ran out of memory may go on with it).
     settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
+    settings["distill"] = {k: v for k, v in cfg.distill.items() if k != "gradient_checkpointing"}
     path = out / RUN_MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text())
