@@ -16,7 +16,7 @@ from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, MetricsFile
 from tsdkd import __version__
-from tsdkd.config import DistillConfig
+from tsdkd.config import RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
@@ -90,9 +90,8 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
 
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
-    """What a `--resume` must repeat. Gradient checkpointing changes memory, not results: a run that
-    ran out of memory may resume with it."""
-    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", "gradient_checkpointing")}
+    """What a `--resume` must repeat."""
+    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
 
 
 def check_output(cfg: DistillConfig, out: Path) -> bool:

@@ -90,6 +90,11 @@ class GenerateConfig:
             raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
 
 
+# Distill settings that change memory, not results: a resumed run (`tsdkd distill --resume`, a rerun
+# of `tsdkd run`) may change them, e.g. after running out of memory.
+RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing",)
+
+
 @dataclass
 class EvalConfig:
     """Settings of `tsdkd eval`: greedy by default; `samples` > 1 samples and reports pass@k.
@@ -182,7 +187,7 @@ class DistillConfig:
     logit_chunk_tokens: int = 2048
     bf16: str = "auto"
     # Recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # in RESUMABLE_DISTILL_CHANGES
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tsdkd.config import DistillConfig, GenerateConfig, RunConfig, build_config
+from tsdkd.config import RESUMABLE_DISTILL_CHANGES, DistillConfig, GenerateConfig, RunConfig, build_config
 from tsdkd.errors import TsdkdError
 from tsdkd.signals import write_json_atomic
 
@@ -33,10 +33,9 @@ def student_of_round(cfg: RunConfig, round_index: int) -> str:
 
 
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    # What a rerun must repeat: not the number of rounds (it may grow), nor gradient checkpointing
-    # (memory, not results: a run that ran out of memory may go on with it).
+    # What a rerun must repeat: not the number of rounds (it may grow).
     settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
-    settings["distill"] = {k: v for k, v in cfg.distill.items() if k != "gradient_checkpointing"}
+    settings["distill"] = {k: v for k, v in cfg.distill.items() if k not in RESUMABLE_DISTILL_CHANGES}
     path = out / RUN_MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text())
