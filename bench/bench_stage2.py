@@ -9,8 +9,10 @@ student and teacher in data/, 32 prompts, 4 candidates, 128 new tokens, top-k 20
 (a) time and peak memory of one optimizer step of `tsdkd distill` (the real DistillTrainer and
     Objective, default TSD-KD settings, driven by `Trainer.train`) vs a plain supervised
     cross-entropy step of the same student on the same token batch (`model(...).loss.backward();
-    AdamW.step()`). Two more variants split the difference: the TSD-KD loss in the same plain loop
-    (`DistillTrainer.compute_loss` + AdamW), and the transformers `Trainer` on cross-entropy.
+    AdamW.step()`). Three more variants split the difference: the `tsdkd distill` step with the
+    direct term alone (no indirect or entropy terms, same micro-batches), the TSD-KD loss in the
+    same plain loop (`DistillTrainer.compute_loss` + AdamW), and the transformers `Trainer` on
+    cross-entropy.
     Also: Parquet decoding time per batch, and a breakdown of the TSD-KD step into sections.
 (b) the authors' online recipe (per step: sample the batch's candidates from the current student
     with `generate`, teacher forward over them, then the full-vocabulary TSD-KD loss step) vs the
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -193,7 +196,8 @@ def pass_times(step_times: list[float], per_pass: int) -> list[float]:
 
 
 def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
-    """`tsdkd` (DistillTrainer.train) or `ce-trainer` (transformers Trainer on cross-entropy)."""
+    """`tsdkd`, `tsdkd-direct` (the direct term alone) (DistillTrainer.train) or `ce-trainer` (transformers Trainer on
+    cross-entropy)."""
     from stage2_distill.data import collate_single
     from stage2_distill.distill import training_arguments
     from transformers import Trainer
@@ -202,12 +206,14 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         passes = 1 + args.repeats
         cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, Path(folder) / "run",
                                                            max_steps=0)
+        if variant == "tsdkd-direct":  # same micro-batches (grouped by prompt), the direct term alone
+            objective = dataclasses.replace(objective, token_ranking=False, sequence_ranking=False, entropy=False)
         items = [batches[i] for i in range(len(batches))]
         cfg.max_steps = passes * len(items)  # one epoch over `passes` copies: no epoch boundaries
         model = load_student(args.student)
         rss = RssMarks()
         clock = StepClock(rss, len(items))
-        if variant == "tsdkd":
+        if variant in ("tsdkd", "tsdkd-direct"):
             trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items * passes), [clock])
         else:
             class SequentialTrainer(Trainer):
@@ -570,7 +576,7 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
 
 def worker_main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    if args.worker in ("tsdkd", "ce-trainer"):
+    if args.worker in ("tsdkd", "tsdkd-direct", "ce-trainer"):
         result = worker_trainer(args, args.worker)
     elif args.worker in ("ce", "tsdkd-loop"):
         result = worker_loop(args, args.worker)
@@ -704,7 +710,7 @@ def main() -> None:
                                  "prompts": args.num_prompts, "candidates": args.num_candidates,
                                  "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, **decode_time(args)}
         if "a" in args.parts:
-            variants = ["ce", "tsdkd", "tsdkd-loop", "ce-trainer"]
+            variants = ["ce", "tsdkd", "tsdkd-direct", "tsdkd-loop", "ce-trainer"]
             runs: dict[str, list] = {v: [] for v in variants}
             for _ in range(args.processes):
                 for variant in variants:
@@ -753,6 +759,7 @@ def main() -> None:
 
 
 NAMES = {"ce": "plain CE loop (baseline)", "tsdkd": "`tsdkd distill` step (DistillTrainer.train)",
+         "tsdkd-direct": "same, direct term only (`--no-indirect --no-entropy`)",
          "tsdkd-loop": "TSD-KD loss in the plain loop", "ce-trainer": "transformers Trainer, CE"}
 SECTION_ORDER = ["loss (forward incl. model)", "model forward", "head: student statistics, forward",
                  "  of which fused head statistics, forward", "  of which top-m at the ranked positions",
@@ -774,7 +781,7 @@ def print_tables(result: dict[str, Any]) -> None:
         print("| variant | CPU ms/step best | CPU median | wall ms/step best | CPU time vs CE (aim <= 1.15) "
               "| same, median of per-round ratios (range) | wall vs CE | peak RSS delta MiB | vs CE (aim <= 1.2) |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for v in ("ce", "tsdkd", "tsdkd-loop", "ce-trainer"):
+        for v in ("ce", "tsdkd", "tsdkd-direct", "tsdkd-loop", "ce-trainer"):
             r = a[v]
             rounds = r.get("cpu_ratio_to_ce_per_round") or [math.nan]
             print(f"| {NAMES[v]} | {ms(r['step_cpu_s_best'])} | {ms(r['step_cpu_s_median'])} | {ms(r['step_s_best'])} | "

@@ -46,6 +46,15 @@ def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[
     return manifests
 
 
+def check_one_gpu_per_process(num_processes: int, num_gpus: int) -> None:
+    """Several GPUs in one process would make the Trainer replicate the student with nn.DataParallel,
+    whose copies split the batch that the output head's statistics were set up for."""
+    if num_processes == 1 and num_gpus > 1:
+        raise TsdkdError(f"{num_gpus} GPUs are visible to one process: launch one process per GPU "
+                         f"(`torchrun --nproc_per_node {num_gpus} -m tsdkd -- distill ...` or `accelerate launch`), "
+                         "or pick one GPU with CUDA_VISIBLE_DEVICES=0")
+
+
 def use_bf16(cfg: DistillConfig) -> bool:
     """bf16 autocast over fp32 master weights: `auto` on a bf16 GPU only; `on` there or, on a machine
     without a GPU, on the CPU (torch's CPU autocast; fast only on CPUs with bf16 instructions)."""
@@ -192,6 +201,7 @@ def distill(cfg: DistillConfig) -> Path:
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     # Under torchrun every process runs this: one checks and prepares while the others wait.
     processes = PartialState(cpu=not torch.cuda.is_available())
+    check_one_gpu_per_process(processes.num_processes, torch.cuda.device_count())
     if processes.is_main_process and not check_output(cfg, out):
         check_signals(cfg, tokenizer_fingerprint(tokenizer))
         if not cfg.resume:

@@ -3,8 +3,9 @@
 Every term is normalised by counts over the whole optimizer step (all accumulation micro-batches
 on all processes: `StepCounts`), so summing the micro-batch values gives the step's loss whatever
 the split: 4 micro-batches of 1 equal 1 of 4, and 2 processes equal 1. The exceptions are the
-entropy term's quantile and hard selection's top fraction, statistics of each micro-batch by
-definition (METHOD.md).
+entropy term's quantile and hard selection's top fraction, taken over each micro-batch (as the
+authors' code does): over the whole step they would need every micro-batch's entropies before the
+first backward.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ class Objective:
     tau_w: float
     selection_fraction: float | None
     renormalize_topk: bool
-    # "exact": H_S over the vocabulary; "buckets": H_S over the teacher's k+1 buckets, to match
-    # a teacher entropy that was itself estimated from its top-k (vLLM).
+    # "exact": H_S over the vocabulary; "buckets": H_S over the teacher's k+1 buckets (the k renormalised
+    # ones, for H_T too, with renormalize_topk), to match a teacher entropy that was itself estimated
+    # from its top-k (vLLM).
     weight_entropy: str
     sft: bool
     token_ranking: bool
@@ -96,9 +98,14 @@ class Objective:
             teacher_topk_logprobs = batch["teacher_topk_logprobs"][rows, steps]
             teacher = teacher_bucket_logprobs(teacher_topk_logprobs, batch["teacher_tail_mass"][rows, steps], self.renormalize_topk)
             if self.selection:
-                student_entropy = stats.entropy if self.weight_entropy == "exact" else bucket_entropy(stats.bucket_logprobs)
-                weights = token_selection_weights(student_entropy, batch["teacher_entropy"][rows, steps], None, self.tau_w,
-                                                  self.selection_fraction)
+                student_entropy, teacher_entropy = stats.entropy, batch["teacher_entropy"][rows, steps]
+                if self.weight_entropy == "buckets":
+                    # H_T was estimated over the teacher's k+1 buckets: measure H_S alike, and both over
+                    # the k renormalised buckets when those are what the loss compares.
+                    student_entropy = bucket_entropy(stats.bucket_logprobs)
+                    if self.renormalize_topk:
+                        teacher_entropy = bucket_entropy(teacher)
+                weights = token_selection_weights(student_entropy, teacher_entropy, None, self.tau_w, self.selection_fraction)
             else:
                 weights = torch.ones_like(stats.entropy)
             metrics["direct"] = direct_distillation_loss(teacher, stats.bucket_logprobs, weights, None, self.jsd_beta, tokens)

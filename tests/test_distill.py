@@ -245,6 +245,16 @@ def test_bad_input(small_dataset, tmp_path):
         assert not (tmp_path / name).exists()
 
 
+def test_several_gpus_in_one_process_are_refused(small_dataset, tmp_path, monkeypatch):
+    """Without torchrun the Trainer would wrap the student in nn.DataParallel, whose replicas each see part
+    of the batch while the head's statistics index all of it; refused before anything is written."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    out = tmp_path / "run"
+    assert_one_line_error(run_cli(*distill_args(small_dataset, out)), "4 GPUs are visible to one process",
+                          "--nproc_per_node 4", "CUDA_VISIBLE_DEVICES")
+    assert not out.exists()
+
+
 def test_tensorboard_when_asked(small_dataset, tmp_path):
     out = tmp_path / "run"
     assert run_cli(*distill_args(small_dataset, out, "--max-steps", "2", "--tensorboard")).exit_code == 0

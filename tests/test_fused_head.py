@@ -349,6 +349,50 @@ def test_objective_on_fused_statistics_equals_the_autograd_composite(options, ch
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("renormalize_topk", [False, True])
+def test_token_weights_compare_entropies_over_the_same_buckets(renormalize_topk):
+    """With a teacher entropy estimated over its k+1 buckets (vLLM), the weight's H_S is taken over the
+    same buckets; with renormalize_topk both sides are over the k renormalised buckets the loss compares.
+    Reference: Python loops over the full softmax."""
+    k = 3
+    batch = synthetic_batch(28, k)
+    mask = batch["completion_mask"]
+    topk_probs = batch["teacher_topk_logprobs"].exp()
+    teacher_buckets = torch.cat([topk_probs, batch["teacher_tail_mass"].unsqueeze(-1)], -1)
+    batch["teacher_entropy"] = -(teacher_buckets * teacher_buckets.log()).sum(-1)  # as stage 1 stores it for vLLM
+    objective = Objective.from_config(DistillConfig(renormalize_topk=renormalize_topk, no_indirect=True, no_entropy=True),
+                                      "estimated_topk_buckets")
+    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
+    hidden_states, weight, _, _ = random_inputs(29, tokens=int(mask.sum()), scale=2.0)
+    teacher_ids = batch["teacher_topk_ids"][mask]
+    stats = student_statistics(hidden_states, weight, mask, teacher_ids, batch["completion_ids"][mask], 8, VOCAB,
+                               renormalize_topk, 10, None)
+    _, metrics = objective(batch, stats, counts)
+
+    def normalised(probs: list[float]) -> list[float]:
+        return [p / math.fsum(probs) for p in probs] if renormalize_topk else probs
+
+    def entropy(probs: list[float]) -> float:
+        return -math.fsum(p * math.log(p) for p in probs)
+
+    beta = objective.jsd_beta
+    weights, weighted = [], []
+    for student_logits, ids, teacher_row in zip((hidden_states @ weight[:VOCAB].T).tolist(), teacher_ids.tolist(),
+                                                teacher_buckets[mask].tolist()):
+        lse = max(student_logits) + math.log(math.fsum(math.exp(z - max(student_logits)) for z in student_logits))
+        student = [math.exp(student_logits[j] - lse) for j in ids]
+        student = normalised(student + ([] if renormalize_topk else [1 - math.fsum(student)]))
+        teacher = normalised(teacher_row[:k] if renormalize_topk else teacher_row)
+        w = 1 / (1 + math.exp(-(entropy(student) - entropy(teacher))))
+        mixture = [beta * t + (1 - beta) * q for t, q in zip(teacher, student)]
+        jsd = beta * math.fsum(t * math.log(t / m) for t, m in zip(teacher, mixture)) + \
+            (1 - beta) * math.fsum(q * math.log(q / m) for q, m in zip(student, mixture))
+        weights.append(w)
+        weighted.append(w * jsd)
+    assert metrics["token_weight_mean"].item() == pytest.approx(math.fsum(weights) / len(weights), rel=1e-12)
+    assert metrics["direct"].item() == pytest.approx(math.fsum(weighted) / len(weighted), rel=1e-10)
+
+
 def test_no_top_items_without_token_ranking():
     batch = synthetic_batch(22)
     mask = batch["completion_mask"]
