@@ -61,23 +61,22 @@ class Objective:
 
     @classmethod
     def from_config(cls, cfg: DistillConfig, teacher_entropy: str) -> "Objective":
-        tsdkd = cfg.loss == "tsdkd"
-        indirect = tsdkd and not cfg.no_indirect
+        terms = cfg.loss_terms()
         return cls(
-            direct=cfg.loss != "sft",
-            jsd_beta=0.0 if cfg.loss == "kd" else cfg.jsd_beta,
-            selection=tsdkd and not cfg.no_selection,
+            direct="direct" in terms,
+            jsd_beta=cfg.jsd_beta if "jsd" in terms else 0.0,
+            selection="selection" in terms,
             tau_w=cfg.tau_w,
             selection_fraction=cfg.selection_fraction,
             renormalize_topk=cfg.renormalize_topk,
             weight_entropy="exact" if teacher_entropy == "exact" else "buckets",
-            sft=cfg.loss == "sft",
-            token_ranking=indirect and cfg.indirect in ("token", "both"),
-            sequence_ranking=indirect and cfg.indirect in ("sequence", "both"),
+            sft="sft" in terms,
+            token_ranking="token ranking" in terms,
+            sequence_ranking="sequence ranking" in terms,
             alpha=cfg.alpha,
             prefix_entropy_fraction=cfg.prefix_entropy_fraction,
             beta_p=cfg.beta_p,
-            entropy=tsdkd and not cfg.no_entropy,
+            entropy="entropy" in terms,
             lambda_ent=cfg.lambda_ent,
             entropy_quantile=cfg.entropy_quantile,
         )

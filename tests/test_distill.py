@@ -245,6 +245,25 @@ def test_bad_input(small_dataset, tmp_path):
         assert not (tmp_path / name).exists()
 
 
+@pytest.mark.parametrize("extra, named", [
+    (["--loss", "kd", "--jsd-beta", "0.5"], "--jsd-beta"),
+    (["--loss", "gkd", "--selection-fraction", "0.2"], "--selection-fraction"),
+    (["--loss", "sft", "--renormalize-topk"], "--renormalize-topk"),
+    (["--loss", "gkd", "--no-entropy"], "--no-entropy"),
+    (["--no-selection", "--tau-w", "2"], "--tau-w"),
+    (["--no-indirect", "--indirect", "token"], "--indirect"),
+    (["--indirect", "token", "--beta-p", "2"], "--beta-p"),
+    (["--indirect", "sequence", "--rank-items", "5"], "--rank-items"),
+    (["--no-entropy", "--entropy-quantile", "0.2"], "--entropy-quantile"),
+])
+def test_a_setting_no_loss_term_reads_is_refused(small_dataset, tmp_path, extra, named):
+    """An ablation with a setting its preset or switches leave unused would silently train something else."""
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_dataset, out, *extra))
+    assert_one_line_error(result, f"{named} has no effect with --loss", "leave it out")
+    assert not out.exists()
+
+
 def test_several_gpus_in_one_process_are_refused(small_dataset, tmp_path, monkeypatch):
     """Without torchrun the Trainer would wrap the student in nn.DataParallel, whose replicas each see part
     of the batch while the head's statistics index all of it; refused before anything is written."""

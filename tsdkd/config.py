@@ -147,6 +147,13 @@ class EvalConfig:
 LOSSES = ("tsdkd", "sft", "kd", "gkd")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 INDIRECT = ("token", "sequence", "both")
+# Each loss setting and the loss term that reads it (DistillConfig.loss_terms).
+LOSS_SETTING_TERMS = {
+    "no_indirect": "tsdkd", "no_entropy": "tsdkd", "no_selection": "tsdkd",
+    "jsd_beta": "jsd", "renormalize_topk": "direct", "tau_w": "selection", "selection_fraction": "selection",
+    "indirect": "indirect", "alpha": "indirect", "rank_items": "token ranking", "prefix_entropy_fraction": "token ranking",
+    "beta_p": "sequence ranking", "lambda_ent": "entropy", "entropy_quantile": "entropy",
+}
 
 
 @dataclass
@@ -225,6 +232,37 @@ class DistillConfig:
             (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
         ]
         enforce(rules)
+        self.check_loss_settings()
+
+    def loss_terms(self) -> set[str]:
+        """The parts of the stage-2 loss that this preset and these switches use."""
+        terms = {"sft"} if self.loss == "sft" else {"direct"}
+        if self.loss in ("tsdkd", "gkd"):
+            terms.add("jsd")  # kd is its beta = 0 end
+        if self.loss != "tsdkd":
+            return terms
+        terms.add("tsdkd")
+        if not self.no_selection:
+            terms.add("selection")
+        if not self.no_entropy:
+            terms.add("entropy")
+        if not self.no_indirect:
+            terms.add("indirect")
+            if self.indirect in ("token", "both"):
+                terms.add("token ranking")
+            if self.indirect in ("sequence", "both"):
+                terms.add("sequence ranking")
+        return terms
+
+    def check_loss_settings(self) -> None:
+        """A loss setting changed from its default but read by no term in use is a mistake (an ablation
+        that silently runs as something else): one line naming it."""
+        terms, defaults = self.loss_terms(), DistillConfig()
+        for name, term in LOSS_SETTING_TERMS.items():
+            if term not in terms and getattr(self, name) != getattr(defaults, name):
+                switches = "".join(f" --{flag.replace('_', '-')}" for flag in ("no_indirect", "no_entropy", "no_selection")
+                                   if getattr(self, flag))
+                raise TsdkdError(f"--{name.replace('_', '-')} has no effect with --loss {self.loss}{switches}; leave it out")
 
 
 @dataclass
