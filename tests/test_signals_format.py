@@ -164,3 +164,70 @@ def test_tokenizer_mismatch_is_refused(small_dataset, tmp_path):
     tokenizer.add_tokens(["<|extra|>"])
     tokenizer.save_pretrained(other)
     assert_one_line_error(run_cli("validate", small_dataset, "--student", other), "vocabulary", "dataset vocab 325")
+
+
+def rewrite_manifest(folder, change):
+    """Apply `change` to the manifest as a dict, as a hand edit would."""
+    manifest = json.loads((folder / "tsdkd.json").read_text())
+    change(manifest)
+    (folder / "tsdkd.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda m: m.pop("stats"), "stats is missing"),
+        (lambda m: m["tokenizer"].pop("vocab_size"), "tokenizer.vocab_size is missing"),
+        (lambda m: m["tokenizer"].pop("vocab_sha256"), "tokenizer.vocab_sha256 is missing"),
+        (lambda m: m["tokenizer"].update(vocab_size="325"), "tokenizer.vocab_size is str '325', expected int"),
+        (lambda m: m["sampling"].pop("num_candidates"), "sampling.num_candidates is missing"),
+        (lambda m: m["shards"][0].pop("sha256"), "shards.0.sha256 is missing"),
+        (lambda m: m["shards"][0].pop("file"), "shards.0.file is missing"),
+        (lambda m: m["shards"][0].pop("rows"), "shards.0.rows is missing"),
+    ],
+)
+def test_manifest_fields_are_checked(small_dataset, tmp_path, change, fragment):
+    folder = copy_of(small_dataset, tmp_path)
+    rewrite_manifest(folder, change)
+    expect_invalid(folder, "tsdkd.json", fragment)
+    # Stage 2 validates before it reads anything else.
+    assert_one_line_error(run_cli("distill", "--signals", folder, "--student", TOY_STUDENT, "--out", tmp_path / "out"), fragment)
+
+
+@pytest.mark.parametrize("where", ["data page", "footer"])
+def test_unreadable_shard_is_one_line(small_dataset, tmp_path, where):
+    """A shard damaged after its checksum was recorded, or with the checksum recomputed: only pyarrow notices,
+    and its messages can end in or span several lines."""
+    folder = copy_of(small_dataset, tmp_path)
+    path = folder / json.loads((folder / "tsdkd.json").read_text())["shards"][0]["file"]
+    data = bytearray(path.read_bytes())
+    if where == "data page":
+        # Leaf column 7 is completion_token_ids, zstd-compressed: the footer stays readable.
+        start = pq.ParquetFile(path).metadata.row_group(0).column(7).data_page_offset + 30
+    else:
+        start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")  # the footer, before its length and "PAR1"
+    for i in range(start, start + 50):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    rewrite_manifest(folder, lambda m: m["shards"][0].update(sha256=sha256_file(path)))
+    expect_invalid(folder, path.name, "not a readable Parquet file")
+
+
+def test_edited_vocab_size_is_refused(small_dataset, tmp_path):
+    """With a larger vocab_size in the manifest, id 900 would pass the range checks and crash training."""
+    folder = copy_of(small_dataset, tmp_path)
+    rewrite_shard(folder, lambda rows: rows[0]["completion_token_ids"].__setitem__(0, 900))
+    rewrite_manifest(folder, lambda m: m["tokenizer"].update(vocab_size=1000))
+    result = run_cli("validate", folder, "--student", TOY_STUDENT)
+    assert_one_line_error(result, "tokenizer.vocab_size 1000", "325 tokens of the student")
+
+
+@pytest.mark.parametrize("what", ["stats edited", "shard emptied"])
+def test_stats_must_match_the_shards(small_dataset, tmp_path, what):
+    folder = copy_of(small_dataset, tmp_path)
+    if what == "shard emptied":
+        rewrite_shard(folder, lambda rows: rows.clear())
+        rewrite_manifest(folder, lambda m: m["shards"][0].update(rows=0))
+    else:
+        rewrite_manifest(folder, lambda m: m["stats"].update(candidates=m["stats"]["candidates"] + 3))
+    expect_invalid(folder, "tsdkd.json", "stats.candidates is", "the shards hold")

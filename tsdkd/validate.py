@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -12,10 +13,46 @@ import pyarrow.parquet as pq
 
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
-from tsdkd.signals import read_manifest, signal_schema
+from tsdkd.signals import MANIFEST_NAME, read_manifest, signal_schema
+
+T = TypeVar("T")
 
 # float16 storage rounds a log-prob of 0 to at most this much above 0.
 LOGPROB_SLACK = 1e-3
+# The manifest fields that validation, `tsdkd distill` and `tsdkd merge` read, with their JSON types,
+# each after its parent: a missing or mistyped one fails here in one line, not as a KeyError later.
+MANIFEST_FIELDS: tuple[tuple[str, type], ...] = (
+    ("complete", bool), ("top_k", int), ("teacher_entropy", str), ("settings", dict),
+    ("tokenizer", dict), ("tokenizer.sha256", str), ("tokenizer.vocab_sha256", str), ("tokenizer.vocab_size", int),
+    ("sampling", dict), ("sampling.num_candidates", int),
+    ("job", dict), ("job.shard_index", int), ("job.num_shards", int),
+    ("shards", list),
+)
+SHARD_FIELDS = (("shards.{i}", dict), ("shards.{i}.index", int), ("shards.{i}.file", str), ("shards.{i}.rows", int),
+                ("shards.{i}.sha256", str))
+STATS_FIELDS = (("stats", dict), *((f"stats.{key}", int) for key in ("prompts", "candidates", "completion_tokens", "bytes")))
+
+
+def _check_types(manifest: dict[str, Any], fields: Sequence[tuple[str, type]], path: Path) -> None:
+    for dotted, kind in fields:
+        value: Any = manifest
+        for key in dotted.split("."):
+            value = value[int(key)] if isinstance(value, list) else value.get(key)
+        # json.loads makes exactly these types; `type is` also keeps `true` from passing as an int.
+        if type(value) is not kind:
+            found = "missing" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
+            raise TsdkdError(f"{path}: {dotted} is {found}, expected {kind.__name__}; "
+                             "the manifest was edited or damaged, restore it or regenerate the dataset")
+
+
+def check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Every field tsdkd reads from the manifest at `path` is there, with its type."""
+    _check_types(manifest, MANIFEST_FIELDS, path)
+    # Only now is `shards` known to be a list whose entries can be named.
+    later = [(name.format(i=i), kind) for i in range(len(manifest["shards"])) for name, kind in SHARD_FIELDS]
+    if manifest["complete"]:  # `tsdkd generate` writes the stats together with `complete`
+        later += STATS_FIELDS
+    _check_types(manifest, later, path)
 
 
 def check_tokenizer(manifest: dict[str, Any], fingerprint: dict[str, Any], folder: Path, who: str) -> None:
@@ -26,6 +63,12 @@ def check_tokenizer(manifest: dict[str, Any], fingerprint: dict[str, Any], folde
             f"{folder}: tokenizer of {who} differs from the dataset's (vocabulary or special tokens; "
             f"dataset vocab {stored['vocab_size']}, {who} {fingerprint['vocab_size']}); use the student the data was made for"
         )
+    if stored["vocab_size"] != fingerprint["vocab_size"]:
+        # Same vocabulary, other size: the manifest was edited, and ids up to its size would pass the range checks.
+        raise TsdkdError(
+            f"{folder}: tokenizer.vocab_size {stored['vocab_size']} in {MANIFEST_NAME} differs from the {fingerprint['vocab_size']} "
+            f"tokens of {who}; the manifest was edited, restore it or regenerate the dataset"
+        )
     if stored["sha256"] != fingerprint["sha256"]:
         raise TsdkdError(f"{folder}: chat template of {who} differs from the dataset's; prompts were rendered with another template")
 
@@ -33,6 +76,7 @@ def check_tokenizer(manifest: dict[str, Any], fingerprint: dict[str, Any], folde
 def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None = None, deep: bool = True) -> dict[str, Any]:
     """Manifest, checksums and row counts; with `deep`, every value of every row. Returns the manifest."""
     manifest = read_manifest(folder)
+    check_manifest_fields(manifest, folder / MANIFEST_NAME)
     if tokenizer_fingerprint is not None:
         check_tokenizer(manifest, tokenizer_fingerprint, folder, "the student")
     if not manifest.get("complete"):
@@ -49,18 +93,31 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
             raise TsdkdError(f"{path}: shard missing; restore it or regenerate the dataset")
         if sha256_file(path) != entry["sha256"]:
             raise TsdkdError(f"{path}: checksum does not match the manifest; the file is corrupt or was changed")
-        try:
-            rows = pq.ParquetFile(path).metadata.num_rows
-        except Exception as error:  # pyarrow's error types differ by version
-            raise TsdkdError(f"{path}: not a readable Parquet file ({error})") from None
+        rows = _read_parquet(path, lambda p: pq.ParquetFile(p).metadata.num_rows)
         if rows != entry["rows"]:
             raise TsdkdError(f"{path}: {rows} rows, the manifest says {entry['rows']}")
         if deep:
-            table = pq.read_table(path)
+            table = _read_parquet(path, pq.read_table)
             if not table.schema.equals(schema):
                 raise TsdkdError(f"{path}: columns or types differ from format v{manifest['format_version']}")
             check_rows(table, path, manifest, seen_prompts)
+    # Each shard's rows were checked against its file above, so this catches edited stats or shard entries.
+    candidates = sum(entry["rows"] for entry in manifest["shards"])
+    if candidates != manifest["stats"]["candidates"]:
+        raise TsdkdError(
+            f"{folder / MANIFEST_NAME}: stats.candidates is {manifest['stats']['candidates']}, the shards hold {candidates} rows; "
+            "the manifest or a shard was edited, restore it or regenerate the dataset"
+        )
     return manifest
+
+
+def _read_parquet(path: Path, read: Callable[[Path], T]) -> T:
+    """`read(path)`, with any pyarrow error as one line: its messages can span several."""
+    try:
+        return read(path)
+    except Exception as error:  # pyarrow's error types differ by version
+        first_line = str(error).strip().partition("\n")[0]
+        raise TsdkdError(f"{path}: not a readable Parquet file ({first_line}); restore the shard or regenerate the dataset") from None
 
 
 def _first_bad_row(list_column: pa.ChunkedArray, bad_values: np.ndarray) -> int | None:
