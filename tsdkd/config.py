@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from tsdkd.errors import TsdkdError
 BACKENDS = ("auto", "hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 VERIFIERS = ("none", "math")
+# numpy and transformers refuse seeds outside [0, 2**32).
+MAX_SEED = 2**32 - 1
+SEED_RULE = f"--seed must be in [0, {MAX_SEED}]"
 
 
 def enforce(rules: list[tuple[bool, str]]) -> None:
@@ -23,6 +27,15 @@ def enforce(rules: list[tuple[bool, str]]) -> None:
     for ok, message in rules:
         if not ok:
             raise TsdkdError(message)
+
+
+def enforce_finite(config: Any) -> None:
+    """Refuse nan and inf in any float setting: nan fails every range rule, but inf passes `> 0`
+    and only breaks training or sampling later."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TsdkdError(f"--{field.name.replace('_', '-')} must be a finite number, not {value}")
 
 
 @dataclass
@@ -68,6 +81,7 @@ class GenerateConfig:
         for name in ("prompts", "student", "teacher", "out"):
             if not getattr(self, name):
                 raise TsdkdError(f"--{name} is required (on the command line or in --config)")
+        enforce_finite(self)
         rules = [
             (self.num_candidates >= 1, "--num-candidates must be at least 1"),
             (self.top_k >= 1, "--top-k must be at least 1"),
@@ -79,6 +93,7 @@ class GenerateConfig:
             (0 <= self.shard_index < self.num_shards, "--shard-index must be in [0, --num-shards)"),
             (self.prompts_per_shard >= 1, "--prompts-per-shard must be at least 1"),
             (self.round >= 0, "--round must be 0 or more"),
+            (0 <= self.seed <= MAX_SEED, SEED_RULE),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.logit_chunk_tokens >= 1, "--logit-chunk-tokens must be at least 1"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
@@ -123,6 +138,7 @@ class EvalConfig:
             raise TsdkdError("--model (one or more) and --out are required")
         if not self.data:
             raise TsdkdError("--data is required (one or more benchmark files)")
+        enforce_finite(self)
         rules = [
             (self.samples >= 1, "--samples must be at least 1"),
             (self.temperature is None or self.temperature >= 0, "--temperature must be 0 or more"),
@@ -131,6 +147,7 @@ class EvalConfig:
             (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (0 <= self.seed <= MAX_SEED, SEED_RULE),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
         ]
@@ -210,6 +227,7 @@ class DistillConfig:
         for name in ("student", "out"):
             if not getattr(self, name):
                 raise TsdkdError(f"--{name} is required (on the command line or in --config)")
+        enforce_finite(self)
         rules = [
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
             (self.indirect in INDIRECT, f"--indirect must be one of {', '.join(INDIRECT)}"),
@@ -220,16 +238,23 @@ class DistillConfig:
             (0 <= self.entropy_quantile < 1, "--entropy-quantile must be in [0, 1)"),
             (self.rank_items >= 2, "--rank-items must be at least 2"),
             (0 < self.prefix_entropy_fraction <= 1, "--prefix-entropy-fraction must be in (0, 1]"),
+            # A negative scale inverts the sequence scores, so the ranking term rewards the teacher's worst.
+            (self.beta_p > 0, "--beta-p must be positive"),
             (self.learning_rate > 0, "--learning-rate must be positive"),
             (self.epochs > 0 or self.max_steps > 0, "--epochs (or --max-steps) must be positive"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1"),
             (self.max_length is None or self.max_length >= 2, "--max-length must be at least 2"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay must be 0 or more"),
+            # transformers clips only above 0; a negative value would silently mean no clipping.
+            (self.max_grad_norm >= 0, "--max-grad-norm must be 0 (no clipping) or more"),
+            (0 <= self.seed <= MAX_SEED, SEED_RULE),
             (self.logit_chunk_tokens >= 1, "--logit-chunk-tokens must be at least 1"),
             (self.bf16 in ("auto", "on", "off"), "--bf16 must be auto, on or off"),
             (self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
+            (self.save_total_limit >= 1, "--save-total-limit must be at least 1"),
         ]
         enforce(rules)
         self.check_loss_settings()
@@ -285,6 +310,8 @@ class RunConfig:
                 raise TsdkdError(f"--{name} is required (on the command line or in --config)")
         if self.rounds < 1:
             raise TsdkdError("--rounds must be at least 1")
+        if not 0 <= self.seed <= MAX_SEED - self.rounds:
+            raise TsdkdError(f"--seed must be in [0, {MAX_SEED - self.rounds}]: round r uses --seed + r, at most {MAX_SEED}")
         reserved = {"generate": {"prompts", "student", "teacher", "out", "round", "seed"},
                     "distill": {"signals", "student", "out", "seed", "resume"}}
         for section, keys in reserved.items():
@@ -301,8 +328,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TsdkdError(f"config file {path} not found")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except UnicodeDecodeError as error:
+        raise TsdkdError(f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
         raise TsdkdError(f"config file {path} is not valid {path.suffix[1:].upper()}: {error}".splitlines()[0]) from None
     if not isinstance(values, dict):
@@ -336,6 +365,12 @@ def _checked_value(key: str, value: Any, expected: Any, config_file: str | None)
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if float in allowed and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads `1e-4`, which has no dot, as a string: the user means the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass  # not a number: refused below
     # bool is an int in Python: a `true` given for a count is a mistake, not 1.
     if isinstance(value, bool) and bool not in allowed:
         allowed = ()

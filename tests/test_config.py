@@ -1,0 +1,99 @@
+"""Config checks: out-of-range and non-finite settings, and config files, refused with one line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from conftest import assert_one_line_error, run_cli
+from tsdkd.config import DistillConfig, EvalConfig, GenerateConfig, RunConfig, build_config
+from tsdkd.errors import TsdkdError
+
+SEED_RULE = r"--seed must be in \[0, 4294967295\]"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "inf", "--max-steps", "-1"], "--epochs must be a finite number, not inf"),
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),
+    (["--tau-w", "inf"], "--tau-w must be a finite number"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--seed", "5000000000"], "--seed must be in [0, 4294967295]"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be 0 (no clipping) or more"),
+    (["--weight-decay", "-5"], "--weight-decay must be 0 or more"),
+    (["--beta-p", "-1"], "--beta-p must be positive"),
+    (["--save-total-limit", "-1"], "--save-total-limit must be at least 1"),
+])
+def test_distill_refuses_out_of_range_settings_before_reading_anything(tmp_path, extra, message):
+    """The signals and student do not exist: the settings must be refused before they are looked at."""
+    out = tmp_path / "out"
+    result = run_cli("distill", "--signals", tmp_path / "no-signals", "--student", tmp_path / "no-student",
+                     "--out", out, *extra)
+    assert_one_line_error(result, message)
+    assert not out.exists()
+
+
+def test_distill_accepts_the_edges_of_the_new_ranges():
+    DistillConfig(signals=["s"], student="m", out="o", max_grad_norm=0.0, weight_decay=0.0, seed=2**32 - 1).check()
+
+
+GENERATE = {"prompts": "p.jsonl", "student": "s", "teacher": "t", "out": "o"}
+EVAL = {"model": ["m"], "data": ["d.jsonl"], "out": "o"}
+
+
+@pytest.mark.parametrize("cls, values, match", [
+    (GenerateConfig, {**GENERATE, "temperature": float("nan")}, "--temperature must be a finite number, not nan"),
+    (GenerateConfig, {**GENERATE, "top_p": float("nan")}, "--top-p must be a finite number"),
+    (GenerateConfig, {**GENERATE, "gpu_memory_utilization": float("inf")}, "--gpu-memory-utilization must be a finite"),
+    (GenerateConfig, {**GENERATE, "seed": -1}, SEED_RULE),
+    (GenerateConfig, {**GENERATE, "seed": 2**32}, SEED_RULE),
+    (EvalConfig, {**EVAL, "temperature": float("inf")}, "--temperature must be a finite number, not inf"),
+    (EvalConfig, {**EVAL, "top_p": float("nan")}, "--top-p must be a finite number"),
+    (EvalConfig, {**EVAL, "seed": -1}, SEED_RULE),
+    (EvalConfig, {**EVAL, "seed": 2**32}, SEED_RULE),
+])
+def test_generate_and_eval_refuse_non_finite_floats_and_bad_seeds(cls, values, match):
+    cfg = build_config(cls, None, values)
+    with pytest.raises(TsdkdError, match=match):
+        cfg.check()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32 - 3])
+def test_run_refuses_a_seed_that_a_round_would_push_out_of_range(seed):
+    """Round r seeds its generate and distill with seed + r: with 3 rounds, 2**32 - 3 would reach 2**32."""
+    cfg = RunConfig(prompts="p", student="s", teacher="t", out="o", rounds=3, seed=seed)
+    with pytest.raises(TsdkdError, match=r"--seed must be in \[0, 4294967292\]: round r uses --seed \+ r"):
+        cfg.check()
+
+
+def test_run_accepts_the_largest_seed_its_rounds_allow():
+    RunConfig(prompts="p", student="s", teacher="t", out="o", rounds=3, seed=2**32 - 4).check()
+
+
+def test_yaml_floats_without_a_dot_are_read_as_floats(tmp_path):
+    path = tmp_path / "distill.yaml"
+    path.write_text("learning_rate: 1e-4\nselection_fraction: 5e-1\nepochs: '2'\n")
+    assert yaml.safe_load(path.read_text())["learning_rate"] == "1e-4"  # PyYAML's YAML 1.1 reading
+    cfg = build_config(DistillConfig, str(path), {})
+    assert (cfg.learning_rate, cfg.selection_fraction, cfg.epochs) == (1e-4, 0.5, 2.0)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("learning_rate: fast", "learning_rate = 'fast' must be float"),
+    ("batch_size: '8'", "batch_size = '8' must be int"),  # only floats are read from strings
+])
+def test_config_strings_that_are_not_floats_are_refused(tmp_path, line, message):
+    path = tmp_path / "distill.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(TsdkdError, match=re.escape(f"config file {path}: {message}")):
+        build_config(DistillConfig, str(path), {})
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_a_config_file_that_is_not_utf8_is_refused(tmp_path, suffix):
+    path = tmp_path / f"b{suffix}"
+    path.write_bytes(b"\xff\xfe x")
+    assert_one_line_error(run_cli("distill", "--config", path), f"config file {path} is not UTF-8", "save it as UTF-8")
