@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
 
 from stage2_distill.data import SignalBatches, collate_single
@@ -18,7 +20,7 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile
 from tsdkd import __version__
 from tsdkd.config import RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import tokenizer_fingerprint
+from tsdkd.fingerprint import sha256_json, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
 from tsdkd.signals import read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
@@ -31,9 +33,11 @@ RUN_INFO = "tsdkd_distill.json"
 def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     """Every dataset valid, made for this student's tokenizer, and usable together."""
     manifests = []
-    for folder in cfg.signals:
+    for index, folder in enumerate(cfg.signals):
         if not Path(folder).is_dir():
             raise TsdkdError(f"--signals {folder}: no such folder")
+        if Path(folder).resolve() in {Path(earlier).resolve() for earlier in cfg.signals[:index]}:
+            raise TsdkdError(f"--signals {folder} is given twice; every row would be trained on twice")
         manifests.append(validate_dataset(Path(folder), fingerprint, deep=True))
     for key in ("top_k", "teacher_entropy"):
         values = {str(m[key]) for m in manifests}
@@ -53,6 +57,11 @@ def check_one_gpu_per_process(num_processes: int, num_gpus: int) -> None:
         raise TsdkdError(f"{num_gpus} GPUs are visible to one process: launch one process per GPU "
                          f"(`torchrun --nproc_per_node {num_gpus} -m tsdkd -- distill ...` or `accelerate launch`), "
                          "or pick one GPU with CUDA_VISIBLE_DEVICES=0")
+
+
+def signals_checksum(manifests: list[dict[str, Any]]) -> str:
+    """One checksum over every shard of the datasets, in order: a resumed run must read the same data."""
+    return sha256_json([[shard["sha256"] for shard in manifest["shards"]] for manifest in manifests])
 
 
 def use_bf16(cfg: DistillConfig) -> bool:
@@ -99,8 +108,10 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
 
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
-    """What a `--resume` must repeat."""
-    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
+    """What a `--resume` must repeat (the signal folders wherever they were named from)."""
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
+    settings["signals"] = [str(Path(folder).resolve()) for folder in cfg.signals]
+    return settings
 
 
 def check_output(cfg: DistillConfig, out: Path) -> bool:
@@ -118,25 +129,42 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
         raise TsdkdError(f"--resume: {out} holds no earlier run ({RUN_INFO} missing); drop --resume to start one")
     earlier = read_run_info(out)
     settings = run_settings(cfg)
-    differing = sorted(k for k in settings if earlier["settings"].get(k) != settings[k])
+    differing = sorted(k for k in settings if earlier.get("settings", {}).get(k) != settings[k])
     if differing:
         raise TsdkdError(f"--resume: settings differ from the run in {out} ({', '.join(differing)}); use the same ones")
     return bool(earlier.get("complete"))
 
 
+def check_same_signals(out: Path, checksum: str) -> None:
+    """`--resume` goes on with the data the run started with, not a dataset regenerated in place."""
+    if read_run_info(out).get("signals_sha256") != checksum:
+        raise TsdkdError(f"--resume: the signal datasets' shards differ from those the run in {out} started with; "
+                         "resume with the same data or start a new run in another --out")
+
+
 def read_run_info(out: Path) -> dict[str, Any]:
     try:
-        return json.loads((out / RUN_INFO).read_text())
+        info = json.loads((out / RUN_INFO).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise TsdkdError(f"{out / RUN_INFO}: unreadable ({error}); start a new run in another folder") from None
+    if not isinstance(info, dict):
+        raise TsdkdError(f"{out / RUN_INFO}: not a tsdkd run record; start a new run in another folder")
+    return info
 
 
-def create_output(cfg: DistillConfig, out: Path) -> None:
+def create_output_folder(out: Path) -> None:
+    """--out exists and takes files, before hours go into loading (an empty folder is a new run's too)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
-        raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
-    write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "complete": False}, out / RUN_INFO)
+        raise TsdkdError(f"--out {out}: cannot write there ({error.strerror}); choose a writable folder") from None
+
+
+def create_output(cfg: DistillConfig, out: Path, signals_sha256: str) -> None:
+    create_output_folder(out)
+    write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "signals_sha256": signals_sha256,
+                       "complete": False}, out / RUN_INFO)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -161,7 +189,7 @@ def load_student(cfg: DistillConfig) -> torch.nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32,
                                                      trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise TsdkdError(f"--student {cfg.student}: cannot load it ({str(error).strip().splitlines()[0]})") from None
     head = model.get_output_embeddings()
     transforms = [name for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -177,14 +205,16 @@ def load_student(cfg: DistillConfig) -> torch.nn.Module:
 
 
 def drop_metrics_after(path: Path, checkpoint: str | None) -> None:
-    """Steps after the checkpoint a run resumes from are redone: forget their records."""
+    """Steps after the checkpoint a run resumes from are redone: forget their records, and the end-of-training
+    summary of a run killed while saving (the resumed run writes its own)."""
     if not path.is_file():
         return
     last_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= last_step:
+            record = json.loads(line)
+            if record["step"] <= last_step and "train_runtime" not in record:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue  # a line torn by the kill
@@ -202,12 +232,19 @@ def distill(cfg: DistillConfig) -> Path:
     # Under torchrun every process runs this: one checks and prepares while the others wait.
     processes = PartialState(cpu=not torch.cuda.is_available())
     check_one_gpu_per_process(processes.num_processes, torch.cuda.device_count())
-    if processes.is_main_process and not check_output(cfg, out):
-        check_signals(cfg, tokenizer_fingerprint(tokenizer))
-        if not cfg.resume:
-            create_output(cfg, out)
+    if cfg.rank_items > len(tokenizer):
+        raise TsdkdError(f"--rank-items {cfg.rank_items} exceeds the student's vocabulary ({len(tokenizer)} tokens)")
+    start = processes.is_main_process and not check_output(cfg, out)
+    if start:
+        data_checksum = signals_checksum(check_signals(cfg, tokenizer_fingerprint(tokenizer)))
+        if cfg.resume:
+            check_same_signals(out, data_checksum)
+        else:
+            create_output_folder(out)
     processes.wait_for_everyone()
-    if read_run_info(out).get("complete"):
+    if (out / RUN_INFO).is_file() and read_run_info(out).get("complete"):
+        if processes.is_main_process and not cfg.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a kill may have come between marking and removing
         print(f"{out}: already trained; nothing to do")
         return out
     manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
@@ -219,6 +256,10 @@ def distill(cfg: DistillConfig) -> Path:
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
     )
     model = load_student(cfg)
+    # Written only now: a start that fails on the student or the data leaves --out empty.
+    if start and not cfg.resume:
+        create_output(cfg, out, data_checksum)
+    processes.wait_for_everyone()
     trainer = DistillTrainer(
         model=model, args=training_arguments(cfg, out), train_dataset=batches, data_collator=collate_single,
         callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -18,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from conftest import ROOT, TOY_STUDENT, assert_one_line_error, run_cli
+from conftest import SMALL_JOB, ROOT, TOY_STUDENT, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, toy_student
 from stage2_distill.data import SignalBatches, collate_single
-from stage2_distill.distill import check_output, create_output, training_arguments
+from stage2_distill.distill import check_output, create_output, drop_metrics_after, training_arguments
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config
 from tsdkd.config import DistillConfig
@@ -274,6 +275,76 @@ def test_several_gpus_in_one_process_are_refused(small_dataset, tmp_path, monkey
     assert not out.exists()
 
 
+def test_a_start_that_fails_writes_nothing(small_dataset, tmp_path, monkeypatch):
+    """Failures found while starting (the student, the data, the folder) leave --out empty or absent, so
+    the corrected command runs without --resume or a new folder."""
+    broken = tmp_path / "broken-student"
+    shutil.copytree(TOY_STUDENT, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    assert_one_line_error(run_cli("distill", "--signals", small_dataset, "--student", broken, "--out", tmp_path / "o1"),
+                          "--student", "cannot load it")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o2", "--rank-items", "400")),
+                          "--rank-items 400 exceeds the student's vocabulary (325 tokens)")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o3", "--signals", f"{small_dataset}/")),
+                          "is given twice")
+    for name in ("o1", "o2", "o3"):
+        assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
+    assert run_cli(*distill_args(small_dataset, tmp_path / "o1", "--max-steps", "1")).exit_code == 0
+    empty = tmp_path / "o4"
+    empty.mkdir()
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    # The folder is probed before the student loads (root, as in CI, may write anywhere chmod forbids).
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    assert_one_line_error(run_cli(*distill_args(small_dataset, empty)), "cannot write there (Permission denied)")
+    assert not any(empty.iterdir())
+
+
+def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_path, monkeypatch):
+    signals = tmp_path / "signals"
+    shutil.copytree(small_dataset, signals)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert run_cli(*distill_args("signals", out, "--max-steps", "1")).exit_code == 0
+    # A kill between marking the run complete and removing its checkpoints: the rerun removes them.
+    (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    result = run_cli(*distill_args(signals, out, "--max-steps", "1", "--resume"))  # absolute, then relative
+    assert result.exit_code == 0 and "already trained" in result.stdout, (result.stderr, result.exception)
+    assert not (out / "checkpoints").exists()
+    # The same folder regenerated with other data is not the data the run started with.
+    info = json.loads((out / "tsdkd_distill.json").read_text())
+    (out / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
+    shutil.rmtree(signals)
+    regenerated = run_cli("generate", *SMALL_JOB, "--limit", "4", "--out", signals)
+    assert regenerated.exit_code == 0, regenerated.stderr
+    assert_one_line_error(run_cli(*distill_args("signals", out, "--max-steps", "1", "--resume")), "shards differ")
+
+
+def test_resume_forgets_the_records_it_redoes(tmp_path):
+    """Records after the checkpoint are redone by the resumed run, as is the end-of-training summary
+    of a run killed while saving its student; a line torn by the kill is dropped."""
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    metrics_file = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 2, "train_runtime": 3.0, "train_loss": 0.95},
+               {"step": 3, "loss": 0.8}]
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    drop_metrics_after(metrics_file, str(checkpoint))
+    assert [json.loads(line) for line in metrics_file.read_text().splitlines()] == records[:2]
+
+
+def test_interrupted_distill_says_how_to_continue(small_dataset, tmp_path, monkeypatch):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("stage2_distill.distill.distill", interrupted)
+    result = run_cli(*distill_args(small_dataset, tmp_path / "run"))
+    assert result.exit_code == 130 and "rerun with --resume to continue" in result.stderr
+
+
 def test_tensorboard_when_asked(small_dataset, tmp_path):
     out = tmp_path / "run"
     assert run_cli(*distill_args(small_dataset, out, "--max-steps", "2", "--tensorboard")).exit_code == 0
@@ -378,7 +449,7 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
         torch.testing.assert_close(runs[True][1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
     # A run that ran out of memory may resume with it switched on; other settings must still match.
     started = DistillConfig(signals=[str(small_dataset)], student=str(TOY_STUDENT), out=str(tmp_path / "run"), max_steps=2)
-    create_output(started, tmp_path / "run")
+    create_output(started, tmp_path / "run", "checksum")
     assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run") is False
     with pytest.raises(TsdkdError, match="settings differ"):
         check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run")

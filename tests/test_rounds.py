@@ -129,6 +129,15 @@ def test_other_settings_are_refused(finished_run, tmp_path):
     bad.write_text("generate:\n  seed: 3\n")
     assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "generate.seed")
     bad.write_text("distill:\n  jsd_beta: high\n")
-    assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "jsd_beta", "must be float")
+    assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), f"config file {bad}, distill section", "jsd_beta",
+                          "must be float")
+    # Out of range: refused before round 1's generate runs and before the run records the value.
+    bad.write_text("distill:\n  jsd_beta: 1.5\n")
+    assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "--jsd-beta")
+    bad.write_text("generate:\n  top_k: 0\n")
+    assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "--top-k")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "a-file").write_text("")
+    assert_one_line_error(run_cli(*run_args(config, tmp_path / "a-file")), "is a file")
     assert_one_line_error(run_cli(*run_args(config, tmp_path / "o2", "--rounds", "0")), "--rounds")
     assert (out / "tsdkd_run.json").read_text() == before

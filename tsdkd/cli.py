@@ -30,7 +30,9 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; rerun the same command to resume", err=True)
+            # distill alone needs to be told: a rerun without --resume must not mistake a run for its own.
+            how = "with --resume" if command.__name__ == "distill" else "(the same command)"
+            typer.echo(f"interrupted; rerun {how} to continue", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

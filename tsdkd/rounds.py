@@ -37,6 +37,8 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
     settings["distill"] = {k: v for k, v in cfg.distill.items() if k not in RESUMABLE_DISTILL_CHANGES}
     path = out / RUN_MANIFEST
+    if out.exists() and not out.is_dir():
+        raise TsdkdError(f"--out {out} is a file; choose a folder")
     if path.is_file():
         manifest = json.loads(path.read_text())
         if manifest["settings"] != json.loads(json.dumps(settings)):
@@ -54,31 +56,44 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     return manifest
 
 
+def round_configs(cfg: RunConfig, round_index: int) -> tuple[GenerateConfig, DistillConfig]:
+    """The `tsdkd generate` and `tsdkd distill` settings of one round."""
+    from stage2_distill.distill import RUN_INFO
+
+    folder = round_folder(Path(cfg.out), round_index)
+    student = student_of_round(cfg, round_index - 1)
+    generate_cfg = build_config(GenerateConfig, None, {
+        **cfg.generate, "prompts": cfg.prompts, "student": student, "teacher": cfg.teacher, "out": str(folder / "signals"),
+        "round": round_index, "seed": cfg.seed + round_index,
+    })
+    distill_cfg = build_config(DistillConfig, None, {
+        **cfg.distill, "signals": [str(folder / "signals")], "student": student, "out": str(folder / "student"),
+        "seed": cfg.seed + round_index, "resume": (folder / "student" / RUN_INFO).is_file(),
+    })
+    return generate_cfg, distill_cfg
+
+
 def run_rounds(cfg: RunConfig) -> Path:
     """Rounds 1..R (R may grow between reruns); returns the last round's student folder."""
     from stage1_generate.generate import generate
-    from stage2_distill.distill import RUN_INFO, distill
+    from stage2_distill.distill import distill
 
     cfg.check()
+    # Both sections' values are checked before a round's generate spends hours and the run records them.
+    for section in round_configs(cfg, cfg.rounds):
+        section.check()
     out = Path(cfg.out)
     manifest = start_manifest(cfg, out)
     for round_index in range(1, cfg.rounds + 1):
-        folder = round_folder(out, round_index)
         state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
         if state["student"]:
             continue
         print(f"round {round_index} of {cfg.rounds}")
-        generate(build_config(GenerateConfig, None, {
-            **cfg.generate, "prompts": cfg.prompts, "student": student_of_round(cfg, round_index - 1),
-            "teacher": cfg.teacher, "out": str(folder / "signals"), "round": round_index, "seed": cfg.seed + round_index,
-        }))
+        generate_cfg, distill_cfg = round_configs(cfg, round_index)
+        generate(generate_cfg)
         state["signals"] = True
         write_json_atomic(manifest, out / RUN_MANIFEST)
-        student = folder / "student"
-        distill(build_config(DistillConfig, None, {
-            **cfg.distill, "signals": [str(folder / "signals")], "student": student_of_round(cfg, round_index - 1),
-            "out": str(student), "seed": cfg.seed + round_index, "resume": (student / RUN_INFO).is_file(),
-        }))
+        distill(distill_cfg)
         state["student"] = True
         write_json_atomic(manifest, out / RUN_MANIFEST)
     final = Path(student_of_round(cfg, cfg.rounds))
@@ -94,6 +109,9 @@ def load_run_config(config_file: str | None, cli_values: dict[str, Any]) -> RunC
         if not isinstance(values, dict):
             raise TsdkdError(f"run config: {section} must be a mapping of {section} options")
         normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
-        build_config(cls, None, normalised)  # type and name check, one line on error
+        try:
+            build_config(cls, None, normalised)  # type and name check, one line on error
+        except TsdkdError as error:
+            raise TsdkdError(f"{f'config file {config_file}' if config_file else 'run'}, {section} section: {error}") from None
         setattr(cfg, section, normalised)
     return cfg
