@@ -42,6 +42,7 @@ from tsdkd.signals import (
     write_parquet_atomic,
 )
 from tsdkd.answers import answer_is_correct
+from tsdkd.validate import check_manifest_fields
 
 WORK_DIR = ".work"
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -148,7 +149,8 @@ def prepare_output(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None
             raise TsdkdError(f"--out {out} is not empty and holds no {MANIFEST_NAME}; choose a new or empty folder")
         return None
     manifest = read_manifest(out)
-    differing = [key for key in settings if manifest.get("settings", {}).get(key) != settings[key]]
+    check_manifest_fields(manifest, out / MANIFEST_NAME)
+    differing = [key for key in settings if manifest["settings"].get(key) != settings[key]]
     if differing:
         raise TsdkdError(
             f"--out {out} holds a dataset made with other settings (differs in: {', '.join(differing)}); "

@@ -320,6 +320,8 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     regenerated = run_cli("generate", *SMALL_JOB, "--limit", "4", "--out", signals)
     assert regenerated.exit_code == 0, regenerated.stderr
     assert_one_line_error(run_cli(*distill_args("signals", out, "--max-steps", "1", "--resume")), "shards differ")
+    (out / "tsdkd_distill.json").write_text("[]")
+    assert_one_line_error(run_cli(*distill_args("signals", out, "--max-steps", "1", "--resume")), "not a tsdkd run record")
 
 
 def test_resume_forgets_the_records_it_redoes(tmp_path):

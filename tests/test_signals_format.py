@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import TOY_STUDENT, assert_one_line_error, run_cli
+from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 from tsdkd.signals import CandidateSignal, signal_schema, signals_to_table, write_parquet_atomic
@@ -190,8 +190,10 @@ def test_manifest_fields_are_checked(small_dataset, tmp_path, change, fragment):
     folder = copy_of(small_dataset, tmp_path)
     rewrite_manifest(folder, change)
     expect_invalid(folder, "tsdkd.json", fragment)
-    # Stage 2 validates before it reads anything else.
+    # Stage 2 validates before it reads anything else; inspect and a generate rerun (resume) read fields too.
     assert_one_line_error(run_cli("distill", "--signals", folder, "--student", TOY_STUDENT, "--out", tmp_path / "out"), fragment)
+    assert_one_line_error(run_cli("inspect", folder), fragment)
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", folder), fragment)
 
 
 @pytest.mark.parametrize("where", ["data page", "footer"])

@@ -32,6 +32,16 @@ def student_of_round(cfg: RunConfig, round_index: int) -> str:
     return cfg.student if round_index == 0 else str(round_folder(Path(cfg.out), round_index) / "student")
 
 
+def read_run_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TsdkdError(f"{path}: unreadable ({error}); start the run in a new --out") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("settings"), dict) and isinstance(manifest.get("rounds"), dict)):
+        raise TsdkdError(f"{path}: not a tsdkd run manifest (settings and rounds); start the run in a new --out")
+    return manifest
+
+
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # What a rerun must repeat: not the number of rounds (it may grow).
     settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
@@ -40,7 +50,7 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
     if path.is_file():
-        manifest = json.loads(path.read_text())
+        manifest = read_run_manifest(path)
         if manifest["settings"] != json.loads(json.dumps(settings)):
             differing = sorted(k for k in settings if manifest["settings"].get(k) != json.loads(json.dumps(settings[k])))
             raise TsdkdError(f"--out {out} holds a run with other settings (differs in: {', '.join(differing)}); use a new --out")
