@@ -54,6 +54,12 @@ EVAL = {"model": ["m"], "data": ["d.jsonl"], "out": "o"}
     (EvalConfig, {**EVAL, "top_p": float("nan")}, "--top-p must be a finite number"),
     (EvalConfig, {**EVAL, "seed": -1}, SEED_RULE),
     (EvalConfig, {**EVAL, "seed": 2**32}, SEED_RULE),
+    (GenerateConfig, {**GENERATE, "score_batch_tokens": 0}, "--score-batch-tokens must be at least 1"),
+    (GenerateConfig, {**GENERATE, "tensor_parallel_size": 0}, "--tensor-parallel-size must be at least 1"),
+    (GenerateConfig, {**GENERATE, "gpu_memory_utilization": 1.5}, r"--gpu-memory-utilization must be in \(0, 1\]"),
+    (GenerateConfig, {**GENERATE, "max_num_batched_tokens": 0}, "--max-num-batched-tokens must be at least 1"),
+    (GenerateConfig, {**GENERATE, "kv_cache_memory_bytes": -1}, "--kv-cache-memory-bytes must be at least 1"),
+    (EvalConfig, {**EVAL, "kv_cache_memory_bytes": 0}, "--kv-cache-memory-bytes must be at least 1"),
 ])
 def test_generate_and_eval_refuse_non_finite_floats_and_bad_seeds(cls, values, match):
     cfg = build_config(cls, None, values)
@@ -97,3 +103,14 @@ def test_a_config_file_that_is_not_utf8_is_refused(tmp_path, suffix):
     path = tmp_path / f"b{suffix}"
     path.write_bytes(b"\xff\xfe x")
     assert_one_line_error(run_cli("distill", "--config", path), f"config file {path} is not UTF-8", "save it as UTF-8")
+
+
+def test_an_unreadable_config_file_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "job.yaml"
+    path.write_text("learning_rate: 0.001\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(path), "read_text", denied)  # root, as in CI, reads whatever chmod forbids
+    assert_one_line_error(run_cli("distill", "--config", path), f"config file {path}: cannot read it (Permission denied)")

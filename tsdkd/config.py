@@ -96,6 +96,11 @@ class GenerateConfig:
             (0 <= self.seed <= MAX_SEED, SEED_RULE),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.logit_chunk_tokens >= 1, "--logit-chunk-tokens must be at least 1"),
+            (self.score_batch_tokens >= 1, "--score-batch-tokens must be at least 1"),
+            (self.tensor_parallel_size >= 1, "--tensor-parallel-size must be at least 1"),
+            (0 < self.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]"),
+            (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be at least 1"),
+            (self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1, "--kv-cache-memory-bytes must be at least 1"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
             (self.verifier in VERIFIERS, f"--verifier must be one of {', '.join(VERIFIERS)}"),
@@ -148,6 +153,7 @@ class EvalConfig:
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (0 <= self.seed <= MAX_SEED, SEED_RULE),
+            (self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1, "--kv-cache-memory-bytes must be at least 1"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
         ]
@@ -332,6 +338,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except UnicodeDecodeError as error:
         raise TsdkdError(f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise TsdkdError(f"config file {path}: cannot read it ({error.strerror})") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
         raise TsdkdError(f"config file {path} is not valid {path.suffix[1:].upper()}: {error}".splitlines()[0]) from None
     if not isinstance(values, dict):
