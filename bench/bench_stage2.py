@@ -759,7 +759,7 @@ def main() -> None:
 
 
 NAMES = {"ce": "plain CE loop (baseline)", "tsdkd": "`tsdkd distill` step (DistillTrainer.train)",
-         "tsdkd-direct": "same, direct term only (`--no-indirect --no-entropy`)",
+         "tsdkd-direct": "same, direct term only (no indirect or entropy terms; batches grouped by prompt as above)",
          "tsdkd-loop": "TSD-KD loss in the plain loop", "ce-trainer": "transformers Trainer, CE"}
 SECTION_ORDER = ["loss (forward incl. model)", "model forward", "head: student statistics, forward",
                  "  of which fused head statistics, forward", "  of which top-m at the ranked positions",

@@ -13,6 +13,7 @@ import torch
 from accelerate import PartialState
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
+from transformers.training_args import ParallelMode
 
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.objective import Objective
@@ -22,7 +23,7 @@ from tsdkd.config import RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_json, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
-from tsdkd.signals import read_manifest, write_json_atomic
+from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
 CHECKPOINTS = "checkpoints"
@@ -50,12 +51,12 @@ def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[
     return manifests
 
 
-def check_one_gpu_per_process(num_processes: int, num_gpus: int) -> None:
+def check_one_gpu_per_process(args: TrainingArguments) -> None:
     """Several GPUs in one process would make the Trainer replicate the student with nn.DataParallel,
     whose copies split the batch that the output head's statistics were set up for."""
-    if num_processes == 1 and num_gpus > 1:
-        raise TsdkdError(f"{num_gpus} GPUs are visible to one process: launch one process per GPU "
-                         f"(`torchrun --nproc_per_node {num_gpus} -m tsdkd -- distill ...` or `accelerate launch`), "
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        raise TsdkdError(f"{args.n_gpu} GPUs are visible to one process: launch one process per GPU "
+                         f"(`torchrun --nproc_per_node {args.n_gpu} -m tsdkd -- distill ...` or `accelerate launch`), "
                          "or pick one GPU with CUDA_VISIBLE_DEVICES=0")
 
 
@@ -127,9 +128,11 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
         return False
     if not info_path.is_file():
         raise TsdkdError(f"--resume: {out} holds no earlier run ({RUN_INFO} missing); drop --resume to start one")
-    earlier = read_run_info(out)
+    earlier = read_run_info(out).get("settings", {})
+    # Runs recorded their signal folders as given before they were resolved.
+    earlier = {**earlier, "signals": [str(Path(folder).resolve()) for folder in earlier.get("signals", [])]}
     settings = run_settings(cfg)
-    differing = sorted(k for k in settings if earlier.get("settings", {}).get(k) != settings[k])
+    differing = sorted(k for k in settings if earlier.get(k) != settings[k])
     if differing:
         raise TsdkdError(f"--resume: settings differ from the run in {out} ({', '.join(differing)}); use the same ones")
     return bool(earlier.get("complete"))
@@ -137,19 +140,14 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
 
 def check_same_signals(out: Path, checksum: str) -> None:
     """`--resume` goes on with the data the run started with, not a dataset regenerated in place."""
-    if read_run_info(out).get("signals_sha256") != checksum:
+    recorded = read_run_info(out).get("signals_sha256")
+    if recorded is not None and recorded != checksum:  # None: a run started by an earlier tsdkd
         raise TsdkdError(f"--resume: the signal datasets' shards differ from those the run in {out} started with; "
                          "resume with the same data or start a new run in another --out")
 
 
 def read_run_info(out: Path) -> dict[str, Any]:
-    try:
-        info = json.loads((out / RUN_INFO).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise TsdkdError(f"{out / RUN_INFO}: unreadable ({error}); start a new run in another folder") from None
-    if not isinstance(info, dict):
-        raise TsdkdError(f"{out / RUN_INFO}: not a tsdkd run record; start a new run in another folder")
-    return info
+    return read_json_object(out / RUN_INFO, "a tsdkd run record")
 
 
 def create_output_folder(out: Path) -> None:
@@ -162,7 +160,7 @@ def create_output_folder(out: Path) -> None:
 
 
 def create_output(cfg: DistillConfig, out: Path, signals_sha256: str) -> None:
-    create_output_folder(out)
+    """The run record in the folder `create_output_folder` made: from now on --out holds this run."""
     write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "signals_sha256": signals_sha256,
                        "complete": False}, out / RUN_INFO)
 
@@ -231,10 +229,13 @@ def distill(cfg: DistillConfig) -> Path:
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     # Under torchrun every process runs this: one checks and prepares while the others wait.
     processes = PartialState(cpu=not torch.cuda.is_available())
-    check_one_gpu_per_process(processes.num_processes, torch.cuda.device_count())
+    # Built first: it refuses some settings (--bf16 on a GPU without it) and writes nothing.
+    args = training_arguments(cfg, out)
+    check_one_gpu_per_process(args)
     if cfg.rank_items > len(tokenizer):
         raise TsdkdError(f"--rank-items {cfg.rank_items} exceeds the student's vocabulary ({len(tokenizer)} tokens)")
     start = processes.is_main_process and not check_output(cfg, out)
+    data_checksum = ""
     if start:
         data_checksum = signals_checksum(check_signals(cfg, tokenizer_fingerprint(tokenizer)))
         if cfg.resume:
@@ -261,7 +262,7 @@ def distill(cfg: DistillConfig) -> Path:
         create_output(cfg, out, data_checksum)
     processes.wait_for_everyone()
     trainer = DistillTrainer(
-        model=model, args=training_arguments(cfg, out), train_dataset=batches, data_collator=collate_single,
+        model=model, args=args, train_dataset=batches, data_collator=collate_single,
         callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),
         logit_chunk_tokens=cfg.logit_chunk_tokens, rank_items=cfg.rank_items,
     )

@@ -61,7 +61,7 @@ EVAL = {"model": ["m"], "data": ["d.jsonl"], "out": "o"}
     (GenerateConfig, {**GENERATE, "kv_cache_memory_bytes": -1}, "--kv-cache-memory-bytes must be at least 1"),
     (EvalConfig, {**EVAL, "kv_cache_memory_bytes": 0}, "--kv-cache-memory-bytes must be at least 1"),
 ])
-def test_generate_and_eval_refuse_non_finite_floats_and_bad_seeds(cls, values, match):
+def test_generate_and_eval_refuse_out_of_range_settings(cls, values, match):
     cfg = build_config(cls, None, values)
     with pytest.raises(TsdkdError, match=match):
         cfg.check()

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from conftest import SMALL_JOB, ROOT, TOY_STUDENT, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, toy_student
 from stage2_distill.data import SignalBatches, collate_single
-from stage2_distill.distill import check_output, create_output, drop_metrics_after, training_arguments
+from stage2_distill.distill import check_output, create_output, create_output_folder, drop_metrics_after, training_arguments
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config
 from tsdkd.config import DistillConfig
@@ -268,7 +268,7 @@ def test_a_setting_no_loss_term_reads_is_refused(small_dataset, tmp_path, extra,
 def test_several_gpus_in_one_process_are_refused(small_dataset, tmp_path, monkeypatch):
     """Without torchrun the Trainer would wrap the student in nn.DataParallel, whose replicas each see part
     of the batch while the head's statistics index all of it; refused before anything is written."""
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 4))
     out = tmp_path / "run"
     assert_one_line_error(run_cli(*distill_args(small_dataset, out)), "4 GPUs are visible to one process",
                           "--nproc_per_node 4", "CUDA_VISIBLE_DEVICES")
@@ -310,7 +310,7 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     assert run_cli(*distill_args("signals", out, "--max-steps", "1")).exit_code == 0
     # A kill between marking the run complete and removing its checkpoints: the rerun removes them.
     (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
-    result = run_cli(*distill_args(signals, out, "--max-steps", "1", "--resume"))  # absolute, then relative
+    result = run_cli(*distill_args(signals, out, "--max-steps", "1", "--resume"))  # started relative, now absolute
     assert result.exit_code == 0 and "already trained" in result.stdout, (result.stderr, result.exception)
     assert not (out / "checkpoints").exists()
     # The same folder regenerated with other data is not the data the run started with.
@@ -320,6 +320,11 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     regenerated = run_cli("generate", *SMALL_JOB, "--limit", "4", "--out", signals)
     assert regenerated.exit_code == 0, regenerated.stderr
     assert_one_line_error(run_cli(*distill_args("signals", out, "--max-steps", "1", "--resume")), "shards differ")
+    # A run recorded by an earlier tsdkd: signal folders as given, no checksum; it still resumes.
+    info["settings"]["signals"] = ["signals"]
+    (out / "tsdkd_distill.json").write_text(json.dumps({k: v for k, v in info.items() if k != "signals_sha256"} | {"complete": False}))
+    result = run_cli(*distill_args(signals, out, "--max-steps", "1", "--resume"))
+    assert result.exit_code == 0 and "student saved" in result.stdout, (result.stderr, result.exception)
     (out / "tsdkd_distill.json").write_text("[]")
     assert_one_line_error(run_cli(*distill_args("signals", out, "--max-steps", "1", "--resume")), "not a tsdkd run record")
 
@@ -344,7 +349,7 @@ def test_interrupted_distill_says_how_to_continue(small_dataset, tmp_path, monke
 
     monkeypatch.setattr("stage2_distill.distill.distill", interrupted)
     result = run_cli(*distill_args(small_dataset, tmp_path / "run"))
-    assert result.exit_code == 130 and "rerun with --resume to continue" in result.stderr
+    assert result.exit_code == 130 and "rerun with --resume" in result.stderr
 
 
 def test_tensorboard_when_asked(small_dataset, tmp_path):
@@ -451,6 +456,7 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
         torch.testing.assert_close(runs[True][1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
     # A run that ran out of memory may resume with it switched on; other settings must still match.
     started = DistillConfig(signals=[str(small_dataset)], student=str(TOY_STUDENT), out=str(tmp_path / "run"), max_steps=2)
+    create_output_folder(tmp_path / "run")
     create_output(started, tmp_path / "run", "checksum")
     assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run") is False
     with pytest.raises(TsdkdError, match="settings differ"):

@@ -142,6 +142,6 @@ def test_other_settings_are_refused(finished_run, tmp_path):
     for damaged in ('{"settings": {}', "[]"):  # cut short (hand edit, failing disk), or not a run manifest
         (tmp_path / "damaged").mkdir(exist_ok=True)
         (tmp_path / "damaged" / "tsdkd_run.json").write_text(damaged)
-        assert_one_line_error(run_cli(*run_args(config, tmp_path / "damaged")), "tsdkd_run.json", "new --out")
+        assert_one_line_error(run_cli(*run_args(config, tmp_path / "damaged")), "tsdkd_run.json", "another folder")
     assert_one_line_error(run_cli(*run_args(config, tmp_path / "o2", "--rounds", "0")), "--rounds")
     assert (out / "tsdkd_run.json").read_text() == before

@@ -30,8 +30,9 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            # distill alone needs to be told: a rerun without --resume must not mistake a run for its own.
-            how = "with --resume" if command.__name__ == "distill" else "(the same command)"
+            # distill alone needs --resume to continue a run (and none before its run record is written).
+            how = ("with --resume (without it if --out holds no tsdkd_distill.json yet)" if command.__name__ == "distill"
+                   else "the same command")
             typer.echo(f"interrupted; rerun {how} to continue", err=True)
             raise typer.Exit(130) from None
 

@@ -347,8 +347,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
-def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[str, Any]) -> ConfigT:
-    """Defaults < config file < options given on the command line (those not None)."""
+def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[str, Any], where: str | None = None) -> ConfigT:
+    """Defaults < config file < options given on the command line (those not None). `where` names the
+    values' source in errors (default: the config file, or "options")."""
+    where = where or (f"config file {config_file}" if config_file else "options")
     values: dict[str, Any] = {}
     if config_file:
         values.update(read_config_file(Path(config_file)))
@@ -356,25 +358,25 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        where = f"config file {config_file}" if config_file else "options"
         raise TsdkdError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
-        values[key] = _checked_value(key, value, hints[key], config_file)
+        values[key] = _checked_value(key, value, hints[key], where)
     return cls(**values)
 
 
-def _checked_value(key: str, value: Any, expected: Any, config_file: str | None) -> Any:
+def _checked_value(key: str, value: Any, expected: Any, where: str) -> Any:
     if typing.get_origin(expected) is list:
         items = value if isinstance(value, list) else [value]
-        return [_checked_value(key, item, typing.get_args(expected)[0], config_file) for item in items]
+        return [_checked_value(key, item, typing.get_args(expected)[0], where) for item in items]
     allowed = typing.get_args(expected) or (expected,)
     if value is None and type(None) in allowed:
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if float in allowed and isinstance(value, str):
-        # YAML 1.1 (PyYAML) reads `1e-4`, which has no dot, as a string: the user means the number.
+        # A string that spells a number, for a float setting, is that number: YAML 1.1 (PyYAML) reads
+        # `1e-4`, which has no dot, as a string.
         try:
             return float(value)
         except ValueError:
@@ -383,7 +385,6 @@ def _checked_value(key: str, value: Any, expected: Any, config_file: str | None)
     if isinstance(value, bool) and bool not in allowed:
         allowed = ()
     if not isinstance(value, tuple(kind for kind in allowed if kind is not type(None))):
-        where = f"config file {config_file}" if config_file else "option"
         wanted = " or ".join(kind.__name__ for kind in allowed if kind is not type(None)) or "a number"
         raise TsdkdError(f"{where}: {key} = {value!r} must be {wanted}")
     return value

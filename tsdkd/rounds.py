@@ -18,7 +18,7 @@ from typing import Any
 
 from tsdkd.config import RESUMABLE_DISTILL_CHANGES, DistillConfig, GenerateConfig, RunConfig, build_config
 from tsdkd.errors import TsdkdError
-from tsdkd.signals import write_json_atomic
+from tsdkd.signals import read_json_object, write_json_atomic
 
 RUN_MANIFEST = "tsdkd_run.json"
 
@@ -33,12 +33,9 @@ def student_of_round(cfg: RunConfig, round_index: int) -> str:
 
 
 def read_run_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise TsdkdError(f"{path}: unreadable ({error}); start the run in a new --out") from None
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("settings"), dict) and isinstance(manifest.get("rounds"), dict)):
-        raise TsdkdError(f"{path}: not a tsdkd run manifest (settings and rounds); start the run in a new --out")
+    manifest = read_json_object(path, "a tsdkd run manifest")
+    if not (isinstance(manifest.get("settings"), dict) and isinstance(manifest.get("rounds"), dict)):
+        raise TsdkdError(f"{path}: not a tsdkd run manifest (settings and rounds); start a new run in another folder")
     return manifest
 
 
@@ -90,8 +87,11 @@ def run_rounds(cfg: RunConfig) -> Path:
 
     cfg.check()
     # Both sections' values are checked before a round's generate spends hours and the run records them.
-    for section in round_configs(cfg, cfg.rounds):
-        section.check()
+    for name, section in zip(("generate", "distill"), round_configs(cfg, cfg.rounds)):
+        try:
+            section.check()
+        except TsdkdError as error:
+            raise TsdkdError(f"{name} settings of the run: {error}") from None
     out = Path(cfg.out)
     manifest = start_manifest(cfg, out)
     for round_index in range(1, cfg.rounds + 1):
@@ -119,9 +119,7 @@ def load_run_config(config_file: str | None, cli_values: dict[str, Any]) -> RunC
         if not isinstance(values, dict):
             raise TsdkdError(f"run config: {section} must be a mapping of {section} options")
         normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
-        try:
-            build_config(cls, None, normalised)  # type and name check, one line on error
-        except TsdkdError as error:
-            raise TsdkdError(f"{f'config file {config_file}' if config_file else 'run'}, {section} section: {error}") from None
+        where = f"config file {config_file}, {section} section" if config_file else f"{section} options"
+        build_config(cls, None, normalised, where)  # type and name check, one line on error
         setattr(cfg, section, normalised)
     return cfg

@@ -151,6 +151,17 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object that tsdkd wrote (a run record, a manifest); one line naming `what` if it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TsdkdError(f"{path}: unreadable ({str(error).splitlines()[0]}); start a new run in another folder") from None
+    if not isinstance(value, dict):
+        raise TsdkdError(f"{path}: not {what}; start a new run in another folder")
+    return value
+
+
 def write_json_atomic(value: Any, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

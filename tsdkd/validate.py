@@ -19,17 +19,19 @@ T = TypeVar("T")
 
 # float16 storage rounds a log-prob of 0 to at most this much above 0.
 LOGPROB_SLACK = 1e-3
-# The manifest fields that validation, `tsdkd distill` and `tsdkd merge` read, with their JSON types,
+# The manifest fields that tsdkd reads (validation, distill, merge, inspect, a generate rerun), with their JSON types,
 # each after its parent: a missing or mistyped one fails here in one line, not as a KeyError later.
 MANIFEST_FIELDS: tuple[tuple[str, type], ...] = (
-    ("complete", bool), ("top_k", int), ("teacher_entropy", str), ("settings", dict),
+    ("complete", bool), ("round", int), ("top_k", int), ("teacher_entropy", str), ("settings", dict),
+    ("student", dict), ("student.name_or_path", str), ("teacher", dict), ("teacher.name_or_path", str),
+    ("backend", dict), ("backend.name", str), ("backend.version", str), ("backend.dtype", str),
     ("tokenizer", dict), ("tokenizer.sha256", str), ("tokenizer.vocab_sha256", str), ("tokenizer.vocab_size", int),
-    ("sampling", dict), ("sampling.num_candidates", int),
+    ("sampling", dict), ("sampling.num_candidates", int), ("sampling.max_new_tokens", int), ("sampling.seed", int),
     ("job", dict), ("job.shard_index", int), ("job.num_shards", int),
     ("shards", list),
 )
-SHARD_FIELDS = (("shards.{i}", dict), ("shards.{i}.index", int), ("shards.{i}.file", str), ("shards.{i}.rows", int),
-                ("shards.{i}.sha256", str))
+SHARD_FIELDS = (("shards.{i}", dict), *((f"shards.{{i}}.{key}", int) for key in ("index", "rows", "prompts", "completion_tokens", "bytes")),
+                ("shards.{i}.file", str), ("shards.{i}.sha256", str))
 STATS_FIELDS = (("stats", dict), *((f"stats.{key}", int) for key in ("prompts", "candidates", "completion_tokens", "bytes")))
 
 
