@@ -145,3 +145,24 @@ def test_other_settings_are_refused(finished_run, tmp_path):
         assert_one_line_error(run_cli(*run_args(config, tmp_path / "damaged")), "tsdkd_run.json", "another folder")
     assert_one_line_error(run_cli(*run_args(config, tmp_path / "o2", "--rounds", "0")), "--rounds")
     assert (out / "tsdkd_run.json").read_text() == before
+
+
+def test_distill_settings_may_change_until_a_round_distils(tmp_path):
+    """Round 1 stops at the start of its distillation on a setting only the student can refuse (top-m
+    above its vocabulary): the rerun with that setting fixed keeps round 1's signals and goes on. Once a
+    round has distilled, the distill settings are fixed again."""
+    one_round = CONFIG.replace("rounds: 2", "rounds: 1")
+    config, out = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text(one_round + "  rank-items: 400\n")
+    failed = run_cli(*run_args(config, out))  # after round 1's sampling, whose progress bars come first
+    assert failed.exit_code == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == "error: --rank-items 400 exceeds the student's vocabulary (325 tokens)"
+    shards = {path: path.stat().st_mtime_ns for path in (out / "round-1" / "signals" / "data").glob("*.parquet")}
+    assert shards
+    config.write_text(one_round)
+    result = run_cli(*run_args(config, out))
+    assert result.exit_code == 0 and "new distill settings" in result.stdout, (result.stderr[-2000:], result.exception)
+    assert {path: path.stat().st_mtime_ns for path in shards} == shards  # sampled once
+    assert (out / "round-1" / "student" / "model.safetensors").is_file()
+    config.write_text(one_round + "  jsd-beta: 0.5\n")
+    assert_one_line_error(run_cli(*run_args(config, out)), "other settings", "distill")

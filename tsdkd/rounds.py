@@ -39,6 +39,13 @@ def read_run_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def distillation_started(out: Path, manifest: dict[str, Any]) -> bool:
+    """Whether any round has a student run record (written once its distillation has started)."""
+    from stage2_distill.distill import RUN_INFO
+
+    return any((round_folder(out, int(index)) / "student" / RUN_INFO).is_file() for index in manifest["rounds"])
+
+
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # What a rerun must repeat: not the number of rounds (it may grow).
     settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
@@ -48,8 +55,15 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
         raise TsdkdError(f"--out {out} is a file; choose a folder")
     if path.is_file():
         manifest = read_run_manifest(path)
-        if manifest["settings"] != json.loads(json.dumps(settings)):
-            differing = sorted(k for k in settings if manifest["settings"].get(k) != json.loads(json.dumps(settings[k])))
+        wanted = json.loads(json.dumps(settings))
+        differing = sorted(k for k in wanted if manifest["settings"].get(k) != wanted[k])
+        if differing == ["distill"] and not distillation_started(out, manifest):
+            # Round 1's signals were made but its distillation never started (say it stopped on a setting):
+            # the distill settings are still free, and the hours of sampling are kept.
+            print(f"{out}: no round has started distilling; the new distill settings replace the recorded ones")
+            manifest["settings"] = wanted
+            write_json_atomic(manifest, path)
+        elif differing:
             raise TsdkdError(f"--out {out} holds a run with other settings (differs in: {', '.join(differing)}); use a new --out")
         return manifest
     if out.exists() and any(out.iterdir()):
