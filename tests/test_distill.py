@@ -131,8 +131,9 @@ def test_two_processes_equal_one(small_dataset, tmp_path):
     covers float32 sums taken in another order (all-reduce vs accumulation), about 1e-7 relative."""
     common = ["--signals", str(small_dataset), "--student", str(TOY_STUDENT), *FAST, "--max-steps", "3", "--batch-size", "3"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tsdkd", "--",
-                          "distill", *common, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tsdkd", "--",
+                "distill", *common, "--save-steps", "1", "--keep-checkpoints"]
+    ddp = subprocess.run([*torchrun, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = run_cli("distill", *common, "--gradient-accumulation-steps", "2", "--out", tmp_path / "single")
     assert single.exit_code == 0, single.stderr[-2000:]
@@ -145,6 +146,22 @@ def test_two_processes_equal_one(small_dataset, tmp_path):
     final_one = load_file(tmp_path / "single" / "model.safetensors")
     for name in final_one:
         torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-5, atol=1e-6)
+    # As if killed after step 2's checkpoint: both processes resume from it and end where the run did.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ddp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-3")
+    (resumed / "model.safetensors").unlink()
+    info = json.loads((resumed / "tsdkd_distill.json").read_text())
+    (resumed / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
+    records = [{**json.loads(line), "before_the_kill": True} for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rerun = subprocess.run([*torchrun, "--out", str(resumed), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # Steps 1 and 2 were not redone (a restart from scratch would end with the same weights).
+    assert [(r["step"], "before_the_kill" in r) for r in step_records(resumed)] == [(1, True), (2, True), (3, False)]
+    final_resumed = load_file(resumed / "model.safetensors")
+    for name in final_two:
+        torch.testing.assert_close(final_resumed[name], final_two[name], rtol=1e-6, atol=1e-7)
 
 
 def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_path):
