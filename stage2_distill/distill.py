@@ -128,14 +128,15 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
         return False
     if not info_path.is_file():
         raise TsdkdError(f"--resume: {out} holds no earlier run ({RUN_INFO} missing); drop --resume to start one")
-    earlier = read_run_info(out).get("settings", {})
+    record = read_run_info(out)
+    earlier = record.get("settings", {})
     # Runs recorded their signal folders as given before they were resolved.
     earlier = {**earlier, "signals": [str(Path(folder).resolve()) for folder in earlier.get("signals", [])]}
     settings = run_settings(cfg)
     differing = sorted(k for k in settings if earlier.get(k) != settings[k])
     if differing:
         raise TsdkdError(f"--resume: settings differ from the run in {out} ({', '.join(differing)}); use the same ones")
-    return bool(earlier.get("complete"))
+    return bool(record.get("complete"))
 
 
 def check_same_signals(out: Path, checksum: str) -> None:

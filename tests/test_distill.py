@@ -346,6 +346,16 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     assert_one_line_error(run_cli(*distill_args("signals", out, "--max-steps", "1", "--resume")), "not a tsdkd run record")
 
 
+def test_a_finished_run_needs_its_data_no_more(small_dataset, tmp_path):
+    """Rerunning a finished run (as `tsdkd run` does) reports it done without validating the signals again."""
+    signals, out = tmp_path / "signals", tmp_path / "run"
+    shutil.copytree(small_dataset, signals)
+    assert run_cli(*distill_args(signals, out, "--max-steps", "1")).exit_code == 0
+    shutil.rmtree(signals)
+    result = run_cli(*distill_args(signals, out, "--max-steps", "1", "--resume"))
+    assert result.exit_code == 0 and "already trained" in result.stdout, (result.stderr, result.exception)
+
+
 def test_resume_forgets_the_records_it_redoes(tmp_path):
     """Records after the checkpoint are redone by the resumed run, as is the end-of-training summary
     of a run killed while saving its student; a line torn by the kill is dropped."""
