@@ -85,11 +85,13 @@ class Objective:
         """Where the token-level ranking reads the student's top-m (TokenStatistics.topm_*): bool [B, T]."""
         return decision_prefix_mask(student_entropy, mask, self.prefix_entropy_fraction)
 
-    def __call__(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, counts: StepCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, metrics) for one micro-batch; `stats` are flat over the completion tokens of `batch`."""
+    def __call__(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, counts: StepCounts,
+                 completion_positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) for one micro-batch; `stats` are flat over the completion tokens of `batch`, whose
+        (rows, steps) `completion_positions` gives when the caller has them (else mask.nonzero)."""
         mask = batch["completion_mask"]
         # Every per-token term works on the completion tokens only, in mask order, like `stats`.
-        rows, steps = mask.nonzero(as_tuple=True)
+        rows, steps = completion_positions if completion_positions is not None else mask.nonzero(as_tuple=True)
         tokens = counts.tokens
         metrics: dict[str, torch.Tensor] = {"student_entropy": stats.entropy.detach().sum() / tokens}
         loss = stats.entropy.new_zeros(())
@@ -123,7 +125,7 @@ class Objective:
             metrics["indirect_token"] = _per_sequence_mean(per_position, ranked_rows, len(mask)).sum() / counts.sequences
             loss = loss + self.alpha * metrics["indirect_token"]
         if self.sequence_ranking:
-            metrics["indirect_sequence"] = self._sequence_ranking(batch, stats, rows, steps) / counts.prompts
+            metrics["indirect_sequence"] = self._sequence_ranking(batch, stats, rows) / counts.prompts
             loss = loss + self.alpha * metrics["indirect_sequence"]
         if self.entropy:
             metrics["entropy"] = entropy_regularization(stats.entropy, None, self.entropy_quantile) * len(rows) / tokens
@@ -131,13 +133,14 @@ class Objective:
         metrics["loss"] = loss
         return loss, {name: value.detach() for name, value in metrics.items()}
 
-    def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor,
-                          steps: torch.Tensor) -> torch.Tensor:
-        """Sum over this micro-batch's prompts of the ListMLE of its candidates; (rows, steps) locate the
-        completion tokens."""
-        num_sequences = len(batch["completion_mask"])
-        policy_mean = _per_sequence_mean(stats.target_logprob, rows, num_sequences)
-        behaviour_mean = _per_sequence_mean(batch["behaviour_logprobs"][rows, steps], rows, num_sequences)
+    def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor) -> torch.Tensor:
+        """Sum over this micro-batch's prompts of the ListMLE of its candidates; `rows` are the completion
+        tokens' sequences."""
+        mask = batch["completion_mask"]
+        lengths = mask.sum(-1).clamp(min=1)
+        policy_mean = stats.target_logprob.new_zeros(len(mask)).index_add(0, rows, stats.target_logprob) / lengths
+        # where, not a product with the mask: padding may hold anything, NaN included.
+        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / lengths
         group = batch["prompt_group"]
         num_prompts = int(group.max()) + 1
         group_sizes = torch.bincount(group, minlength=num_prompts)

@@ -59,8 +59,10 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: StepCounts | None = None) -> torch.Tensor:
         counts = num_items_in_batch or self._get_num_items_in_batch([inputs], inputs["input_ids"].device)
-        stats = self._student_statistics(model, inputs)
-        loss, metrics = self.objective(inputs, stats, counts)
+        # The completion tokens' (rows, steps), found once: a nonzero waits for the GPU.
+        completion_positions = inputs["completion_mask"].nonzero(as_tuple=True)
+        stats = self._student_statistics(model, inputs, completion_positions)
+        loss, metrics = self.objective(inputs, stats, counts, completion_positions)
         if not torch.isfinite(loss):
             bad = ", ".join(f"{name}={value.item():.4g}" for name, value in metrics.items() if not torch.isfinite(value))
             raise TsdkdError(
@@ -74,10 +76,11 @@ class DistillTrainer(Trainer):
         # DDP averages gradients over processes; each process's loss is its share of the sum.
         return loss * self.accelerator.num_processes
 
-    def _student_statistics(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenStatistics:
+    def _student_statistics(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                            completion_positions: tuple[torch.Tensor, torch.Tensor]) -> TokenStatistics:
         """The (wrapped) model's forward, its output head returning the statistics of the completion positions."""
         mask = batch["completion_mask"]
-        rows, steps = mask.nonzero(as_tuple=True)
+        rows, steps = completion_positions
         # Completion token j of row b is predicted by the hidden state at prompt_length - 1 + j.
         positions = batch["prompt_lengths"][rows] - 1 + steps
 
