@@ -34,7 +34,6 @@ from tsdkd.signals import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     CandidateSignal,
-    read_manifest,
     shard_path,
     signals_to_table,
     write_dataset_card,
@@ -42,7 +41,7 @@ from tsdkd.signals import (
     write_parquet_atomic,
 )
 from tsdkd.answers import answer_is_correct
-from tsdkd.validate import check_manifest_fields
+from tsdkd.validate import read_checked_manifest
 
 WORK_DIR = ".work"
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -148,8 +147,7 @@ def prepare_output(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None
         if any(p.name != WORK_DIR for p in out.iterdir()):
             raise TsdkdError(f"--out {out} is not empty and holds no {MANIFEST_NAME}; choose a new or empty folder")
         return None
-    manifest = read_manifest(out)
-    check_manifest_fields(manifest, out / MANIFEST_NAME)
+    manifest = read_checked_manifest(out)
     differing = [key for key in settings if manifest["settings"].get(key) != settings[key]]
     if differing:
         raise TsdkdError(

@@ -19,7 +19,7 @@ from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, MetricsFile
 from tsdkd import __version__
-from tsdkd.config import RESUMABLE_DISTILL_CHANGES, DistillConfig
+from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_json, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
@@ -28,16 +28,15 @@ from tsdkd.validate import validate_dataset
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-RUN_INFO = "tsdkd_distill.json"
 
 
 def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     """Every dataset valid, made for this student's tokenizer, and usable together."""
-    manifests = []
+    manifests, absolute = [], resolved(cfg.signals)
     for index, folder in enumerate(cfg.signals):
         if not Path(folder).is_dir():
             raise TsdkdError(f"--signals {folder}: no such folder")
-        if Path(folder).resolve() in {Path(earlier).resolve() for earlier in cfg.signals[:index]}:
+        if absolute[index] in absolute[:index]:
             raise TsdkdError(f"--signals {folder} is given twice; every row would be trained on twice")
         manifests.append(validate_dataset(Path(folder), fingerprint, deep=True))
     for key in ("top_k", "teacher_entropy"):
@@ -58,6 +57,11 @@ def check_one_gpu_per_process(args: TrainingArguments) -> None:
         raise TsdkdError(f"{args.n_gpu} GPUs are visible to one process: launch one process per GPU "
                          f"(`torchrun --nproc_per_node {args.n_gpu} -m tsdkd -- distill ...` or `accelerate launch`), "
                          "or pick one GPU with CUDA_VISIBLE_DEVICES=0")
+
+
+def resolved(folders: list[str]) -> list[str]:
+    """Absolute paths: the same folder however it was named."""
+    return [str(Path(folder).resolve()) for folder in folders]
 
 
 def signals_checksum(manifests: list[dict[str, Any]]) -> str:
@@ -111,14 +115,14 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     """What a `--resume` must repeat (the signal folders wherever they were named from)."""
     settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
-    settings["signals"] = [str(Path(folder).resolve()) for folder in cfg.signals]
+    settings["signals"] = resolved(cfg.signals)
     return settings
 
 
 def check_output(cfg: DistillConfig, out: Path) -> bool:
     """Read-only: a new run needs an empty folder, `--resume` the settings of the run it continues.
     Returns True when that run already finished."""
-    info_path = out / RUN_INFO
+    info_path = out / DISTILL_RUN_INFO
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
     if not cfg.resume:
@@ -127,11 +131,11 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
             raise TsdkdError(f"--out {out} is not empty{hint}; choose a new folder")
         return False
     if not info_path.is_file():
-        raise TsdkdError(f"--resume: {out} holds no earlier run ({RUN_INFO} missing); drop --resume to start one")
+        raise TsdkdError(f"--resume: {out} holds no earlier run ({DISTILL_RUN_INFO} missing); drop --resume to start one")
     record = read_run_info(out)
     earlier = record.get("settings", {})
     # Runs recorded their signal folders as given before they were resolved.
-    earlier = {**earlier, "signals": [str(Path(folder).resolve()) for folder in earlier.get("signals", [])]}
+    earlier = {**earlier, "signals": resolved(earlier.get("signals", []))}
     settings = run_settings(cfg)
     differing = sorted(k for k in settings if earlier.get(k) != settings[k])
     if differing:
@@ -148,7 +152,7 @@ def check_same_signals(out: Path, checksum: str) -> None:
 
 
 def read_run_info(out: Path) -> dict[str, Any]:
-    return read_json_object(out / RUN_INFO, "a tsdkd run record")
+    return read_json_object(out / DISTILL_RUN_INFO, "a tsdkd run record")
 
 
 def create_output_folder(out: Path) -> None:
@@ -163,7 +167,7 @@ def create_output_folder(out: Path) -> None:
 def create_output(cfg: DistillConfig, out: Path, signals_sha256: str) -> None:
     """The run record in the folder `create_output_folder` made: from now on --out holds this run."""
     write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "signals_sha256": signals_sha256,
-                       "complete": False}, out / RUN_INFO)
+                       "complete": False}, out / DISTILL_RUN_INFO)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -244,7 +248,7 @@ def distill(cfg: DistillConfig) -> Path:
         else:
             create_output_folder(out)
     processes.wait_for_everyone()
-    if (out / RUN_INFO).is_file() and read_run_info(out).get("complete"):
+    if (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete"):
         if processes.is_main_process and not cfg.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a kill may have come between marking and removing
         print(f"{out}: already trained; nothing to do")
@@ -308,7 +312,7 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
         "token_weight_entropy": objective.weight_entropy,
         "global_step": trainer.state.global_step,
     })
-    write_json_atomic(info, out / RUN_INFO)
+    write_json_atomic(info, out / DISTILL_RUN_INFO)
     if not keep_checkpoints:
         # A finished student needs no optimizer state: for a 1.5B model that is ~18 GB a checkpoint.
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from tsdkd.config import DISTILL_RUN_INFO
 from tsdkd.errors import TsdkdError
 
 app = typer.Typer(
@@ -19,8 +20,8 @@ app = typer.Typer(
 )
 
 
-def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+def one_line_errors(command: Callable[..., Any], to_continue: str = "rerun the same command") -> Callable[..., Any]:
+    """Bad input ends in one line on stderr and exit code 2, never a traceback; Ctrl-C says `to_continue`."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -30,10 +31,7 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            # distill alone needs --resume to continue a run (and none before its run record is written).
-            how = ("with --resume (without it if --out holds no tsdkd_distill.json yet)" if command.__name__ == "distill"
-                   else "the same command")
-            typer.echo(f"interrupted; rerun {how} to continue", err=True)
+            typer.echo(f"interrupted; {to_continue} to continue", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -83,7 +81,8 @@ def generate(
 
 
 @app.command()
-@one_line_errors
+# --resume continues a run, and none exists before its run record is written.
+@functools.partial(one_line_errors, to_continue=f"rerun with --resume (without it if --out holds no {DISTILL_RUN_INFO} yet)")
 def distill(
     signals: Optional[list[str]] = typer.Option(None, help="Signal dataset folder; repeat to train on several."),
     student: Optional[str] = typer.Option(None, help="Student to train (the checkpoint that sampled the signals)."),

@@ -113,6 +113,8 @@ class GenerateConfig:
 # Distill settings that change memory, not results: a resumed run (`tsdkd distill --resume`, a rerun
 # of `tsdkd run`) may change them, e.g. after running out of memory.
 RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing",)
+# The run record `tsdkd distill` keeps in its --out (written once the run has started).
+DISTILL_RUN_INFO = "tsdkd_distill.json"
 
 
 @dataclass

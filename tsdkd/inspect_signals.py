@@ -8,8 +8,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tsdkd.signals import MANIFEST_NAME, read_manifest
-from tsdkd.validate import check_manifest_fields
+from tsdkd.validate import read_checked_manifest
 
 
 def _quantiles(values: np.ndarray) -> str:
@@ -20,8 +19,7 @@ def _quantiles(values: np.ndarray) -> str:
 
 
 def summarize(folder: Path) -> str:
-    manifest = read_manifest(folder)
-    check_manifest_fields(manifest, folder / MANIFEST_NAME)
+    manifest = read_checked_manifest(folder)
     files = [folder / entry["file"] for entry in manifest["shards"]]
     columns = ["completion_token_ids", "teacher_score", "teacher_rank", "teacher_entropy", "finish_reason", "verified"]
     tables = [pq.read_table(path, columns=columns) for path in files]

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tsdkd.config import RESUMABLE_DISTILL_CHANGES, DistillConfig, GenerateConfig, RunConfig, build_config
+from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig, GenerateConfig, RunConfig, build_config
 from tsdkd.errors import TsdkdError
 from tsdkd.signals import read_json_object, write_json_atomic
 
@@ -39,11 +39,13 @@ def read_run_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def distillation_started(out: Path, manifest: dict[str, Any]) -> bool:
-    """Whether any round has a student run record (written once its distillation has started)."""
-    from stage2_distill.distill import RUN_INFO
+def student_run_started(out: Path, round_index: int) -> bool:
+    """Whether the round's distillation has started (its student folder holds a run record)."""
+    return (round_folder(out, round_index) / "student" / DISTILL_RUN_INFO).is_file()
 
-    return any((round_folder(out, int(index)) / "student" / RUN_INFO).is_file() for index in manifest["rounds"])
+
+def distillation_started(out: Path, manifest: dict[str, Any]) -> bool:
+    return any(student_run_started(out, int(index)) for index in manifest["rounds"])
 
 
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
@@ -79,8 +81,6 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
 
 def round_configs(cfg: RunConfig, round_index: int) -> tuple[GenerateConfig, DistillConfig]:
     """The `tsdkd generate` and `tsdkd distill` settings of one round."""
-    from stage2_distill.distill import RUN_INFO
-
     folder = round_folder(Path(cfg.out), round_index)
     student = student_of_round(cfg, round_index - 1)
     generate_cfg = build_config(GenerateConfig, None, {
@@ -89,7 +89,7 @@ def round_configs(cfg: RunConfig, round_index: int) -> tuple[GenerateConfig, Dis
     })
     distill_cfg = build_config(DistillConfig, None, {
         **cfg.distill, "signals": [str(folder / "signals")], "student": student, "out": str(folder / "student"),
-        "seed": cfg.seed + round_index, "resume": (folder / "student" / RUN_INFO).is_file(),
+        "seed": cfg.seed + round_index, "resume": student_run_started(Path(cfg.out), round_index),
     })
     return generate_cfg, distill_cfg
 

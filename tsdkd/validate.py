@@ -57,6 +57,13 @@ def check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
     _check_types(manifest, later, path)
 
 
+def read_checked_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the dataset in `folder`, every field tsdkd reads present with its type."""
+    manifest = read_manifest(folder)
+    check_manifest_fields(manifest, folder / MANIFEST_NAME)
+    return manifest
+
+
 def check_tokenizer(manifest: dict[str, Any], fingerprint: dict[str, Any], folder: Path, who: str) -> None:
     """The dataset's token ids mean the same tokens for `who` (the student about to be trained)."""
     stored = manifest["tokenizer"]
@@ -77,8 +84,7 @@ def check_tokenizer(manifest: dict[str, Any], fingerprint: dict[str, Any], folde
 
 def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None = None, deep: bool = True) -> dict[str, Any]:
     """Manifest, checksums and row counts; with `deep`, every value of every row. Returns the manifest."""
-    manifest = read_manifest(folder)
-    check_manifest_fields(manifest, folder / MANIFEST_NAME)
+    manifest = read_checked_manifest(folder)
     if tokenizer_fingerprint is not None:
         check_tokenizer(manifest, tokenizer_fingerprint, folder, "the student")
     if not manifest.get("complete"):
