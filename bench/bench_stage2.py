@@ -17,8 +17,8 @@ student and teacher in data/, 32 prompts, 4 candidates, 128 new tokens, top-k 20
 (b) the authors' online recipe (per step: sample the batch's candidates from the current student
     with `generate`, teacher forward over them, then the full-vocabulary TSD-KD loss step) vs the
     offline step of (a) from the cache.
-(c) peak memory and time of `chunked_token_statistics` (+ `chunked_top_items` on every 10th token, as
-    the token-level ranking reads top-m at the decision-prefix positions only) forward+backward at
+(c) peak memory and time of `chunked_token_statistics` (with the top-m, read on every 10th token, as
+    the token-level ranking reads it at the decision-prefix positions only) forward+backward at
     V=32768, 4096 tokens, d=256, k=20, m=10: chunk 512 vs 4096 (unchunked), with a plain
     cross-entropy head for reference.
 
@@ -311,12 +311,11 @@ def breakdown(args, model, items, loss_of, trainer) -> dict[str, Any]:
     model.forward = timed("model forward", original_forward)
     if trainer is not None:
         patches = [(trainer_module, "student_statistics"), (chunked_module, "chunked_token_statistics"),
-                   (chunked_module, "chunked_top_items"), (chunked_module._HeadStatistics, "backward")]
+                   (chunked_module._HeadStatistics, "backward")]
         originals = [getattr(m, n) for m, n in patches]
         trainer_module.student_statistics = timed("head: student statistics, forward", originals[0])
         chunked_module.chunked_token_statistics = timed("  of which fused head statistics, forward", originals[1])
-        chunked_module.chunked_top_items = timed("  of which top-m at the ranked positions", originals[2])
-        chunked_module._HeadStatistics.backward = staticmethod(timed("  of which fused head statistics, backward", originals[3]))
+        chunked_module._HeadStatistics.backward = staticmethod(timed("  of which fused head statistics, backward", originals[2]))
         objective = trainer.objective
 
         class TimedObjective:
@@ -526,7 +525,7 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
     torch.profiler for the live-tensor peak."""
     from torch.profiler import ProfilerActivity, profile
 
-    from stage2_distill.chunked import chunked_token_statistics, chunked_top_items
+    from stage2_distill.chunked import chunked_token_statistics
 
     d, vocab, k, m = args.hidden, args.vocab, args.k, args.m
 
@@ -542,10 +541,9 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
         if args.chunk_size == 0:
             loss = torch.nn.functional.cross_entropy(hidden @ head.T, targets)
         else:
-            stats = chunked_token_statistics(hidden, head, teacher_ids, targets, args.chunk_size, vocab)
-            # Top-m only where the token-level ranking reads it (decision-prefix positions): here every 10th token.
-            ranked = slice(0, None, 10)
-            _, topm = chunked_top_items(hidden[ranked], head, stats.log_normalizer[ranked], m, args.chunk_size, vocab)
+            stats = chunked_token_statistics(hidden, head, teacher_ids, targets, args.chunk_size, vocab, num_items=m)
+            # Top-m read only where the token-level ranking reads it (decision-prefix positions): here every 10th token.
+            topm = stats.topm_logprobs[::10]
             loss = stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + topm.sum()
         loss.backward()
         hidden.grad = head.grad = None
@@ -762,7 +760,7 @@ NAMES = {"ce": "plain CE loop (baseline)", "tsdkd": "`tsdkd distill` step (Disti
          "tsdkd-direct": "same, direct term only (no indirect or entropy terms; batches grouped by prompt as above)",
          "tsdkd-loop": "TSD-KD loss in the plain loop", "ce-trainer": "transformers Trainer, CE"}
 SECTION_ORDER = ["loss (forward incl. model)", "model forward", "head: student statistics, forward",
-                 "  of which fused head statistics, forward", "  of which top-m at the ranked positions",
+                 "  of which fused head statistics, forward",
                  "objective: loss terms", "backward", "  of which fused head statistics, backward", "AdamW step + zero_grad"]
 
 

@@ -16,9 +16,11 @@ so grad_z = p * (a row scalar - g_H log p) + a few scattered entries, then grad_
 grad_W = grad_z^T h. The backward recomputes each chunk's logits (no torch.utils.checkpoint) unless
 there is a single chunk, whose log p is kept (a recompute would save no memory).
 
-The student's top-m items (token-level ranking) are needed only at the decision-prefix positions,
-a small share of the tokens: `chunked_top_items` finds the ids there without gradient and computes
-their log-probs as h . W[id] - lse, differentiable through h, W and lse.
+The student's top-m items (token-level ranking) come from the same log p, and an item's log-prob
+z_id - lse adds e_id - p to the gradient like the target's does. They are read at the ranked rows
+only (the decision prefixes), which a selector picks from the entropies once every chunk is done:
+with one chunk, from its kept log p; with several, each chunk keeps the top-m of all its rows
+([n, m], small), since a second pass over the head for the ranked rows would cost a matmul.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class HeadStatistics(NamedTuple):
     bucket_logprobs: torch.Tensor  # [N, k+1] (teacher top-k, tail); [N, k] with renormalize_topk
     entropy: torch.Tensor  # [N], over the full (sliced) vocabulary
     target_logprob: torch.Tensor  # [N]
-    log_normalizer: torch.Tensor  # [N], lse = logsumexp of the logits: log p_S(i) = z_i - lse
+    topm_logprobs: torch.Tensor  # [R, m] at the R ranked rows, the student's m largest log-probs, best first
+    topm_ids: torch.Tensor  # [R, m] int64, their ids
+    ranked: torch.Tensor  # bool [N], the rows whose top-m is given (all without a selector)
 
 
 class TokenStatistics(NamedTuple):
@@ -91,43 +95,59 @@ def _forward_chunk(hidden_states, weight, teacher_topk_ids, target_ids, renormal
 
 class _HeadStatistics(torch.autograd.Function):
     """(hidden [N, d], weight [V', d], teacher ids [N, k], target ids [N]) -> HeadStatistics fields,
-    over the first vocab_size rows of weight, chunk by chunk. See the module docstring."""
+    over the first vocab_size rows of weight, chunk by chunk; ranked_rows(entropy [N]) -> bool [N] picks
+    the rows of the top-m (None: all). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden_states, weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk):
+    def forward(ctx, hidden_states, weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk,
+                num_items, ranked_rows):
         weight_v = weight[:vocab_size]
-        spans = _chunks(hidden_states.shape[0], chunk_size)
-        if len(spans) <= 1:
-            # One chunk (or none): keep its log p for the backward rather than recompute it.
-            *fields, kept_logprobs = _forward_chunk(hidden_states, weight_v, teacher_topk_ids, target_ids, renormalize_topk)
+        spans = _chunks(hidden_states.shape[0], chunk_size) or [slice(0, 0)]
+        chunks, chunk_items = [], []
+        for span in spans:
+            *fields, logprobs = _forward_chunk(hidden_states[span], weight_v, teacher_topk_ids[span], target_ids[span],
+                                               renormalize_topk)
+            chunks.append(fields)
+            if len(spans) > 1 and num_items:
+                chunk_items.append(logprobs.topk(num_items, dim=-1))
+        # One chunk: keep its log p for the backward rather than recompute it.
+        kept_logprobs = logprobs if len(spans) == 1 else None
+        buckets, entropy, target, lse, log_tail = [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
+        ranked = torch.ones_like(entropy, dtype=torch.bool) if ranked_rows is None else ranked_rows(entropy)
+        ranked_index = ranked.nonzero().squeeze(-1)
+        if not num_items:
+            topm_logprobs, topm_ids = entropy.new_zeros(len(ranked_index), 0), ranked_index.new_zeros(len(ranked_index), 0)
+        elif kept_logprobs is not None:
+            topm_logprobs, topm_ids = kept_logprobs[ranked_index].topk(num_items, dim=-1)
         else:
-            kept_logprobs = None
-            chunks = [_forward_chunk(hidden_states[span], weight_v, teacher_topk_ids[span], target_ids[span],
-                                     renormalize_topk)[:5] for span in spans]
-            fields = [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
-        buckets, entropy, target, lse, log_tail = fields
+            topm_logprobs, topm_ids = (torch.cat(field)[ranked_index] for field in zip(*chunk_items))
         ctx.vocab_size, ctx.chunk_size, ctx.renormalize_topk = vocab_size, chunk_size, renormalize_topk
         # A backward recompute must see the logits the forward saw, autocast included.
         device_type = hidden_states.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        ctx.save_for_backward(hidden_states, weight, teacher_topk_ids, target_ids, lse, entropy, log_tail,
-                              buckets if renormalize_topk else None, kept_logprobs)
-        return buckets, entropy, target, lse
+        ctx.save_for_backward(hidden_states, weight, teacher_topk_ids, target_ids, ranked_index, topm_ids, lse, entropy,
+                              log_tail, buckets if renormalize_topk else None, kept_logprobs)
+        ctx.mark_non_differentiable(topm_ids, ranked)
+        return buckets, entropy, target, topm_logprobs, topm_ids, ranked
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_buckets, grad_entropy, grad_target, grad_lse):
-        hidden_states, weight, teacher_topk_ids, target_ids, lse, entropy, log_tail, buckets, kept_logprobs = ctx.saved_tensors
+    def backward(ctx, grad_buckets, grad_entropy, grad_target, grad_topm, _, __):
+        (hidden_states, weight, teacher_topk_ids, target_ids, ranked_index, topm_ids, lse, entropy, log_tail, buckets,
+         kept_logprobs) = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         vocab_size = ctx.vocab_size
         weight_v = weight[:vocab_size]
         spans = _chunks(hidden_states.shape[0], ctx.chunk_size)
         if not spans:  # no tokens
             return (torch.zeros_like(hidden_states) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
-                    None, None, None, None, None)
+                    None, None, None, None, None, None, None)
         k = teacher_topk_ids.shape[-1]
+        # The top-m's gradient on every row (0 off the ranked ones), to scatter chunk by chunk.
+        item_grad = grad_topm.new_zeros(len(entropy), grad_topm.shape[-1]).index_copy_(0, ranked_index, grad_topm)
+        item_ids = topm_ids.new_zeros(item_grad.shape).index_copy_(0, ranked_index, topm_ids)
         # Row scalars: grad_z = p * (row - g_H log p) + scattered terms.
-        row = grad_lse - grad_target - grad_entropy * entropy
+        row = -grad_target - item_grad.sum(-1) - grad_entropy * entropy
         if ctx.renormalize_topk:
             sparse = grad_buckets - grad_buckets.sum(-1, keepdim=True) * buckets.exp()
             row_off_topk = row
@@ -161,6 +181,7 @@ class _HeadStatistics(torch.autograd.Function):
             grad_z.scatter_(-1, ids, topk_grad)
             grad_z.scatter_add_(-1, ids, sparse[span])
             grad_z.scatter_add_(-1, target_ids[span].unsqueeze(-1), grad_target[span].unsqueeze(-1))
+            grad_z.scatter_add_(-1, item_ids[span], item_grad[span])
             grad_z = grad_z.to(weight.dtype)
             if need_hidden:
                 grad_hidden.append((grad_z @ weight_v).to(hidden_states.dtype))
@@ -174,7 +195,7 @@ class _HeadStatistics(torch.autograd.Function):
                     grad_weight[:vocab_size].addmm_(grad_z.T, chunk_hidden)
             del grad_z
         grad_hidden = (grad_hidden[0] if len(grad_hidden) == 1 else torch.cat(grad_hidden)) if need_hidden else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def chunked_token_statistics(
@@ -185,42 +206,22 @@ def chunked_token_statistics(
     chunk_size: int,
     vocab_size: int | None = None,
     renormalize_topk: bool = False,
+    num_items: int = 0,
+    ranked_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> HeadStatistics:
     """log p_S = log_softmax(h W[:vocab_size]^T) in float32 or wider, chunk by chunk, reduced per token to
-    buckets on the teacher's top-k, entropy, log p_S(target) and the log-normaliser. Shapes [N, d],
-    [V', d], [N, k], [N] -> HeadStatistics; gradients reach h and W (none reach W's rows >= vocab_size)."""
+    buckets on the teacher's top-k, entropy, log p_S(target), and the top num_items log-probs with their ids
+    at the rows ranked_rows(entropy) picks (default all). Shapes [N, d], [V', d], [N, k], [N] ->
+    HeadStatistics; gradients reach h and W (none reach W's rows >= vocab_size)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     # Embedding matrices are often padded beyond the tokenizer (Qwen2.5: 151936 vs 152064 rows);
     # the padded rows are not tokens and must not take probability mass.
     vocab_size = lm_head_weight.shape[0] if vocab_size is None else min(vocab_size, lm_head_weight.shape[0])
     return HeadStatistics(*_HeadStatistics.apply(
-        hidden_states, lm_head_weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk
+        hidden_states, lm_head_weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk, num_items,
+        ranked_rows,
     ))
-
-
-def chunked_top_items(
-    hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    log_normalizer: torch.Tensor,
-    num_items: int,
-    chunk_size: int,
-    vocab_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's top-m ids (best first, no gradient) and log-probs z_id - lse: [n, d], [V', d], [n]
-    -> [n, m] int64, [n, m]. The log-probs are differentiable through h, W[id] and lse."""
-    weight = lm_head_weight[:vocab_size]
-    with torch.no_grad():
-        ids = [_logits(hidden_states[span], weight).topk(num_items, dim=-1).indices
-               for span in _chunks(hidden_states.shape[0], chunk_size)]
-        # The dtype the matmul computes in: the inputs' (promoted), or autocast's inside its region.
-        dtype = (hidden_states[:0] @ weight[:0].T).dtype
-    ids = torch.cat(ids) if ids else torch.zeros((0, num_items), dtype=torch.long, device=hidden_states.device)
-    # One dot product per item in that dtype, rounded to it like the matmul's logits, so that z_id - lse
-    # is the log-prob the head's own statistics use; then float32 or wider.
-    products = at_least_float32(weight[ids].to(dtype)) * at_least_float32(hidden_states.to(dtype)).unsqueeze(-2)
-    item_logits = at_least_float32(products.sum(-1).to(dtype))
-    return ids, item_logits - log_normalizer.unsqueeze(-1)
 
 
 def student_statistics(
@@ -238,13 +239,16 @@ def student_statistics(
     """TokenStatistics from the flat per-token inputs (hidden [N, d], teacher ids [N, k], targets [N],
     N = mask.sum(), in the order of `mask` [B, T]). With ranked_positions(entropy [B, T], mask) -> bool
     [B, T], the student's top-m at those positions."""
-    flat = chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size,
-                                    vocab_size, renormalize_topk)
     if ranked_positions is None:
+        flat = chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size,
+                                        vocab_size, renormalize_topk)
         return TokenStatistics(*flat[:3])
-    entropy = flat.entropy.detach().new_zeros(mask.shape)
-    entropy[mask] = flat.entropy.detach()
-    ranked = ranked_positions(entropy, mask)[mask]
-    ids, logprobs = chunked_top_items(hidden_states[ranked], lm_head_weight, flat.log_normalizer[ranked], num_items,
-                                      chunk_size, vocab_size)
-    return TokenStatistics(*flat[:3], ranked, ids, logprobs)
+
+    def ranked_rows(flat_entropy: torch.Tensor) -> torch.Tensor:
+        entropy = flat_entropy.new_zeros(mask.shape)
+        entropy[mask] = flat_entropy
+        return ranked_positions(entropy, mask)[mask]
+
+    flat = chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size,
+                                    vocab_size, renormalize_topk, num_items, ranked_rows)
+    return TokenStatistics(*flat[:3], flat.ranked, flat.topm_ids, flat.topm_logprobs)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from stage2_distill.chunked import chunked_token_statistics, chunked_top_items
+from stage2_distill.chunked import chunked_token_statistics
 from stage2_distill.losses import (
     bucket_entropy,
     decision_prefix_mask,
@@ -648,18 +648,16 @@ def unchunked_reference(hidden_states, weight, teacher_ids, target_ids, vocab_si
     entropy = -(probs * probs.log()).sum(-1)
     target = probs.gather(-1, target_ids[:, None]).squeeze(-1).log()
     topm_probs, topm_ids = probs.topk(m, -1)
-    return buckets, entropy, target, topm_ids, topm_probs.log()
+    return buckets, entropy, target, topm_probs.log(), topm_ids
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 10, 64])
 def test_chunked_statistics_equal_unchunked_values_and_gradients(chunk_size):
     hidden_states, weight, teacher_ids, target_ids = chunked_inputs(19)
-    stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, vocab_size=11)
-    topm_ids, topm_logprobs = chunked_top_items(hidden_states, weight, stats.log_normalizer, 4, chunk_size, vocab_size=11)
-    chunked = (stats.bucket_logprobs, stats.entropy, stats.target_logprob, topm_ids, topm_logprobs)
+    chunked = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, vocab_size=11, num_items=4)
     reference = unchunked_reference(hidden_states, weight, teacher_ids, target_ids, 11, 4)
-    assert topm_ids.equal(reference[3])
-    float_fields = [0, 1, 2, 4]
+    assert chunked.topm_ids.equal(reference[4])
+    float_fields = [0, 1, 2, 3]
     for index in float_fields:
         assert torch.allclose(chunked[index], reference[index], rtol=1e-12, atol=1e-12)
     rng = generator(20)
@@ -680,9 +678,7 @@ def test_chunked_statistics_gradcheck():
     hidden_states, weight, teacher_ids, target_ids = chunked_inputs(21, tokens=5, hidden=3)
 
     def float_fields(h, w):
-        stats = chunked_token_statistics(h, w, teacher_ids, target_ids, 2, vocab_size=11)
-        _, topm_logprobs = chunked_top_items(h, w, stats.log_normalizer, 3, 2, vocab_size=11)
-        return stats.bucket_logprobs, stats.entropy, stats.target_logprob, topm_logprobs
+        return chunked_token_statistics(h, w, teacher_ids, target_ids, 2, vocab_size=11, num_items=3)[:4]
 
     assert torch.autograd.gradcheck(float_fields, (hidden_states, weight))
 
@@ -702,11 +698,10 @@ def test_chunked_statistics_keep_no_vocabulary_sized_tensor_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
         stats = chunked_token_statistics(
-            hidden_states, weight, teacher_ids, torch.zeros(tokens, dtype=torch.long), chunk_size
+            hidden_states, weight, teacher_ids, torch.zeros(tokens, dtype=torch.long), chunk_size, num_items=3
         )
-        _, topm_logprobs = chunked_top_items(hidden_states, weight, stats.log_normalizer, 3, chunk_size)
     assert sum(saved_vocab_elements) <= chunk_size * vocab
-    (stats.entropy.sum() + stats.bucket_logprobs.sum() + topm_logprobs.sum()).backward()
+    (stats.entropy.sum() + stats.bucket_logprobs.sum() + stats.topm_logprobs.sum()).backward()
     assert torch.isfinite(hidden_states.grad).all()
 
 
@@ -725,8 +720,7 @@ def test_chunked_statistics_reduce_bf16_logits_in_float32():
 def test_chunked_statistics_accept_no_tokens():
     weight = torch.randn(11, 4, requires_grad=True)
     no_ids = torch.zeros(0, dtype=torch.long)
-    stats = chunked_token_statistics(torch.zeros(0, 4), weight, no_ids.view(0, 3), no_ids, chunk_size=8)
-    items = chunked_top_items(torch.zeros(0, 4), weight, stats.log_normalizer, 5, chunk_size=8)
-    assert [tuple(field.shape) for field in (*stats, *items)] == [(0, 4), (0,), (0,), (0,), (0, 5), (0, 5)]
-    (stats.entropy.sum() + items[1].sum()).backward()
+    stats = chunked_token_statistics(torch.zeros(0, 4), weight, no_ids.view(0, 3), no_ids, chunk_size=8, num_items=5)
+    assert [tuple(field.shape) for field in stats] == [(0, 4), (0,), (0,), (0, 5), (0, 5), (0,)]
+    (stats.entropy.sum() + stats.topm_logprobs.sum()).backward()
     assert weight.grad.abs().sum() == 0
