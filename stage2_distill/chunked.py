@@ -112,7 +112,8 @@ class _HeadStatistics(torch.autograd.Function):
                 chunk_items.append(logprobs.topk(num_items, dim=-1))
         # One chunk: keep its log p for the backward rather than recompute it.
         kept_logprobs = logprobs if len(spans) == 1 else None
-        buckets, entropy, target, lse, log_tail = [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
+        buckets, entropy, target, lse, log_tail = chunks[0] if len(chunks) == 1 else \
+            [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
         ranked = torch.ones_like(entropy, dtype=torch.bool) if ranked_rows is None else ranked_rows(entropy)
         ranked_index = ranked.nonzero().squeeze(-1)
         if not num_items:

@@ -37,7 +37,10 @@ class DistillTrainer(Trainer):
         self.rank_items = rank_items
         self._head: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (wrapped model, its output head)
         self._flops_per_token: int | None = None  # 6 x non-embedding parameters
-        self._metric_sums: dict[str, torch.Tensor] = {}
+        # The loss terms and completion tokens summed over the micro-batches since the last log, one tensor
+        # (one add per micro-batch, not one per term).
+        self._metric_names: list[str] = []
+        self._metric_sums: torch.Tensor | None = None
         self._micro_batches = 0
         self._window_start = time.perf_counter()
 
@@ -69,9 +72,9 @@ class DistillTrainer(Trainer):
                 f"step {self.state.global_step + 1}: the loss is not finite ({bad}); lower --learning-rate "
                 "or check the signal data with `tsdkd validate`"
             )
-        for name, value in metrics.items():
-            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value.float()
-        self._metric_sums["completion_tokens"] = self._metric_sums.get("completion_tokens", 0.0) + inputs["completion_mask"].sum().float()
+        self._metric_names = [*metrics, "completion_tokens"]
+        values = torch.stack([*metrics.values(), inputs["completion_mask"].sum()]).float()
+        self._metric_sums = values if self._metric_sums is None else self._metric_sums + values
         self._micro_batches += 1
         # DDP averages gradients over processes; each process's loss is its share of the sum.
         return loss * self.accelerator.num_processes
@@ -129,18 +132,17 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the loss terms (per optimizer step, summed over processes) and tokens/s."""
         if self._micro_batches and "loss" in logs:
-            names = sorted(self._metric_sums)
-            sums = torch.stack([torch.as_tensor(self._metric_sums[n], dtype=torch.float32) for n in names]).to(self.args.device)
+            sums = self._metric_sums
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
             steps = self._micro_batches / self.args.gradient_accumulation_steps
             elapsed = time.perf_counter() - self._window_start
-            for name, value in zip(names, sums.tolist()):
+            for name, value in zip(self._metric_names, sums.tolist()):
                 if name == "completion_tokens":
                     logs["tokens_per_s"] = round(value / max(elapsed, 1e-9), 1)
                 else:
                     logs[f"train/{name}"] = value / steps
-            self._metric_sums, self._micro_batches, self._window_start = {}, 0, time.perf_counter()
+            self._metric_sums, self._micro_batches, self._window_start = None, 0, time.perf_counter()
         super().log(logs, start_time)
 
 
