@@ -17,8 +17,8 @@ student and teacher in data/, 32 prompts, 4 candidates, 128 new tokens, top-k 20
 (b) the authors' online recipe (per step: sample the batch's candidates from the current student
     with `generate`, teacher forward over them, then the full-vocabulary TSD-KD loss step) vs the
     offline step of (a) from the cache.
-(c) peak memory and time of `chunked_token_statistics` (with the top-m, read on every 10th token, as
-    the token-level ranking reads it at the decision-prefix positions only) forward+backward at
+(c) peak memory and time of `chunked_token_statistics` (with the top-m at every 10th token, as the
+    token-level ranking reads it at the decision-prefix positions only) forward+backward at
     V=32768, 4096 tokens, d=256, k=20, m=10: chunk 512 vs 4096 (unchunked), with a plain
     cross-entropy head for reference.
 
@@ -34,6 +34,10 @@ Memory: (1) every variant runs in its own subprocess; the kernel's peak-RSS mark
 before the first step (median over the processes); this includes one-time costs (code pages,
 lazy initialisation, allocator caches). (2) torch.profiler's memory timeline (profile_memory=True):
 the peak bytes of live tensors during one step on the largest batch, allocator-independent.
+Paired timing (--paired workers, run after the others for `tsdkd` and `ce-trainer`): in each process
+a pass of the plain CE loop (own student and AdamW) runs right after every Trainer pass, its time
+taken out of the step clock; the ratio of each Trainer pass to its CE pass is immune to load drift between
+processes, which moves the per-round ratios above by up to +-0.15. Memory is not measured there.
 Prints markdown tables and writes bench/results/stage2-<date>.json.
 """
 
@@ -195,9 +199,40 @@ def pass_times(step_times: list[float], per_pass: int) -> list[float]:
     return [sum(step_times[i : i + per_pass]) / per_pass for i in range(0, len(step_times), per_pass)]
 
 
+class PairedCE:
+    """A TrainerCallback that, after each pass of the Trainer over the batches, runs one pass of the plain CE
+    loop (its own student and AdamW) in the same process, recording its (wall, CPU) time by the step it
+    followed so that the worker takes it out of the next step's interval: each Trainer pass gets a CE pass
+    timed next to it, so machine-load drift and per-process effects cancel in the ratio."""
+
+    def __new__(cls, args: argparse.Namespace, folder: Path, steps_per_pass: int):
+        from transformers import TrainerCallback
+
+        items, model, loss_of, optimizer, _ = loop_setup(args, "ce", folder)
+
+        class _Paired(TrainerCallback):
+            def __init__(self) -> None:
+                self.pass_step_cpu_s: list[float] = []
+                self.after_step: dict[int, tuple[float, float]] = {}
+
+            def on_step_end(self, args_, state, control, **kwargs):
+                if state.global_step % steps_per_pass:
+                    return
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for batch in items:
+                    loss_of(batch).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                cpu = time.process_time() - start_cpu
+                self.pass_step_cpu_s.append(cpu / len(items))
+                self.after_step[state.global_step] = (time.perf_counter() - start, cpu)
+
+        return _Paired()
+
+
 def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """`tsdkd`, `tsdkd-direct` (the direct term alone) (DistillTrainer.train) or `ce-trainer` (transformers Trainer on
-    cross-entropy)."""
+    cross-entropy). With --paired, a CE-loop pass runs after each Trainer pass (PairedCE); memory is then not clean."""
     from stage2_distill.data import collate_single
     from stage2_distill.distill import training_arguments
     from transformers import Trainer
@@ -213,8 +248,11 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         model = load_student(args.student)
         rss = RssMarks()
         clock = StepClock(rss, len(items))
+        callbacks = [clock]
+        if args.paired:
+            callbacks.append(PairedCE(args, Path(folder), len(items)))
         if variant in ("tsdkd", "tsdkd-direct"):
-            trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items * passes), [clock])
+            trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items * passes), callbacks)
         else:
             class SequentialTrainer(Trainer):
                 def _get_train_sampler(self, train_dataset=None):
@@ -224,14 +262,19 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             ce_items = [{k: b[k] for k in keep} for b in items]
             trainer = SequentialTrainer(model=model, args=training_arguments(cfg, Path(cfg.out)),
                                         train_dataset=ListDataset(ce_items * passes), data_collator=collate_single,
-                                        callbacks=[clock])
+                                        callbacks=callbacks)
         rss.start()
         trainer.train()
         memory = rss.result()
     wall = [b[0] - a[0] for a, b in zip(clock.marks[:-1], clock.marks[1:])]
     cpu = [b[1] - a[1] for a, b in zip(clock.marks[:-1], clock.marks[1:])]
+    for step, (ce_wall, ce_cpu) in (callbacks[1].after_step.items() if args.paired else ()):
+        if step < len(wall):  # the interval from the mark of `step` to the next one held the CE pass
+            wall[step] -= ce_wall
+            cpu[step] -= ce_cpu
     n = len(items)
     return {"pass_step_s": pass_times(wall[n:], n), "pass_step_cpu_s": pass_times(cpu[n:], n),
+            "paired_ce_pass_step_cpu_s": callbacks[1].pass_step_cpu_s[1:] if args.paired else None,
             "warmup_step_s": sum(wall[:n]) / n, **memory,
             "objective": vars(objective), "logit_chunk_tokens": cfg.logit_chunk_tokens,
             "completion_tokens_per_pass": sum(map(completion_tokens, items)), "steps_per_pass": n}
@@ -541,10 +584,10 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
         if args.chunk_size == 0:
             loss = torch.nn.functional.cross_entropy(hidden @ head.T, targets)
         else:
-            stats = chunked_token_statistics(hidden, head, teacher_ids, targets, args.chunk_size, vocab, num_items=m)
-            # Top-m read only where the token-level ranking reads it (decision-prefix positions): here every 10th token.
-            topm = stats.topm_logprobs[::10]
-            loss = stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + topm.sum()
+            # The top-m where the token-level ranking reads it (decision-prefix positions): here every 10th token.
+            stats = chunked_token_statistics(hidden, head, teacher_ids, targets, args.chunk_size, vocab, num_items=m,
+                                             ranked_rows=lambda entropy: torch.arange(len(entropy)) % 10 == 0)
+            loss = stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + stats.topm_logprobs.sum()
         loss.backward()
         hidden.grad = head.grad = None
 
@@ -679,6 +722,7 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--breakdown", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process [1]: on a shared machine, OpenMP barriers of 2+ threads stall on descheduled threads")
     args = parser.parse_args()
@@ -722,6 +766,13 @@ def main() -> None:
             for v in variants:
                 assert result["a"][v]["runs"][0]["completion_tokens_per_pass"] == result["a"]["ce"]["runs"][0]["completion_tokens_per_pass"]
             assert runs["ce"][0]["ce_label_tokens_per_pass"] == runs["ce"][0]["completion_tokens_per_pass"], "CE sees other tokens"
+            result["a"]["paired"] = {}
+            for v in ("tsdkd", "ce-trainer"):
+                paired_runs = [run_worker(args, v, "--paired") for _ in range(args.processes)]
+                result["a"]["paired"][v] = {
+                    "pass_ratios": [t / c for r in paired_runs for t, c in zip(r["pass_step_cpu_s"], r["paired_ce_pass_step_cpu_s"])],
+                    "best_pass_ratio_per_process": [min(r["pass_step_cpu_s"]) / min(r["paired_ce_pass_step_cpu_s"]) for r in paired_runs],
+                    "runs": paired_runs}
             result["a"]["tensor_memory"] = {v: run_worker(args, f"tensor-memory:{v}") for v in ("ce", "tsdkd-loop")}
             result["a"]["breakdown"] = {v: run_worker(args, v, "--breakdown")["breakdown"] for v in ("tsdkd-loop", "ce")}
         if "b" in args.parts:
@@ -786,6 +837,17 @@ def print_tables(result: dict[str, Any]) -> None:
                   f"{r['step_cpu_s_best'] / base['step_cpu_s_best']:.2f} | "
                   f"{statistics.median(rounds):.2f} ({min(rounds):.2f}-{max(rounds):.2f}) | {r['step_s_best'] / base['step_s_best']:.2f} | "
                   f"{r['peak_rss_delta_MiB_median']:.1f} | {r['peak_rss_delta_MiB_median'] / max(base['peak_rss_delta_MiB_median'], 1e-9):.2f} |")
+        if "paired" in a:
+            runs = a["paired"]["tsdkd"]["runs"]
+            print("\nPaired in one process: after each pass of the Trainer over the batches, one pass of the plain CE loop "
+                  f"({len(runs)} processes x {len(runs[0]['pass_step_cpu_s'])} timed passes per variant):\n")
+            print("| variant | CPU time vs the adjacent CE pass, median of passes (range) | best pass vs best CE pass, median of processes |")
+            print("|---|---|---|")
+            for v, p in a["paired"].items():
+                print(f"| {NAMES[v]} | {statistics.median(p['pass_ratios']):.3f} ({min(p['pass_ratios']):.2f}-{max(p['pass_ratios']):.2f}) | "
+                      f"{statistics.median(p['best_pass_ratio_per_process']):.3f} |")
+            same_engine = statistics.median(a["paired"]["tsdkd"]["pass_ratios"]) / statistics.median(a["paired"]["ce-trainer"]["pass_ratios"])
+            print(f"\n`tsdkd distill` step vs the transformers Trainer's CE step (same engine), ratio of the two medians: {same_engine:.3f}")
         if "tensor_memory" in a:
             t = a["tensor_memory"]
             ce_peak = t["ce"]["peak_tensor_bytes"]

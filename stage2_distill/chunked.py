@@ -103,15 +103,16 @@ class _HeadStatistics(torch.autograd.Function):
                 num_items, ranked_rows):
         weight_v = weight[:vocab_size]
         spans = _chunks(hidden_states.shape[0], chunk_size) or [slice(0, 0)]
-        chunks, chunk_items = [], []
+        chunks, chunk_items, kept_logprobs = [], [], None
         for span in spans:
             *fields, logprobs = _forward_chunk(hidden_states[span], weight_v, teacher_topk_ids[span], target_ids[span],
                                                renormalize_topk)
             chunks.append(fields)
-            if len(spans) > 1 and num_items:
+            if len(spans) == 1:  # keep its log p for the backward rather than recompute it
+                kept_logprobs = logprobs
+            elif num_items:
                 chunk_items.append(logprobs.topk(num_items, dim=-1))
-        # One chunk: keep its log p for the backward rather than recompute it.
-        kept_logprobs = logprobs if len(spans) == 1 else None
+            del logprobs  # before the next chunk's: one [chunk, V] at a time
         buckets, entropy, target, lse, log_tail = chunks[0] if len(chunks) == 1 else \
             [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
         ranked = torch.ones_like(entropy, dtype=torch.bool) if ranked_rows is None else ranked_rows(entropy)

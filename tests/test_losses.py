@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 
 import pytest
 import torch
 
+import stage2_distill.chunked
 from stage2_distill.chunked import chunked_token_statistics
 from stage2_distill.losses import (
     bucket_entropy,
@@ -703,6 +705,23 @@ def test_chunked_statistics_keep_no_vocabulary_sized_tensor_for_backward():
     assert sum(saved_vocab_elements) <= chunk_size * vocab
     (stats.entropy.sum() + stats.bucket_logprobs.sum() + stats.topm_logprobs.sum()).backward()
     assert torch.isfinite(hidden_states.grad).all()
+
+
+def test_chunked_statistics_hold_one_chunk_of_logprobs_at_a_time(monkeypatch):
+    """The forward lets go of a chunk's [chunk, V] log p before it computes the next one."""
+    hidden_states, weight, teacher_ids, target_ids = chunked_inputs(24, tokens=10)
+    forward_chunk = stage2_distill.chunked._forward_chunk
+    earlier_logprobs = []
+
+    def tracked(*args):
+        assert all(ref() is None for ref in earlier_logprobs), "an earlier chunk's log p is still alive"
+        fields = forward_chunk(*args)
+        earlier_logprobs.append(weakref.ref(fields[-1]))
+        return fields
+
+    monkeypatch.setattr(stage2_distill.chunked, "_forward_chunk", tracked)
+    stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size=3, vocab_size=11, num_items=4)
+    assert len(earlier_logprobs) == 4 and stats.topm_ids.shape == (10, 4)
 
 
 def test_chunked_statistics_reduce_bf16_logits_in_float32():
