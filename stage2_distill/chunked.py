@@ -41,9 +41,11 @@ class HeadStatistics(NamedTuple):
     bucket_logprobs: torch.Tensor  # [N, k+1] (teacher top-k, tail); [N, k] with renormalize_topk
     entropy: torch.Tensor  # [N], over the full (sliced) vocabulary
     target_logprob: torch.Tensor  # [N]
-    topm_logprobs: torch.Tensor  # [R, m] at the R ranked rows, the student's m largest log-probs, best first
-    topm_ids: torch.Tensor  # [R, m] int64, their ids
-    ranked: torch.Tensor  # bool [N], the rows whose top-m is given (all without a selector)
+    # With num_items = m > 0, else None: at the R ranked rows, the student's m largest log-probs (best
+    # first) and their int64 ids, [R, m]; and bool [N], which rows those are (all without a selector).
+    topm_logprobs: torch.Tensor | None
+    topm_ids: torch.Tensor | None
+    ranked: torch.Tensor | None
 
 
 class TokenStatistics(NamedTuple):
@@ -96,7 +98,7 @@ def _forward_chunk(hidden_states, weight, teacher_topk_ids, target_ids, renormal
 class _HeadStatistics(torch.autograd.Function):
     """(hidden [N, d], weight [V', d], teacher ids [N, k], target ids [N]) -> HeadStatistics fields,
     over the first vocab_size rows of weight, chunk by chunk; ranked_rows(entropy [N]) -> bool [N] picks
-    the rows of the top-m (None: all). See the module docstring."""
+    the rows of the top-m (None: all; no top-m fields at all with num_items = 0). See the module docstring."""
 
     @staticmethod
     def forward(ctx, hidden_states, weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk,
@@ -115,21 +117,27 @@ class _HeadStatistics(torch.autograd.Function):
             del logprobs  # before the next chunk's: one [chunk, V] at a time
         buckets, entropy, target, lse, log_tail = chunks[0] if len(chunks) == 1 else \
             [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
-        ranked = torch.ones_like(entropy, dtype=torch.bool) if ranked_rows is None else ranked_rows(entropy)
-        ranked_index = ranked.nonzero().squeeze(-1)
-        if not num_items:
-            topm_logprobs, topm_ids = entropy.new_zeros(len(ranked_index), 0), ranked_index.new_zeros(len(ranked_index), 0)
-        elif kept_logprobs is not None:
-            topm_logprobs, topm_ids = kept_logprobs[ranked_index].topk(num_items, dim=-1)
-        else:
-            topm_logprobs, topm_ids = (torch.cat(field)[ranked_index] for field in zip(*chunk_items))
+        ranked = topm_logprobs = topm_ids = ranked_index = None  # ranked_index None: every row
+        if num_items:
+            if ranked_rows is None:
+                ranked = torch.ones_like(entropy, dtype=torch.bool)
+            else:
+                ranked = _checked_rows(ranked_rows(entropy), entropy)
+                ranked_index = ranked.nonzero().squeeze(-1)
+            if kept_logprobs is not None:
+                rows = kept_logprobs if ranked_index is None else kept_logprobs[ranked_index]
+                topm_logprobs, topm_ids = rows.topk(num_items, dim=-1)
+            else:
+                topm_logprobs, topm_ids = (torch.cat(field) for field in zip(*chunk_items))
+                if ranked_index is not None:
+                    topm_logprobs, topm_ids = topm_logprobs[ranked_index], topm_ids[ranked_index]
+            ctx.mark_non_differentiable(topm_ids, ranked)
         ctx.vocab_size, ctx.chunk_size, ctx.renormalize_topk = vocab_size, chunk_size, renormalize_topk
         # A backward recompute must see the logits the forward saw, autocast included.
         device_type = hidden_states.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
         ctx.save_for_backward(hidden_states, weight, teacher_topk_ids, target_ids, ranked_index, topm_ids, lse, entropy,
                               log_tail, buckets if renormalize_topk else None, kept_logprobs)
-        ctx.mark_non_differentiable(topm_ids, ranked)
         return buckets, entropy, target, topm_logprobs, topm_ids, ranked
 
     @staticmethod
@@ -145,11 +153,14 @@ class _HeadStatistics(torch.autograd.Function):
             return (torch.zeros_like(hidden_states) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
                     None, None, None, None, None, None, None)
         k = teacher_topk_ids.shape[-1]
-        # The top-m's gradient on every row (0 off the ranked ones), to scatter chunk by chunk.
-        item_grad = grad_topm.new_zeros(len(entropy), grad_topm.shape[-1]).index_copy_(0, ranked_index, grad_topm)
-        item_ids = topm_ids.new_zeros(item_grad.shape).index_copy_(0, ranked_index, topm_ids)
         # Row scalars: grad_z = p * (row - g_H log p) + scattered terms.
-        row = -grad_target - item_grad.sum(-1) - grad_entropy * entropy
+        row = -grad_target - grad_entropy * entropy
+        item_grad, item_ids = grad_topm, topm_ids
+        if ranked_index is not None:  # the top-m's gradient on every row (0 off the ranked ones), to scatter by chunk
+            item_grad = grad_topm.new_zeros(len(entropy), grad_topm.shape[-1]).index_copy_(0, ranked_index, grad_topm)
+            item_ids = topm_ids.new_zeros(item_grad.shape).index_copy_(0, ranked_index, topm_ids)
+        if item_ids is not None:
+            row = row - item_grad.sum(-1)
         if ctx.renormalize_topk:
             sparse = grad_buckets - grad_buckets.sum(-1, keepdim=True) * buckets.exp()
             row_off_topk = row
@@ -183,7 +194,8 @@ class _HeadStatistics(torch.autograd.Function):
             grad_z.scatter_(-1, ids, topk_grad)
             grad_z.scatter_add_(-1, ids, sparse[span])
             grad_z.scatter_add_(-1, target_ids[span].unsqueeze(-1), grad_target[span].unsqueeze(-1))
-            grad_z.scatter_add_(-1, item_ids[span], item_grad[span])
+            if item_ids is not None:
+                grad_z.scatter_add_(-1, item_ids[span], item_grad[span])
             grad_z = grad_z.to(weight.dtype)
             if need_hidden:
                 grad_hidden.append((grad_z @ weight_v).to(hidden_states.dtype))
@@ -200,6 +212,13 @@ class _HeadStatistics(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
+def _checked_rows(ranked: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    if ranked.dtype != torch.bool or ranked.shape != entropy.shape or ranked.device != entropy.device:
+        raise ValueError(f"ranked_rows must return a bool tensor shaped and placed like its entropy argument "
+                         f"{tuple(entropy.shape)} on {entropy.device}, got {ranked.dtype} {tuple(ranked.shape)} on {ranked.device}")
+    return ranked
+
+
 def chunked_token_statistics(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -213,8 +232,10 @@ def chunked_token_statistics(
 ) -> HeadStatistics:
     """log p_S = log_softmax(h W[:vocab_size]^T) in float32 or wider, chunk by chunk, reduced per token to
     buckets on the teacher's top-k, entropy, log p_S(target), and the top num_items log-probs with their ids
-    at the rows ranked_rows(entropy) picks (default all). Shapes [N, d], [V', d], [N, k], [N] ->
-    HeadStatistics; gradients reach h and W (none reach W's rows >= vocab_size)."""
+    at the rows ranked_rows(entropy) picks (default all; None with num_items = 0). Shapes [N, d], [V', d],
+    [N, k], [N] -> HeadStatistics; gradients reach h and W (none reach W's rows >= vocab_size).
+    ranked_rows runs inside the forward on the returned entropy: it must not modify it. With several
+    chunks every row's top-m is computed (the log p is gone once the selector can run), then selected."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     # Embedding matrices are often padded beyond the tokenizer (Qwen2.5: 151936 vs 152064 rows);

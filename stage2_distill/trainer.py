@@ -132,7 +132,7 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the loss terms (per optimizer step, summed over processes) and tokens/s."""
         if self._micro_batches and "loss" in logs:
-            sums = self._metric_sums
+            sums = self._metric_sums.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
             steps = self._micro_batches / self.args.gradient_accumulation_steps

@@ -724,6 +724,17 @@ def test_chunked_statistics_hold_one_chunk_of_logprobs_at_a_time(monkeypatch):
     assert len(earlier_logprobs) == 4 and stats.topm_ids.shape == (10, 4)
 
 
+def test_chunked_statistics_without_items_have_no_item_fields_and_a_bad_selector_is_refused():
+    hidden_states, weight, teacher_ids, target_ids = chunked_inputs(25)
+    stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, 4, vocab_size=11)
+    assert stats.topm_logprobs is None and stats.topm_ids is None and stats.ranked is None
+    stats.entropy.sum().backward()
+    assert torch.isfinite(hidden_states.grad).all()
+    for selector in (lambda entropy: (entropy > 0).long(), lambda entropy: (entropy > 0)[:-1]):
+        with pytest.raises(ValueError, match="ranked_rows must return a bool tensor"):
+            chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, 4, 11, num_items=3, ranked_rows=selector)
+
+
 def test_chunked_statistics_reduce_bf16_logits_in_float32():
     hidden_states, weight, teacher_ids, target_ids = chunked_inputs(23)
     hidden_states, weight = hidden_states.detach(), weight.detach()
