@@ -49,6 +49,17 @@ def _scatter(values: np.ndarray, lengths: np.ndarray, keep: np.ndarray, shift: n
     out[rows[kept], positions[kept] + shift[rows[kept]]] = values[kept]
 
 
+def candidates_by_rank(prompt_group: np.ndarray, teacher_rank: np.ndarray) -> np.ndarray:
+    """Each prompt's rows of a batch, best teacher rank first, then -1: [prompts, most candidates].
+    prompt_group numbers the batch's prompts 0..P-1 (the sequence-level ranking's layout)."""
+    order = np.lexsort((teacher_rank, prompt_group))
+    sizes = np.bincount(prompt_group)
+    slots = np.arange(len(order)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    layout = np.full((len(sizes), sizes.max(initial=0)), -1, dtype=np.int64)
+    layout[prompt_group[order], slots] = order
+    return layout
+
+
 class SignalBatches(torch.utils.data.Dataset):
     """Micro-batches of candidates (or of whole prompts, with group_by_prompt) from signal datasets.
 
@@ -244,6 +255,8 @@ class SignalBatches(torch.utils.data.Dataset):
             batch[name] = torch.from_numpy(out)
 
         positions = np.arange(T)
+        # Rows are in (shard, row) order, so a prompt's rows are consecutive and groups count up.
+        prompt_group = np.unique(self._group[rows], return_inverse=True)[1].astype(np.int64)
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy((positions < (prompt_len + completion_len)[:, None]).astype(np.int64)),
@@ -253,8 +266,8 @@ class SignalBatches(torch.utils.data.Dataset):
             "completion_ids": torch.from_numpy(completion_ids),
             **batch,
             "teacher_rank": torch.from_numpy(self._rank[rows]),
-            # Rows are in (shard, row) order, so a prompt's rows are consecutive and groups count up.
-            "prompt_group": torch.from_numpy(np.unique(self._group[rows], return_inverse=True)[1].astype(np.int64)),
+            "prompt_group": torch.from_numpy(prompt_group),
+            "candidates_by_rank": torch.from_numpy(candidates_by_rank(prompt_group, self._rank[rows])),
             "candidate_index": torch.from_numpy(self._candidate[rows]),
         }
 

@@ -134,23 +134,17 @@ class Objective:
         return loss, {name: value.detach() for name, value in metrics.items()}
 
     def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor) -> torch.Tensor:
-        """Sum over this micro-batch's prompts of the ListMLE of its candidates; `rows` are the completion
-        tokens' sequences."""
+        """Sum over this micro-batch's prompts of the ListMLE of its candidates (laid out by the data pipeline
+        as `candidates_by_rank`); `rows` are the completion tokens' sequences."""
         mask = batch["completion_mask"]
         lengths = mask.sum(-1).clamp(min=1)
         policy_mean = stats.target_logprob.new_zeros(len(mask)).index_add(0, rows, stats.target_logprob) / lengths
         # where, not a product with the mask: padding may hold anything, NaN included.
         behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / lengths
-        group = batch["prompt_group"]
-        num_prompts = int(group.max()) + 1
-        group_sizes = torch.bincount(group, minlength=num_prompts)
-        slot = torch.arange(len(group), device=group.device) - (group_sizes.cumsum(0) - group_sizes)[group]
-        shape = (num_prompts, int(group_sizes.max()))
-        policy = policy_mean.new_zeros(shape).index_put((group, slot), policy_mean)
-        behaviour = behaviour_mean.new_zeros(shape).index_put((group, slot), behaviour_mean)
-        ranks = batch["teacher_rank"].new_zeros(shape).index_put((group, slot), batch["teacher_rank"])
-        present = torch.zeros(shape, dtype=torch.bool, device=group.device).index_put((group, slot), torch.ones_like(group, dtype=torch.bool))
-        return sequence_level_ranking_loss(policy, behaviour, ranks, present, self.beta_p) * num_prompts
+        candidates = batch["candidates_by_rank"]
+        present, slots = candidates >= 0, candidates.clamp(min=0)
+        return sequence_level_ranking_loss(policy_mean[slots], behaviour_mean[slots], batch["teacher_rank"][slots], present,
+                                           self.beta_p) * len(candidates)
 
 
 def _per_sequence_mean(values: torch.Tensor, rows: torch.Tensor, num_sequences: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ class DistillTrainer(Trainer):
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> StepCounts:
         """Tokens, sequences and prompts over the step's micro-batches, summed over processes."""
         counts = torch.tensor(
-            [[b["completion_mask"].sum(), len(b["prompt_group"]), int(b["prompt_group"].max()) + 1] for b in batch_samples],
+            [[b["completion_mask"].sum(), len(b["prompt_group"]), len(b["candidates_by_rank"])] for b in batch_samples],
             dtype=torch.float64,
         ).sum(0).to(device)
         if self.accelerator.num_processes > 1:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from stage2_distill.data import SignalBatches, collate_single
+from stage2_distill.data import SignalBatches, candidates_by_rank, collate_single
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer
 from tsdkd.config import DistillConfig
@@ -34,8 +34,9 @@ def batch_halves(signals: str) -> list[dict[str, torch.Tensor]]:
     halves = []
     for groups in ((0, 1), (2, 3)):
         rows = (whole["prompt_group"] == groups[0]) | (whole["prompt_group"] == groups[1])
-        half = {k: v[rows] for k, v in whole.items()}
+        half = {k: v[rows] for k, v in whole.items() if k != "candidates_by_rank"}
         half["prompt_group"] = half["prompt_group"] - groups[0]
+        half["candidates_by_rank"] = torch.from_numpy(candidates_by_rank(half["prompt_group"].numpy(), half["teacher_rank"].numpy()))
         halves.append(half)
     return halves
 

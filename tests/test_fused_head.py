@@ -312,6 +312,7 @@ def synthetic_batch(seed: int, k: int = 3):
         "behaviour_logprobs": -torch.rand(4, 7, generator=rng, dtype=F64),
         "prompt_group": torch.tensor([0, 0, 1, 1]),
         "teacher_rank": torch.tensor([1, 0, 0, 1]),
+        "candidates_by_rank": torch.tensor([[1, 0], [2, 3]]),
     }
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stage2_distill.data import SignalBatches, collate_single
+from stage2_distill.data import SignalBatches, candidates_by_rank, collate_single
 from tsdkd.errors import TsdkdError
 from tsdkd.signals import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEYS, MANIFEST_NAME, CandidateSignal, read_manifest, shard_path,
@@ -135,6 +135,13 @@ def test_synthetic_rows_across_row_groups(tmp_path):
     assert seen == Counter(stored.keys())
 
 
+def test_candidates_by_rank_lays_out_each_prompt_best_first():
+    """Unequal groups, ranks with gaps (candidates filtered out) and out of order within a prompt."""
+    prompt_group = np.array([0, 0, 0, 1, 2, 2])
+    teacher_rank = np.array([2, 0, 3, 1, 1, 0])
+    assert candidates_by_rank(prompt_group, teacher_rank).tolist() == [[1, 0, 2], [3, -1, -1], [5, 4, -1]]
+
+
 def assert_groups_whole(dataset: SignalBatches, stored: dict, prompts_per_batch: int) -> None:
     seen = Counter()
     for batch, keys in all_batches(dataset):
@@ -145,6 +152,10 @@ def assert_groups_whole(dataset: SignalBatches, stored: dict, prompts_per_batch:
             paths, ids = {path for path, _ in members}, {stored[key]["prompt_id"] for key in members}
             assert len(paths) == len(ids) == 1
             assert sorted(batch["candidate_index"][batch["prompt_group"] == group].tolist()) == [0, 1, 2]
+            # The sequence-level ranking's layout: this prompt's rows, best teacher rank first.
+            layout_rows = batch["candidates_by_rank"][group].tolist()
+            assert sorted(layout_rows) == [i for i, g in enumerate(groups) if g == group]
+            assert [stored[keys[i]]["teacher_rank"] for i in layout_rows] == sorted(stored[key]["teacher_rank"] for key in members)
             seen[(paths.pop(), ids.pop())] += 1
     assert all(count == 1 for count in seen.values())  # no prompt split over batches
     assert sum(seen.values()) == dataset.num_prompts
