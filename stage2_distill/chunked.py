@@ -35,30 +35,18 @@ from stage2_distill.losses import TAIL_MASS_FLOOR, at_least_float32
 LOG_TAIL_FLOOR = math.log(TAIL_MASS_FLOOR)
 
 
-class HeadStatistics(NamedTuple):
-    """Per completion token, flat [N, ...]."""
+class TokenStatistics(NamedTuple):
+    """The student's head statistics per completion token, flat [N, ...] (in mask order, for the Objective)."""
 
     bucket_logprobs: torch.Tensor  # [N, k+1] (teacher top-k, tail); [N, k] with renormalize_topk
     entropy: torch.Tensor  # [N], over the full (sliced) vocabulary
     target_logprob: torch.Tensor  # [N]
-    # With num_items = m > 0, else None: at the R ranked rows, the student's m largest log-probs (best
-    # first) and their int64 ids, [R, m]; and bool [N], which rows those are (all without a selector).
-    topm_logprobs: torch.Tensor | None
-    topm_ids: torch.Tensor | None
-    ranked: torch.Tensor | None
-
-
-class TokenStatistics(NamedTuple):
-    """What the Objective reads: per completion token, flat [N, ...] in mask order."""
-
-    bucket_logprobs: torch.Tensor  # [N, k+1] or [N, k]
-    entropy: torch.Tensor  # [N]
-    target_logprob: torch.Tensor  # [N]
-    # With the token-level ranking: bool [N], the tokens it ranks (Objective.ranked_positions), and
-    # there the student's top-m ids (best first, int64) and their log-probs, [R, m]; else None.
-    ranked: torch.Tensor | None = None
-    topm_ids: torch.Tensor | None = None
+    # With num_items = m > 0 (the token-level ranking), else None: at the R ranked rows, the student's m
+    # largest log-probs (best first) and their int64 ids, [R, m]; and bool [N], which rows those are (all
+    # without a selector; Objective.ranked_positions in training).
     topm_logprobs: torch.Tensor | None = None
+    topm_ids: torch.Tensor | None = None
+    ranked: torch.Tensor | None = None
 
 
 def _logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,7 +84,7 @@ def _forward_chunk(hidden_states, weight, teacher_topk_ids, target_ids, renormal
 
 
 class _HeadStatistics(torch.autograd.Function):
-    """(hidden [N, d], weight [V', d], teacher ids [N, k], target ids [N]) -> HeadStatistics fields,
+    """(hidden [N, d], weight [V', d], teacher ids [N, k], target ids [N]) -> TokenStatistics fields,
     over the first vocab_size rows of weight, chunk by chunk; ranked_rows(entropy [N]) -> bool [N] picks
     the rows of the top-m (None: all; no top-m fields at all with num_items = 0). See the module docstring."""
 
@@ -229,11 +217,11 @@ def chunked_token_statistics(
     renormalize_topk: bool = False,
     num_items: int = 0,
     ranked_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> HeadStatistics:
+) -> TokenStatistics:
     """log p_S = log_softmax(h W[:vocab_size]^T) in float32 or wider, chunk by chunk, reduced per token to
     buckets on the teacher's top-k, entropy, log p_S(target), and the top num_items log-probs with their ids
     at the rows ranked_rows(entropy) picks (default all; None with num_items = 0). Shapes [N, d], [V', d],
-    [N, k], [N] -> HeadStatistics; gradients reach h and W (none reach W's rows >= vocab_size).
+    [N, k], [N] -> TokenStatistics; gradients reach h and W (none reach W's rows >= vocab_size).
     ranked_rows runs inside the forward on the returned entropy: it must not modify it. With several
     chunks every row's top-m is computed (the log p is gone once the selector can run), then selected."""
     if chunk_size < 1:
@@ -241,7 +229,7 @@ def chunked_token_statistics(
     # Embedding matrices are often padded beyond the tokenizer (Qwen2.5: 151936 vs 152064 rows);
     # the padded rows are not tokens and must not take probability mass.
     vocab_size = lm_head_weight.shape[0] if vocab_size is None else min(vocab_size, lm_head_weight.shape[0])
-    return HeadStatistics(*_HeadStatistics.apply(
+    return TokenStatistics(*_HeadStatistics.apply(
         hidden_states, lm_head_weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk, num_items,
         ranked_rows,
     ))
@@ -262,16 +250,10 @@ def student_statistics(
     """TokenStatistics from the flat per-token inputs (hidden [N, d], teacher ids [N, k], targets [N],
     N = mask.sum(), in the order of `mask` [B, T]). With ranked_positions(entropy [B, T], mask) -> bool
     [B, T], the student's top-m at those positions."""
-    if ranked_positions is None:
-        flat = chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size,
-                                        vocab_size, renormalize_topk)
-        return TokenStatistics(*flat[:3])
-
     def ranked_rows(flat_entropy: torch.Tensor) -> torch.Tensor:
         entropy = flat_entropy.new_zeros(mask.shape)
         entropy[mask] = flat_entropy
         return ranked_positions(entropy, mask)[mask]
 
-    flat = chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size,
-                                    vocab_size, renormalize_topk, num_items, ranked_rows)
-    return TokenStatistics(*flat[:3], flat.ranked, flat.topm_ids, flat.topm_logprobs)
+    return chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size, vocab_size,
+                                    renormalize_topk, num_items if ranked_positions is not None else 0, ranked_rows)

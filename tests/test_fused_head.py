@@ -165,7 +165,7 @@ def test_gradcheck_with_a_frozen_head_and_with_frozen_hidden_states():
 
 
 def composite_statistics(hidden_states, weight, teacher_ids, target_ids, vocab_size, m, renormalize):
-    """The former stage2_distill.chunked._chunk_statistics, unchunked: HeadStatistics' fields."""
+    """The former stage2_distill.chunked._chunk_statistics, unchunked: TokenStatistics' fields."""
     logits = at_least_float32(hidden_states @ weight[:vocab_size].T)
     logprobs = torch.log_softmax(logits, dim=-1)
     topm_logprobs, topm_ids = logprobs.topk(m, dim=-1)
@@ -339,7 +339,7 @@ def test_objective_on_fused_statistics_equals_the_autograd_composite(options, ch
     assert 0 < chosen.sum() < mask.sum()
     assert new_stats.ranked.equal(chosen)
     assert new_stats.topm_ids.equal(former[4][chosen])
-    former_stats = TokenStatistics(*former[:3], chosen, former[4][chosen], former[3][chosen])
+    former_stats = TokenStatistics(*former[:3], former[3][chosen], former[4][chosen], chosen)
     new_loss, new_metrics = objective(batch, new_stats, counts)
     former_loss, former_metrics = objective(batch, former_stats, counts)
     assert new_metrics.keys() == former_metrics.keys() and "indirect_token" in new_metrics
