@@ -199,35 +199,28 @@ def pass_times(step_times: list[float], per_pass: int) -> list[float]:
     return [sum(step_times[i : i + per_pass]) / per_pass for i in range(0, len(step_times), per_pass)]
 
 
-class PairedCE:
+def paired_ce_callback(args: argparse.Namespace, folder: Path, steps_per_pass: int):
     """A TrainerCallback that, after each pass of the Trainer over the batches, runs one pass of the plain CE
-    loop (its own student and AdamW) in the same process, recording its (wall, CPU) time by the step it
-    followed so that the worker takes it out of the next step's interval: each Trainer pass gets a CE pass
-    timed next to it, so machine-load drift and per-process effects cancel in the ratio."""
+    loop (its own student and AdamW) in the same process, recording its (wall, CPU) time in `after_step` by
+    the step it followed, so that the worker takes it out of the next step's interval: each Trainer pass
+    gets a CE pass timed next to it, so machine-load drift and per-process effects cancel in the ratio."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, args: argparse.Namespace, folder: Path, steps_per_pass: int):
-        from transformers import TrainerCallback
+    items, _, _, step, _ = loop_setup(args, "ce", folder)
 
-        items, model, loss_of, optimizer, _ = loop_setup(args, "ce", folder)
+    class PairedCE(TrainerCallback):
+        def __init__(self) -> None:
+            self.after_step: dict[int, tuple[float, float]] = {}
 
-        class _Paired(TrainerCallback):
-            def __init__(self) -> None:
-                self.pass_step_cpu_s: list[float] = []
-                self.after_step: dict[int, tuple[float, float]] = {}
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step % steps_per_pass:
+                return
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for batch in items:
+                step(batch)
+            self.after_step[state.global_step] = (time.perf_counter() - start, time.process_time() - start_cpu)
 
-            def on_step_end(self, args_, state, control, **kwargs):
-                if state.global_step % steps_per_pass:
-                    return
-                start, start_cpu = time.perf_counter(), time.process_time()
-                for batch in items:
-                    loss_of(batch).backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                cpu = time.process_time() - start_cpu
-                self.pass_step_cpu_s.append(cpu / len(items))
-                self.after_step[state.global_step] = (time.perf_counter() - start, cpu)
-
-        return _Paired()
+    return PairedCE()
 
 
 def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
@@ -248,9 +241,8 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         model = load_student(args.student)
         rss = RssMarks()
         clock = StepClock(rss, len(items))
-        callbacks = [clock]
-        if args.paired:
-            callbacks.append(PairedCE(args, Path(folder), len(items)))
+        paired = paired_ce_callback(args, Path(folder), len(items)) if args.paired else None
+        callbacks = [clock] if paired is None else [clock, paired]
         if variant in ("tsdkd", "tsdkd-direct"):
             trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items * passes), callbacks)
         else:
@@ -268,21 +260,22 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         memory = rss.result()
     wall = [b[0] - a[0] for a, b in zip(clock.marks[:-1], clock.marks[1:])]
     cpu = [b[1] - a[1] for a, b in zip(clock.marks[:-1], clock.marks[1:])]
-    for step, (ce_wall, ce_cpu) in (callbacks[1].after_step.items() if args.paired else ()):
+    for step, (ce_wall, ce_cpu) in (paired.after_step.items() if paired else ()):
         if step < len(wall):  # the interval from the mark of `step` to the next one held the CE pass
             wall[step] -= ce_wall
             cpu[step] -= ce_cpu
     n = len(items)
     return {"pass_step_s": pass_times(wall[n:], n), "pass_step_cpu_s": pass_times(cpu[n:], n),
-            "paired_ce_pass_step_cpu_s": callbacks[1].pass_step_cpu_s[1:] if args.paired else None,
+            # The CE pass after the warm-up pass is the CE loop's own warm-up.
+            "paired_ce_pass_step_cpu_s": [cpu / n for _, cpu in list(paired.after_step.values())[1:]] if paired else None,
             "warmup_step_s": sum(wall[:n]) / n, **memory,
             "objective": vars(objective), "logit_chunk_tokens": cfg.logit_chunk_tokens,
             "completion_tokens_per_pass": sum(map(completion_tokens, items)), "steps_per_pass": n}
 
 
 def loop_setup(args: argparse.Namespace, variant: str, folder: Path) -> tuple:
-    """The micro-batches, the student, its loss function for `variant` (`ce` or `tsdkd-loop`),
-    AdamW, and the DistillTrainer behind the TSD-KD loss (None for CE)."""
+    """The micro-batches, the student, its loss function for `variant` (`ce` or `tsdkd-loop`), one AdamW
+    step on a batch (loss, backward, step, zero_grad), and the DistillTrainer behind the TSD-KD loss (None for CE)."""
     cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, folder / "run")
     items = [batches[i] for i in range(len(batches))]
     model = load_student(args.student)
@@ -298,19 +291,19 @@ def loop_setup(args: argparse.Namespace, variant: str, folder: Path) -> tuple:
         def loss_of(batch):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return items, model, loss_of, optimizer, trainer
+
+    def step(batch):
+        loss_of(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return items, model, loss_of, step, trainer
 
 
 def worker_loop(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """`ce` (plain cross-entropy step) or `tsdkd-loop` (DistillTrainer.compute_loss in the same loop)."""
     with tempfile.TemporaryDirectory() as folder:
-        items, model, loss_of, optimizer, trainer = loop_setup(args, variant, Path(folder))
-
-        def step(batch):
-            loss_of(batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        items, model, loss_of, step, trainer = loop_setup(args, variant, Path(folder))
         rss = RssMarks()
         rss.start()
         steps, cpu = [], []
@@ -434,19 +427,11 @@ def worker_tensor_memory(args: argparse.Namespace, variant: str) -> dict[str, An
     """Peak bytes of live tensors during one step on the largest micro-batch (after two warm-up
     steps), from torch.profiler's memory timeline: independent of the allocator and of one-time costs."""
     with tempfile.TemporaryDirectory() as folder:
-        items, model, loss_of, optimizer, _ = loop_setup(args, variant, Path(folder))
+        items, _, _, step, _ = loop_setup(args, variant, Path(folder))
         largest = max(range(len(items)), key=lambda i: items[i]["input_ids"].numel())
         for batch in items[:2]:
-            loss_of(batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        def step() -> None:
-            loss_of(items[largest]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        sizes = live_tensor_timeline(step)
+            step(batch)
+        sizes = live_tensor_timeline(lambda: step(items[largest]))
     totals = [sum(row) for row in sizes]
     at_peak = sizes[max(range(len(totals)), key=totals.__getitem__)]
     return {"peak_tensor_bytes": max(totals), "start_tensor_bytes": totals[0],

@@ -10,7 +10,6 @@ and drops the chunk; its backward is analytic. With z = h W^T, p = softmax(z), l
     d H / dz                = -p (log p + H)                        H = -sum_j p_j log p_j
     d log tail / dz         = p [j not in K] / tail - p             tail = sum_{j not in K} p_j
     d (z_i - lse_K(z)) / dz = e_i - softmax_K(z)                    (renormalised top-k)
-    d lse / dz              = p
 
 so grad_z = p * (a row scalar - g_H log p) + a few scattered entries, then grad_h = grad_z W and
 grad_W = grad_z^T h. The backward recomputes each chunk's logits (no torch.utils.checkpoint) unless
@@ -251,9 +250,9 @@ def student_statistics(
     N = mask.sum(), in the order of `mask` [B, T]). With ranked_positions(entropy [B, T], mask) -> bool
     [B, T], the student's top-m at those positions."""
     def ranked_rows(flat_entropy: torch.Tensor) -> torch.Tensor:
-        entropy = flat_entropy.new_zeros(mask.shape)
-        entropy[mask] = flat_entropy
-        return ranked_positions(entropy, mask)[mask]
+        positions = mask.nonzero(as_tuple=True)
+        entropy = flat_entropy.new_zeros(mask.shape).index_put_(positions, flat_entropy)
+        return ranked_positions(entropy, mask)[positions]
 
     return chunked_token_statistics(hidden_states, lm_head_weight, teacher_topk_ids, target_ids, chunk_size, vocab_size,
                                     renormalize_topk, num_items if ranked_positions is not None else 0, ranked_rows)

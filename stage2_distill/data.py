@@ -257,6 +257,7 @@ class SignalBatches(torch.utils.data.Dataset):
         positions = np.arange(T)
         # Rows are in (shard, row) order, so a prompt's rows are consecutive and groups count up.
         prompt_group = np.unique(self._group[rows], return_inverse=True)[1].astype(np.int64)
+        teacher_rank = self._rank[rows]
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy((positions < (prompt_len + completion_len)[:, None]).astype(np.int64)),
@@ -265,9 +266,9 @@ class SignalBatches(torch.utils.data.Dataset):
             "completion_mask": torch.from_numpy(np.arange(L) < completion_len[:, None]),
             "completion_ids": torch.from_numpy(completion_ids),
             **batch,
-            "teacher_rank": torch.from_numpy(self._rank[rows]),
+            "teacher_rank": torch.from_numpy(teacher_rank),
             "prompt_group": torch.from_numpy(prompt_group),
-            "candidates_by_rank": torch.from_numpy(candidates_by_rank(prompt_group, self._rank[rows])),
+            "candidates_by_rank": torch.from_numpy(candidates_by_rank(prompt_group, teacher_rank)),
             "candidate_index": torch.from_numpy(self._candidate[rows]),
         }
 

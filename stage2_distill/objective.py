@@ -117,7 +117,8 @@ class Objective:
             metrics["sft"] = -stats.target_logprob.sum() / tokens
             loss = loss + metrics["sft"]
         if self.token_ranking:
-            ranked_rows, ranked_steps = rows[stats.ranked], steps[stats.ranked]
+            ranked = stats.ranked.nonzero(as_tuple=True)[0]  # one nonzero (a GPU sync) for both lookups
+            ranked_rows, ranked_steps = rows[ranked], steps[ranked]
             per_position = teacher_ordered_listmle(
                 stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"][ranked_rows, ranked_steps],
                 batch["teacher_topk_logprobs"][ranked_rows, ranked_steps],
@@ -137,10 +138,9 @@ class Objective:
         """Sum over this micro-batch's prompts of the ListMLE of its candidates (laid out by the data pipeline
         as `candidates_by_rank`); `rows` are the completion tokens' sequences."""
         mask = batch["completion_mask"]
-        lengths = mask.sum(-1).clamp(min=1)
-        policy_mean = stats.target_logprob.new_zeros(len(mask)).index_add(0, rows, stats.target_logprob) / lengths
+        policy_mean = _per_sequence_mean(stats.target_logprob, rows, len(mask))
         # where, not a product with the mask: padding may hold anything, NaN included.
-        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / lengths
+        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
         candidates = batch["candidates_by_rank"]
         present, slots = candidates >= 0, candidates.clamp(min=0)
         return sequence_level_ranking_loss(policy_mean[slots], behaviour_mean[slots], batch["teacher_rank"][slots], present,
@@ -150,4 +150,5 @@ class Objective:
 def _per_sequence_mean(values: torch.Tensor, rows: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Mean of the per-token `values` [n] of each sequence (`rows` [n]): [num_sequences], 0 where it has none."""
     sums = values.new_zeros(num_sequences).index_add(0, rows, values)
-    return sums / torch.bincount(rows, minlength=num_sequences).clamp(min=1)
+    # Counted by index_add, not bincount: a CUDA bincount reads the maximum back to the host.
+    return sums / values.new_zeros(num_sequences).index_add(0, rows, torch.ones_like(values)).clamp(min=1)

@@ -28,17 +28,19 @@ from tsdkd.config import DistillConfig
 TOY_STUDENT = Path(__file__).resolve().parents[1] / "data" / "toy-student"
 
 
+def prompts_batch(batch: dict[str, torch.Tensor], first: int, last: int) -> dict[str, torch.Tensor]:
+    """The micro-batch of prompts first..last (consecutive prompt_group numbers) cut from a collated batch."""
+    rows = (batch["prompt_group"] >= first) & (batch["prompt_group"] <= last)
+    part = {k: v[rows] for k, v in batch.items() if k != "candidates_by_rank"}
+    part["prompt_group"] = part["prompt_group"] - first
+    part["candidates_by_rank"] = torch.from_numpy(candidates_by_rank(part["prompt_group"].numpy(), part["teacher_rank"].numpy()))
+    return part
+
+
 def batch_halves(signals: str) -> list[dict[str, torch.Tensor]]:
     """One 4-prompt batch cut into two micro-batches of 2 prompts each."""
     whole = SignalBatches([signals], batch_size=12, pad_token_id=0, group_by_prompt=True, seed=0)[0]
-    halves = []
-    for groups in ((0, 1), (2, 3)):
-        rows = (whole["prompt_group"] == groups[0]) | (whole["prompt_group"] == groups[1])
-        half = {k: v[rows] for k, v in whole.items() if k != "candidates_by_rank"}
-        half["prompt_group"] = half["prompt_group"] - groups[0]
-        half["candidates_by_rank"] = torch.from_numpy(candidates_by_rank(half["prompt_group"].numpy(), half["teacher_rank"].numpy()))
-        halves.append(half)
-    return halves
+    return [prompts_batch(whole, 0, 1), prompts_batch(whole, 2, 3)]
 
 
 def toy_student(head_unit: str) -> torch.nn.Module:

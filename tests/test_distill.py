@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from conftest import SMALL_JOB, ROOT, TOY_STUDENT, assert_one_line_error, run_cli
-from fsdp_worker import batch_halves, distill_trainer, toy_student
-from stage2_distill.data import SignalBatches, candidates_by_rank, collate_single
+from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
+from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import check_output, create_output, create_output_folder, drop_metrics_after, training_arguments
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config
@@ -104,14 +104,7 @@ def one_step_parameters(batches, accumulation, loss_options=None):
 
 def split_by_prompt(batch):
     """The micro-batches of one prompt each, cut from one collated batch."""
-    parts = []
-    for group in batch["prompt_group"].unique():
-        rows = batch["prompt_group"] == group
-        part = {k: v[rows] for k, v in batch.items() if k != "candidates_by_rank"}
-        part["prompt_group"] = torch.zeros_like(part["prompt_group"])
-        part["candidates_by_rank"] = torch.from_numpy(candidates_by_rank(part["prompt_group"].numpy(), part["teacher_rank"].numpy()))
-        parts.append(part)
-    return parts
+    return [prompts_batch(batch, group, group) for group in range(int(batch["prompt_group"].max()) + 1)]
 
 
 @pytest.mark.parametrize("loss_options", [{"entropy_quantile": 0.0}, {"loss": "sft"}, {"loss": "kd"}])
