@@ -41,11 +41,11 @@ class TokenStatistics(NamedTuple):
     entropy: torch.Tensor  # [N], over the full (sliced) vocabulary
     target_logprob: torch.Tensor  # [N]
     # With num_items = m > 0 (the token-level ranking), else None: at the R ranked rows, the student's m
-    # largest log-probs (best first) and their int64 ids, [R, m]; and bool [N], which rows those are (all
-    # without a selector; Objective.ranked_positions in training).
+    # largest log-probs (best first) and their int64 ids, [R, m]; and which rows those are, int64 [R] ascending
+    # (all without a selector; Objective.ranked_positions in training).
     topm_logprobs: torch.Tensor | None = None
     topm_ids: torch.Tensor | None = None
-    ranked: torch.Tensor | None = None
+    ranked_index: torch.Tensor | None = None
 
 
 def _logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _forward_chunk(hidden_states, weight, teacher_topk_ids, target_ids, renormal
 class _HeadStatistics(torch.autograd.Function):
     """(hidden [N, d], weight [V', d], teacher ids [N, k], target ids [N]) -> TokenStatistics fields,
     over the first vocab_size rows of weight, chunk by chunk; ranked_rows(entropy [N]) -> bool [N] picks
-    the rows of the top-m (None: all; no top-m fields at all with num_items = 0). See the module docstring."""
+    the rows of the top-m (None: all; no top-m fields at all with num_items = 0), returned as an index. See the module docstring."""
 
     @staticmethod
     def forward(ctx, hidden_states, weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk,
@@ -104,13 +104,11 @@ class _HeadStatistics(torch.autograd.Function):
             del logprobs  # before the next chunk's: one [chunk, V] at a time
         buckets, entropy, target, lse, log_tail = chunks[0] if len(chunks) == 1 else \
             [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
-        ranked = topm_logprobs = topm_ids = ranked_index = None  # ranked_index None: every row
+        topm_logprobs = topm_ids = ranked_index = topm_rows = None  # ranked_index None: every row (for the backward)
         if num_items:
-            if ranked_rows is None:
-                ranked = torch.ones_like(entropy, dtype=torch.bool)
-            else:
-                ranked = _checked_rows(ranked_rows(entropy), entropy)
-                ranked_index = ranked.nonzero().squeeze(-1)
+            if ranked_rows is not None:
+                ranked_index = _checked_rows(ranked_rows(entropy), entropy).nonzero().squeeze(-1)
+            topm_rows = torch.arange(len(entropy), device=entropy.device) if ranked_index is None else ranked_index
             if kept_logprobs is not None:
                 rows = kept_logprobs if ranked_index is None else kept_logprobs[ranked_index]
                 topm_logprobs, topm_ids = rows.topk(num_items, dim=-1)
@@ -118,14 +116,14 @@ class _HeadStatistics(torch.autograd.Function):
                 topm_logprobs, topm_ids = (torch.cat(field) for field in zip(*chunk_items))
                 if ranked_index is not None:
                     topm_logprobs, topm_ids = topm_logprobs[ranked_index], topm_ids[ranked_index]
-            ctx.mark_non_differentiable(topm_ids, ranked)
+            ctx.mark_non_differentiable(topm_ids, topm_rows)
         ctx.vocab_size, ctx.chunk_size, ctx.renormalize_topk = vocab_size, chunk_size, renormalize_topk
         # A backward recompute must see the logits the forward saw, autocast included.
         device_type = hidden_states.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
         ctx.save_for_backward(hidden_states, weight, teacher_topk_ids, target_ids, ranked_index, topm_ids, lse, entropy,
                               log_tail, buckets if renormalize_topk else None, kept_logprobs)
-        return buckets, entropy, target, topm_logprobs, topm_ids, ranked
+        return buckets, entropy, target, topm_logprobs, topm_ids, topm_rows
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -245,12 +243,14 @@ def student_statistics(
     renormalize_topk: bool,
     num_items: int,
     ranked_positions: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    completion_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TokenStatistics:
     """TokenStatistics from the flat per-token inputs (hidden [N, d], teacher ids [N, k], targets [N],
-    N = mask.sum(), in the order of `mask` [B, T]). With ranked_positions(entropy [B, T], mask) -> bool
-    [B, T], the student's top-m at those positions."""
+    N = mask.sum(), in the order of `mask` [B, T], whose (rows, steps) `completion_positions` gives when the
+    caller has them). With ranked_positions(entropy [B, T], mask) -> bool [B, T], the student's top-m at
+    those positions."""
     def ranked_rows(flat_entropy: torch.Tensor) -> torch.Tensor:
-        positions = mask.nonzero(as_tuple=True)
+        positions = completion_positions if completion_positions is not None else mask.nonzero(as_tuple=True)
         entropy = flat_entropy.new_zeros(mask.shape).index_put_(positions, flat_entropy)
         return ranked_positions(entropy, mask)[positions]
 

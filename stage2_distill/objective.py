@@ -117,8 +117,7 @@ class Objective:
             metrics["sft"] = -stats.target_logprob.sum() / tokens
             loss = loss + metrics["sft"]
         if self.token_ranking:
-            ranked = stats.ranked.nonzero(as_tuple=True)[0]  # one nonzero (a GPU sync) for both lookups
-            ranked_rows, ranked_steps = rows[ranked], steps[ranked]
+            ranked_rows, ranked_steps = rows[stats.ranked_index], steps[stats.ranked_index]
             per_position = teacher_ordered_listmle(
                 stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"][ranked_rows, ranked_steps],
                 batch["teacher_topk_logprobs"][ranked_rows, ranked_steps],

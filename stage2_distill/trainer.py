@@ -93,7 +93,7 @@ class DistillTrainer(Trainer):
             stats = student_statistics(
                 hidden[rows, positions], head_weight, mask, batch["teacher_topk_ids"][rows, steps], batch["completion_ids"][rows, steps],
                 self.logit_chunk_tokens, self.vocab_size, self.objective.renormalize_topk, self.rank_items,
-                self.objective.ranked_positions if self.objective.token_ranking else None,
+                self.objective.ranked_positions if self.objective.token_ranking else None, completion_positions,
             )
             produced.append(True)
             return stats

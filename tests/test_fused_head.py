@@ -93,6 +93,7 @@ def test_values_equal_brute_force_loops(renormalize, chunk_size):
     for got, expected in zip(stats[:4], expected_floats):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert stats.topm_ids.equal(loop_ids.long())
+    assert stats.ranked_index.equal(torch.arange(len(hidden_states)))  # no selector: every row
 
 
 def test_tail_below_the_floor_is_clamped_and_small_tails_are_exact():
@@ -337,9 +338,9 @@ def test_objective_on_fused_statistics_equals_the_autograd_composite(options, ch
     entropy[mask] = former[1].detach()
     chosen = objective.ranked_positions(entropy, mask)[mask]
     assert 0 < chosen.sum() < mask.sum()
-    assert new_stats.ranked.equal(chosen)
+    assert new_stats.ranked_index.equal(chosen.nonzero().squeeze(-1))
     assert new_stats.topm_ids.equal(former[4][chosen])
-    former_stats = TokenStatistics(*former[:3], former[3][chosen], former[4][chosen], chosen)
+    former_stats = TokenStatistics(*former[:3], former[3][chosen], former[4][chosen], chosen.nonzero().squeeze(-1))
     new_loss, new_metrics = objective(batch, new_stats, counts)
     former_loss, former_metrics = objective(batch, former_stats, counts)
     assert new_metrics.keys() == former_metrics.keys() and "indirect_token" in new_metrics
@@ -401,7 +402,7 @@ def test_no_top_items_without_token_ranking():
     hidden_states, weight, _, _ = random_inputs(23, tokens=int(mask.sum()))
     stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
                                8, VOCAB, False, 10, None)
-    assert stats.ranked is None and stats.topm_ids is None and stats.topm_logprobs is None
+    assert stats.ranked_index is None and stats.topm_ids is None and stats.topm_logprobs is None
     assert stats.entropy.shape == (mask.sum(),)
 
 

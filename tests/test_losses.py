@@ -727,7 +727,7 @@ def test_chunked_statistics_hold_one_chunk_of_logprobs_at_a_time(monkeypatch):
 def test_chunked_statistics_without_items_have_no_item_fields_and_a_bad_selector_is_refused():
     hidden_states, weight, teacher_ids, target_ids = chunked_inputs(25)
     stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, 4, vocab_size=11)
-    assert stats.topm_logprobs is None and stats.topm_ids is None and stats.ranked is None
+    assert stats.topm_logprobs is None and stats.topm_ids is None and stats.ranked_index is None
     stats.entropy.sum().backward()
     assert torch.isfinite(hidden_states.grad).all()
     for selector in (lambda entropy: (entropy > 0).long(), lambda entropy: (entropy > 0)[:-1]):
