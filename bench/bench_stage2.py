@@ -1,6 +1,6 @@
 """Stage-2 cost of TSD-KD against plain cross-entropy and against the authors' online recipe.
 
-    python bench/bench_stage2.py [--signals DIR] [--repeats 3] [--processes 3] [--parts abc]
+    python bench/bench_stage2.py [--signals DIR] [--repeats 3] [--processes 3] [--parts abc] [--batch-size N]
 
 First a signal dataset is made with `tsdkd generate --backend hf` in a temporary folder (the toy
 student and teacher in data/, 32 prompts, 4 candidates, 128 new tokens, top-k 20), unless
@@ -21,6 +21,8 @@ student and teacher in data/, 32 prompts, 4 candidates, 128 new tokens, top-k 20
     token-level ranking reads it at the decision-prefix positions only) forward+backward at
     V=32768, 4096 tokens, d=256, k=20, m=10: chunk 512 vs 4096 (unchunked), with a plain
     cross-entropy head for reference.
+
+--batch-size sets the micro-batch size of (a) and (b) (default: `tsdkd distill`'s).
 
 Timing: the data is decoded before the clock starts; each variant runs one warm-up pass over all
 the batches and then --repeats timed passes, in each of --processes fresh processes (variants
@@ -134,6 +136,13 @@ def distill_setup(signals: Path, student: str, out: Path, **overrides: Any):
     return cfg, tokenizer, objective, batches
 
 
+def setup(args: argparse.Namespace, folder: Path, **overrides: Any):
+    """distill_setup for the bench's signals and student, at --batch-size when given (else the default)."""
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    return distill_setup(Path(args.signals), args.student, folder / "run", **overrides)
+
+
 def load_student(path: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -232,8 +241,7 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as folder:
         passes = 1 + args.repeats
-        cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, Path(folder) / "run",
-                                                           max_steps=0)
+        cfg, tokenizer, objective, batches = setup(args, Path(folder), max_steps=0)
         if variant == "tsdkd-direct":  # same micro-batches (grouped by prompt), the direct term alone
             objective = dataclasses.replace(objective, token_ranking=False, sequence_ranking=False, entropy=False)
         items = [batches[i] for i in range(len(batches))]
@@ -276,7 +284,7 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 def loop_setup(args: argparse.Namespace, variant: str, folder: Path) -> tuple:
     """The micro-batches, the student, its loss function for `variant` (`ce` or `tsdkd-loop`), one AdamW
     step on a batch (loss, backward, step, zero_grad), and the DistillTrainer behind the TSD-KD loss (None for CE)."""
-    cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, folder / "run")
+    cfg, tokenizer, objective, batches = setup(args, folder)
     items = [batches[i] for i in range(len(batches))]
     model = load_student(args.student)
     model.train()
@@ -454,7 +462,7 @@ def worker_online(args: argparse.Namespace) -> dict[str, Any]:
     from tsdkd.signals import read_manifest
 
     with tempfile.TemporaryDirectory() as folder:
-        cfg, tokenizer, objective, batches = distill_setup(Path(args.signals), args.student, Path(folder) / "run")
+        cfg, tokenizer, objective, batches = setup(args, Path(folder))
         items = [batches[i] for i in range(len(batches))]
     sampling = read_manifest(Path(args.signals))["sampling"]
     num_candidates, max_new_tokens = sampling["num_candidates"], sampling["max_new_tokens"]
@@ -625,6 +633,8 @@ def run_worker(args: argparse.Namespace, worker: str, *extra: str) -> dict[str, 
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         command = [sys.executable, __file__, "--worker", worker, "--result", handle.name, "--repeats", str(args.repeats),
                    "--student", args.student, "--teacher", args.teacher, "--threads", str(args.threads), *extra]
+        if args.batch_size:
+            command += ["--batch-size", str(args.batch_size)]
         if args.signals:
             command += ["--signals", str(args.signals)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -650,7 +660,7 @@ def generate_signals(args: argparse.Namespace, folder: Path) -> Path:
 def decode_time(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds to read and collate one micro-batch from Parquet (SignalBatches.__getitem__), best pass."""
     with tempfile.TemporaryDirectory() as folder:
-        _, _, _, batches = distill_setup(Path(args.signals), args.student, Path(folder) / "run")
+        _, _, _, batches = setup(args, Path(folder))
     best = best_cpu = math.inf
     for _ in range(1 + args.repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -694,6 +704,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up pass")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes per variant in (a)")
     parser.add_argument("--parts", default="abc")
+    parser.add_argument("--batch-size", type=int, help="micro-batch size in (a) and (b) [tsdkd distill's default]")
     # (c)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
@@ -735,7 +746,8 @@ def main() -> None:
                 args.signals = str(generate_signals(args, Path(folder)))
             result["dataset"] = {"signals": "temporary" if folder in args.signals else args.signals,
                                  "prompts": args.num_prompts, "candidates": args.num_candidates,
-                                 "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, **decode_time(args)}
+                                 "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "batch_size_option": args.batch_size,
+                                 **decode_time(args)}
         if "a" in args.parts:
             variants = ["ce", "tsdkd", "tsdkd-direct", "tsdkd-loop", "ce-trainer"]
             runs: dict[str, list] = {v: [] for v in variants}
