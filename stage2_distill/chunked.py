@@ -12,8 +12,9 @@ and drops the chunk; its backward is analytic. With z = h W^T, p = softmax(z), l
     d (z_i - lse_K(z)) / dz = e_i - softmax_K(z)                    (renormalised top-k)
 
 so grad_z = p * (a row scalar - g_H log p) + a few scattered entries, then grad_h = grad_z W and
-grad_W = grad_z^T h. The backward recomputes each chunk's logits (no torch.utils.checkpoint) unless
-there is a single chunk, whose log p is kept (a recompute would save no memory).
+grad_W = grad_z^T h (under autocast, matmuls in its dtype like the forward's, as for any Linear).
+The backward recomputes each chunk's logits (no torch.utils.checkpoint) unless there is a single
+chunk, whose log p is kept (a recompute would save no memory).
 
 The student's top-m items (token-level ranking) come from the same log p, and an item's log-prob
 z_id - lse adds e_id - p to the gradient like the target's does. They are read at the ranked rows
@@ -138,6 +139,14 @@ class _HeadStatistics(torch.autograd.Function):
             return (torch.zeros_like(hidden_states) if need_hidden else None, torch.zeros_like(weight) if need_weight else None,
                     None, None, None, None, None, None, None)
         k = teacher_topk_ids.shape[-1]
+        device_type, autocast_dtype, autocast_enabled = ctx.autocast
+
+        def as_in_forward() -> torch.autocast:
+            # A recompute must see the forward's logits, and under autocast the gradient matmuls run in its
+            # dtype, as a Linear's backward does (bf16 on a GPU, not float32 at a fraction of the speed).
+            # Autocast casts the head at each matmul, as in the forward: no [V, d] copy lives across chunks.
+            return torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled)
+
         # Row scalars: grad_z = p * (row - g_H log p) + scattered terms.
         row = -grad_target - grad_entropy * entropy
         item_grad, item_ids = grad_topm, topm_ids
@@ -162,8 +171,7 @@ class _HeadStatistics(torch.autograd.Function):
             if kept_logprobs is not None:
                 logprobs = kept_logprobs
             else:
-                device_type, autocast_dtype, autocast_enabled = ctx.autocast
-                with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                with as_in_forward():
                     logits = _logits(hidden_states[span], weight_v)
                 logprobs = logits.sub_(lse[span].unsqueeze(-1))
             topk_logprobs = logprobs.gather(-1, ids)
@@ -182,16 +190,20 @@ class _HeadStatistics(torch.autograd.Function):
             if item_ids is not None:
                 grad_z.scatter_add_(-1, item_ids[span], item_grad[span])
             grad_z = grad_z.to(weight.dtype)
-            if need_hidden:
-                grad_hidden.append((grad_z @ weight_v).to(hidden_states.dtype))
-            if need_weight:
-                chunk_hidden = hidden_states[span].to(weight.dtype)
-                if grad_weight is None and vocab_size == weight.shape[0]:
-                    grad_weight = grad_z.T @ chunk_hidden
-                else:  # accumulated in place: no [V, d] temporary per chunk
-                    if grad_weight is None:
-                        grad_weight = torch.zeros_like(weight)
-                    grad_weight[:vocab_size].addmm_(grad_z.T, chunk_hidden)
+            with as_in_forward():
+                if need_hidden:
+                    grad_hidden.append((grad_z @ weight_v).to(hidden_states.dtype))
+                if need_weight:
+                    chunk_hidden = hidden_states[span].to(weight.dtype)
+                    if grad_weight is None and vocab_size == weight.shape[0]:
+                        grad_weight = (grad_z.T @ chunk_hidden).to(weight.dtype)
+                    else:
+                        if grad_weight is None:
+                            grad_weight = torch.zeros_like(weight)
+                        if autocast_enabled:  # autocast does not reach in-place ops: a product in its dtype, summed here
+                            grad_weight[:vocab_size] += grad_z.T @ chunk_hidden
+                        else:  # in place: no [V, d] temporary per chunk
+                            grad_weight[:vocab_size].addmm_(grad_z.T, chunk_hidden)
             del grad_z
         grad_hidden = (grad_hidden[0] if len(grad_hidden) == 1 else torch.cat(grad_hidden)) if need_hidden else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None

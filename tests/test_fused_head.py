@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from stage2_distill.chunked import TokenStatistics, chunked_token_statistics, student_statistics
 from stage2_distill.losses import (
@@ -255,7 +256,9 @@ def test_equals_the_composite_for_bf16_inputs_computing_in_float32():
 
 def test_recompute_under_autocast_sees_the_forward_logits():
     """Under CPU autocast the logits are a bf16 matmul; the backward's recompute (several chunks) must
-    use the same logits as the forward, so its gradients equal those of the kept log p (one chunk)."""
+    use the same logits as the forward, so its gradients equal those of the kept log p (one chunk).
+    Each hidden state's gradient comes from its own row alone: equal to float32 rounding. The head's sums
+    bf16 products over the chunks (autocast's dtype), not one product: equal to bf16 rounding."""
     hidden_states, weight, teacher_ids, target_ids = random_inputs(14, tokens=10, dtype=torch.float32, scale=3.0)
     rng = generator(15)
     cotangents = [torch.randn(10, 4, generator=rng), torch.randn(10, generator=rng), torch.randn(10, generator=rng),
@@ -266,8 +269,52 @@ def test_recompute_under_autocast_sees_the_forward_logits():
             stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, VOCAB, num_items=3)
         loss = sum((field.float() * c).sum() for field, c in zip(stats[:4], cotangents))
         gradients.append(torch.autograd.grad(loss, (hidden_states, weight)))
-    for recomputed, kept in zip(*gradients):
-        torch.testing.assert_close(recomputed, kept, rtol=1e-5, atol=1e-5)
+    (hidden_recomputed, weight_recomputed), (hidden_kept, weight_kept) = gradients
+    torch.testing.assert_close(hidden_recomputed, hidden_kept, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight_recomputed, weight_kept, rtol=2**-7, atol=2**-7 * weight_kept.abs().max().item())
+
+
+def backward_with_matmul_dtypes(loss: torch.Tensor, inputs: tuple) -> tuple[list[list[str]], tuple]:
+    """The gradients of `loss`, and the operand dtypes of every matrix product the backward ran (as the
+    profiler saw them: the dtypes autocast chose)."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        gradients = torch.autograd.grad(loss, inputs)
+    operands = {"aten::mm": slice(0, 2), "aten::addmm_": slice(1, 3)}  # addmm_'s first input is the sum it adds to
+    return [event.input_dtypes[operands[event.name]] for event in profiler.events() if event.name in operands], gradients
+
+
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_gradient_matmuls_run_in_the_autocast_dtype(chunk_size):
+    """Under autocast the backward's matmuls run in its dtype, as a Linear's backward does (float32 ones
+    would cost a GPU's head backward many times the time), and the gradients come back in the float32
+    of the inputs, equal to the autograd composite's under the same autocast up to bf16 rounding.
+    Without autocast they run in the inputs' dtype."""
+    hidden_states, weight, teacher_ids, target_ids = random_inputs(17, tokens=10, dtype=torch.float32, scale=3.0)
+    rng = generator(18)
+    cotangents = [torch.randn(10, 4, generator=rng), torch.randn(10, generator=rng), torch.randn(10, generator=rng),
+                  torch.randn(10, 3, generator=rng)]
+
+    def backward_matmuls(statistics, autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            fields = statistics()
+        loss = sum((field.float() * c).sum() for field, c in zip(fields[:4], cotangents))
+        return backward_with_matmul_dtypes(loss, (hidden_states, weight))
+
+    def fused():
+        return chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, VOCAB, num_items=3)
+
+    def composite():
+        return composite_statistics(hidden_states, weight, teacher_ids, target_ids, VOCAB, 3, False)
+
+    dtypes, gradients = backward_matmuls(fused, autocast=True)
+    recompute = 1 if chunk_size < 10 else 0  # one per chunk, in bf16 like the forward
+    assert dtypes == [["c10::BFloat16"] * 2] * ((2 + recompute) * math.ceil(10 / chunk_size)), dtypes
+    _, composite_gradients = backward_matmuls(composite, autocast=True)
+    for got, expected in zip(gradients, composite_gradients):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=2**-6, atol=2**-6 * expected.abs().max().item())
+    dtypes, _ = backward_matmuls(fused, autocast=False)
+    assert dtypes == [["float"] * 2] * ((2 + recompute) * math.ceil(10 / chunk_size)), dtypes
 
 
 def test_top_items_under_autocast_use_the_logits_of_the_statistics():
