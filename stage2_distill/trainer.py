@@ -8,6 +8,7 @@ next to the Trainer's own logs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -31,6 +32,7 @@ class DistillTrainer(Trainer):
     def __init__(self, *args: Any, objective: Objective, vocab_size: int, logit_chunk_tokens: int, rank_items: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_deepspeed_config(getattr(self.accelerator.state, "deepspeed_plugin", None))
+        keep_float32_outputs(getattr(self.accelerator.state, "fsdp_plugin", None))
         self.objective = objective
         self.vocab_size = vocab_size
         self.logit_chunk_tokens = logit_chunk_tokens
@@ -48,6 +50,12 @@ class DistillTrainer(Trainer):
         # The dataset already shuffles (by epoch) and buckets whole batches; keep its order so that
         # one process with accumulation and several processes see the same steps.
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The batch on the device, every dtype kept. The Trainer's version casts float tensors to bf16 under
+        DeepSpeed (meant for float model inputs); here they are the teacher's cached log-probs, which bf16
+        would round to 3 digits."""
+        return {name: value.to(self.args.device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> StepCounts:
         """Tokens, sequences and prompts over the step's micro-batches, summed over processes."""
@@ -165,6 +173,15 @@ def _head_returns(head: torch.nn.Module, statistics: Callable[[torch.Tensor, tor
         yield
     finally:
         del head.forward
+
+
+def keep_float32_outputs(plugin: Any) -> None:
+    """FSDP2's mixed precision casts the root module's float outputs to output_dtype, which accelerate sets to
+    the training dtype (bf16). Here those outputs are the head's float32 statistics: bf16 would round every
+    loss input (and the entropy term's quantile refuses it). Unset before the Trainer wraps the model."""
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if getattr(policy, "output_dtype", None) is not None:
+        plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
 
 
 def check_deepspeed_config(plugin: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
@@ -22,7 +23,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from stage2_distill.data import SignalBatches, candidates_by_rank, collate_single
 from stage2_distill.objective import Objective
-from stage2_distill.trainer import DistillTrainer
+from stage2_distill.trainer import DistillTrainer, keep_float32_outputs
 from tsdkd.config import DistillConfig
 
 TOY_STUDENT = Path(__file__).resolve().parents[1] / "data" / "toy-student"
@@ -76,14 +77,17 @@ def shard(model: torch.nn.Module, engine: str, head_unit: str, world: int) -> to
         policy = CustomPolicy(lambda module: isinstance(module, layer_class) or (head_unit == "own" and module is model.lm_head))
         return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
+    # accelerate's bf16 policy asks FSDP2 to cast the root's outputs (the statistics) to bf16; the trainer unsets it.
+    plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(output_dtype=torch.bfloat16))
+    keep_float32_outputs(plugin)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     if head_unit == "own":
         fully_shard(model.lm_head, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    return fully_shard(model, mesh=mesh, mp_policy=plugin.mixed_precision_policy)
 
 
 def local_size(parameter: torch.Tensor) -> int:

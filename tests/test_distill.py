@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from conftest import SMALL_JOB, ROOT, TOY_STUDENT, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import check_output, create_output, create_output_folder, drop_metrics_after, training_arguments
 from stage2_distill.objective import Objective
-from stage2_distill.trainer import DistillTrainer, check_deepspeed_config
+from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
 from tsdkd.errors import TsdkdError
 
@@ -426,6 +426,34 @@ def test_zero3_config_must_gather_weights_on_save():
     check_deepspeed_config(plugin(3, stage3_gather_16bit_weights_on_model_save=True))
     check_deepspeed_config(plugin(2))
     check_deepspeed_config(None)
+
+
+def test_fsdp2_bf16_keeps_the_statistics_float32():
+    """accelerate's FSDP2 bf16 policy casts the root module's outputs (here the head's statistics) to bf16:
+    the trainer unsets that cast and keeps the rest of the policy. (The sharded FSDP2 test runs with it.)"""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.output_dtype == torch.bfloat16
+    keep_float32_outputs(plugin)
+    assert plugin.mixed_precision_policy.output_dtype is None
+    assert plugin.mixed_precision_policy.param_dtype == plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16
+    keep_float32_outputs(None)  # no FSDP
+
+
+def test_batch_keeps_its_dtypes_under_deepspeed(small_dataset, tmp_path, monkeypatch):
+    """The Trainer casts every float tensor of a batch to DeepSpeed's dtype (meant for float model inputs);
+    the teacher's cached log-probs must keep float32."""
+    trainer = distill_trainer(toy_student("root"), str(tmp_path))
+    batch = batch_halves(str(small_dataset))[0]
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    bf16_config = SimpleNamespace(hf_ds_config=SimpleNamespace(dtype=lambda: torch.bfloat16))
+    monkeypatch.setattr(type(trainer.accelerator.state), "deepspeed_plugin", property(lambda state: bf16_config))
+    assert Trainer._prepare_inputs(trainer, batch)["teacher_topk_logprobs"].dtype == torch.bfloat16  # the stock cast
+    prepared = trainer._prepare_inputs(batch)
+    assert prepared.keys() == batch.keys() and all(prepared[name].equal(batch[name]) for name in batch)
+    assert all(prepared[name].dtype == batch[name].dtype for name in batch)
 
 
 @pytest.mark.parametrize("transform", [lambda logits: logits.float(), lambda logits: logits * 2,
