@@ -195,17 +195,18 @@ class _HeadStatistics(torch.autograd.Function):
                     grad_hidden.append((grad_z @ weight_v).to(hidden_states.dtype))
                 if need_weight:
                     chunk_hidden = hidden_states[span].to(weight.dtype)
-                    if grad_weight is None and vocab_size == weight.shape[0]:
+                    if len(spans) == 1 and vocab_size == weight.shape[0]:
                         grad_weight = (grad_z.T @ chunk_hidden).to(weight.dtype)
                     else:
-                        if grad_weight is None:
-                            grad_weight = torch.zeros_like(weight)
-                        if autocast_enabled:  # autocast does not reach in-place ops: a product in its dtype, summed here
-                            grad_weight[:vocab_size] += grad_z.T @ chunk_hidden
-                        else:  # in place: no [V, d] temporary per chunk
+                        if grad_weight is None:  # summed over the chunks in float32 or wider, even for a bf16 weight
+                            grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+                        if grad_weight.dtype == grad_z.dtype and not autocast_enabled:  # in place: no [V, d] temporary
                             grad_weight[:vocab_size].addmm_(grad_z.T, chunk_hidden)
+                        else:  # a bf16 product (autocast does not reach in-place ops, or the weight is bf16), summed here
+                            grad_weight[:vocab_size] += grad_z.T @ chunk_hidden
             del grad_z
         grad_hidden = (grad_hidden[0] if len(grad_hidden) == 1 else torch.cat(grad_hidden)) if need_hidden else None
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
