@@ -7,14 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from tsdkd.errors import TsdkdError
+from tsdkd.loading import gpu_has_bf16
 from stage1_generate.types import SampledCandidate, SamplingSettings, TeacherScores, canonical_topk
 
 
 def resolve_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
-    """bf16 on a GPU and float32 on the CPU unless a dtype is asked for."""
+    """bf16 on a GPU with bf16 in hardware, float32 elsewhere, unless a dtype is asked for."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        return device, torch.bfloat16 if gpu_has_bf16() else torch.float32
     return device, getattr(torch, dtype)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from stage1_generate.types import SampledCandidate, SamplingSettings, TeacherScores, bucket_entropy, canonical_topk
+from tsdkd.loading import gpu_has_bf16
 
 
 def vllm_version() -> str | None:
@@ -26,9 +27,7 @@ def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args
 
     # dtype is always explicit: vLLM's "auto" turns float32 checkpoints into bf16 on x86 CPUs.
     if dtype == "auto":
-        import torch
-
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        dtype = "bfloat16" if gpu_has_bf16() else "float32"
     # generation_config="vllm": ignore the model's generation_config.json defaults (penalties,
     # extra stop ids), as the hf backend does, so both sample the student raw.
     return LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_logprobs=max_logprobs,

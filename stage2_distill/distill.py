@@ -22,7 +22,7 @@ from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_json, tokenizer_fingerprint
-from tsdkd.loading import context_length, load_tokenizer
+from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -72,7 +72,7 @@ def signals_checksum(manifests: list[dict[str, Any]]) -> str:
 def use_bf16(cfg: DistillConfig) -> bool:
     """bf16 autocast over fp32 master weights: `auto` on a bf16 GPU only; `on` there or, on a machine
     without a GPU, on the CPU (torch's CPU autocast; fast only on CPUs with bf16 instructions)."""
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    gpu_bf16 = gpu_has_bf16()
     if cfg.bf16 == "on":
         if torch.cuda.is_available() and not gpu_bf16:
             raise TsdkdError("--bf16 on: this GPU has no bf16 support; use --bf16 off")

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from conftest import SMALL_JOB, ROOT, TOY_STUDENT, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
-from stage2_distill.distill import check_output, create_output, create_output_folder, drop_metrics_after, training_arguments
+from stage2_distill.distill import (check_output, create_output, create_output_folder, drop_metrics_after, training_arguments,
+                                    use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
@@ -426,6 +427,23 @@ def test_zero3_config_must_gather_weights_on_save():
     check_deepspeed_config(plugin(3, stage3_gather_16bit_weights_on_model_save=True))
     check_deepspeed_config(plugin(2))
     check_deepspeed_config(None)
+
+
+def test_bf16_auto_needs_bf16_in_hardware(monkeypatch):
+    """--bf16 auto trains in bf16 on a GPU that has it in hardware only (not on a V100 or T4, which
+    emulate it), --bf16 on is refused there, and on a machine without a GPU `on` means CPU autocast."""
+    def cfg(mode):
+        return DistillConfig(signals=["x"], student="x", out="x", bf16=mode)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not use_bf16(cfg("auto")) and use_bf16(cfg("on")) and not use_bf16(cfg("off"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not use_bf16(cfg("auto"))
+    with pytest.raises(TsdkdError, match="no bf16 support"):
+        use_bf16(cfg("on"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert use_bf16(cfg("auto")) and use_bf16(cfg("on"))
 
 
 def test_fsdp2_bf16_keeps_the_statistics_float32():

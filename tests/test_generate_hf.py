@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import SMALL_JOB, TOY_STUDENT, TOY_TEACHER, run_cli
-from stage1_generate.hf_backend import HFTeacherScorer
+from stage1_generate.hf_backend import HFTeacherScorer, resolve_device_dtype
 from stage1_generate.ranking import teacher_ranks
 from tsdkd.validate import validate_dataset
 
@@ -118,3 +118,13 @@ def test_chunked_scoring_equals_unchunked(small_dataset):
         np.testing.assert_array_equal(chunked.topk_ids, whole.topk_ids)
         np.testing.assert_allclose(chunked.topk_logprobs, whole.topk_logprobs, atol=1e-5)
         np.testing.assert_allclose(chunked.entropy, whole.entropy, atol=1e-5)
+
+
+def test_auto_dtype_is_bf16_only_on_gpus_with_it_in_hardware(monkeypatch):
+    """A V100 or T4 only emulates bf16 (slow in transformers, refused by vLLM): float32 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_device_dtype("auto") == (torch.device("cuda"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_device_dtype("auto") == (torch.device("cuda"), torch.bfloat16)
+    assert resolve_device_dtype("float16") == (torch.device("cuda"), torch.float16)

@@ -1,4 +1,4 @@
-"""Loading tokenizers and model configs with one-line errors (both stages use these)."""
+"""Loading tokenizers and model configs with one-line errors, and the GPU's bf16 support (both stages use these)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ def context_length(path: str, trust_remote_code: bool) -> int | None:
     except Exception as error:  # as above
         raise TsdkdError(f"{path}: cannot load its config.json ({str(error).strip().splitlines()[0]})") from None
     return getattr(config, "max_position_embeddings", None)
+
+
+def gpu_has_bf16() -> bool:
+    """A CUDA GPU with bf16 in hardware (Ampere or newer). torch's own check also accepts GPUs that only
+    emulate it (V100, T4), where bf16 is slow in transformers and refused by vLLM."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
