@@ -183,8 +183,9 @@ class HFTeacherScorer:
             input_ids[row, : len(tokens)] = torch.tensor(tokens)
             attention_mask[row, : len(tokens)] = 1
         device = self.model.device
+        # use_cache=False: a one-pass score needs no KV cache (the config's default would build one for the batch).
         hidden = self.model.get_decoder()(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
         ).last_hidden_state
         # The hidden state at position t predicts token t+1: completion token j of a row whose
         # prompt has C tokens is predicted at C - 1 + j.

@@ -120,6 +120,18 @@ def test_chunked_scoring_equals_unchunked(small_dataset):
         np.testing.assert_allclose(chunked.entropy, whole.entropy, atol=1e-5)
 
 
+def test_scoring_builds_no_kv_cache(small_dataset):
+    """A one-pass score has no use for a KV cache (for a large teacher, gigabytes per batch)."""
+    rows = rows_of(small_dataset)[:3]
+    sequences = [(r["prompt_token_ids"], np.array(r["completion_token_ids"])) for r in rows]
+    scorer = HFTeacherScorer(str(TOY_TEACHER), 8, len(AutoTokenizer.from_pretrained(TOY_TEACHER)), 0, 64, 3, "float32", False)
+    assert scorer.model.config.use_cache  # the config's default would build one
+    caches = []
+    scorer.model.get_decoder().register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    scorer.score(sequences)
+    assert caches and all(cache is None for cache in caches)
+
+
 def test_auto_dtype_is_bf16_only_on_gpus_with_it_in_hardware(monkeypatch):
     """A V100 or T4 only emulates bf16 (slow in transformers, refused by vLLM): float32 there."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
