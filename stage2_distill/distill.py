@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
+        ddp_timeout=cfg.ddp_timeout,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=use_bf16(cfg),
@@ -227,15 +229,21 @@ def drop_metrics_after(path: Path, checkpoint: str | None) -> None:
     os.replace(temporary, path)
 
 
+def start_processes(cfg: DistillConfig, out: Path) -> tuple[TrainingArguments, PartialState]:
+    """The process state, then the training arguments (which refuse some settings, e.g. --bf16 on a GPU
+    without it, and write nothing). Under torchrun the state starts the process group, with --ddp-timeout:
+    torch's default is 10 minutes for NCCL, and the arguments pass theirs on GPUs only."""
+    processes = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
+    return training_arguments(cfg, out), processes
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Run stage 2 as configured; returns the folder of the trained student."""
     cfg.check()
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     # Under torchrun every process runs this: one checks and prepares while the others wait.
-    processes = PartialState(cpu=not torch.cuda.is_available())
-    # Built first: it refuses some settings (--bf16 on a GPU without it) and writes nothing.
-    args = training_arguments(cfg, out)
+    args, processes = start_processes(cfg, out)
     check_one_gpu_per_process(args)
     if cfg.rank_items > len(tokenizer):
         raise TsdkdError(f"--rank-items {cfg.rank_items} exceeds the student's vocabulary ({len(tokenizer)} tokens)")

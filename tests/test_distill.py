@@ -429,6 +429,22 @@ def test_zero3_config_must_gather_weights_on_save():
     check_deepspeed_config(None)
 
 
+def test_process_group_waits_ddp_timeout(tmp_path):
+    """Under torchrun the process group gets --ddp-timeout (a one-process group here, in its own
+    interpreter): the first collective waits for the main process to validate the signal data."""
+    script = (
+        "import sys; from pathlib import Path; from stage2_distill.distill import start_processes; "
+        "from tsdkd.config import DistillConfig; import torch, torch.distributed as dist; "
+        "start_processes(DistillConfig(signals=['x'], student='x', out='x', ddp_timeout=1234), Path(sys.argv[1])); "
+        "print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout.total_seconds())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) == 1234
+
+
 def test_bf16_auto_needs_bf16_in_hardware(monkeypatch):
     """--bf16 auto trains in bf16 on a GPU that has it in hardware only (not on a V100 or T4, which
     emulate it), --bf16 on is refused there, and on a machine without a GPU `on` means CPU autocast."""

@@ -112,7 +112,7 @@ class GenerateConfig:
 
 # Distill settings that change memory, not results: a resumed run (`tsdkd distill --resume`, a rerun
 # of `tsdkd run`) may change them, e.g. after running out of memory.
-RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing",)
+RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "ddp_timeout")
 # The run record `tsdkd distill` keeps in its --out (written once the run has started).
 DISTILL_RUN_INFO = "tsdkd_distill.json"
 
@@ -223,6 +223,9 @@ class DistillConfig:
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2
+    # Seconds a process waits for the others in a collective; the first wait is for the main process
+    # validating the signal data (torch's NCCL default would be 10 minutes).
+    ddp_timeout: int = 1800  # in RESUMABLE_DISTILL_CHANGES
     resume: bool = False
     keep_checkpoints: bool = False
     tensorboard: bool = False
@@ -263,6 +266,7 @@ class DistillConfig:
             (self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
             (self.save_total_limit >= 1, "--save-total-limit must be at least 1"),
+            (self.ddp_timeout >= 1, "--ddp-timeout must be at least 1 (seconds)"),
         ]
         enforce(rules)
         self.check_loss_settings()
