@@ -25,12 +25,13 @@ def load_model(path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Modul
     samples the student raw."""
     device, torch_dtype = resolve_device_dtype(dtype)
     try:
+        # device_map: the weights load straight onto the GPU, not through host memory first.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, device_map=device)
     except (OSError, ValueError) as error:
         raise TsdkdError(f"{path}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
     model.generation_config = GenerationConfig()
-    return model.to(device).eval()
+    return model.eval()
 
 
 class SuppressPaddedVocabulary(LogitsProcessor):
