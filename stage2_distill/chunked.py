@@ -29,6 +29,7 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from stage2_distill.losses import TAIL_MASS_FLOOR, at_least_float32
 
@@ -86,7 +87,8 @@ def _forward_chunk(hidden_states, weight, teacher_topk_ids, target_ids, renormal
 class _HeadStatistics(torch.autograd.Function):
     """(hidden [N, d], weight [V', d], teacher ids [N, k], target ids [N]) -> TokenStatistics fields,
     over the first vocab_size rows of weight, chunk by chunk; ranked_rows(entropy [N]) -> bool [N] picks
-    the rows of the top-m (None: all; no top-m fields at all with num_items = 0), returned as an index. See the module docstring."""
+    the rows of the top-m (None: all; no top-m fields at all with num_items = 0), returned as an index.
+    See the module docstring."""
 
     @staticmethod
     def forward(ctx, hidden_states, weight, teacher_topk_ids, target_ids, vocab_size, chunk_size, renormalize_topk,
@@ -105,31 +107,31 @@ class _HeadStatistics(torch.autograd.Function):
             del logprobs  # before the next chunk's: one [chunk, V] at a time
         buckets, entropy, target, lse, log_tail = chunks[0] if len(chunks) == 1 else \
             [None if field[0] is None else torch.cat(field) for field in zip(*chunks)]
-        topm_logprobs = topm_ids = ranked_index = topm_rows = None  # ranked_index None: every row (for the backward)
+        topm_logprobs = topm_ids = selected = topm_rows = None  # selected None: every row (for the backward)
         if num_items:
             if ranked_rows is not None:
-                ranked_index = _checked_rows(ranked_rows(entropy), entropy).nonzero().squeeze(-1)
-            topm_rows = torch.arange(len(entropy), device=entropy.device) if ranked_index is None else ranked_index
+                selected = _checked_rows(ranked_rows(entropy), entropy).nonzero().squeeze(-1)
+            topm_rows = torch.arange(len(entropy), device=entropy.device) if selected is None else selected
             if kept_logprobs is not None:
-                rows = kept_logprobs if ranked_index is None else kept_logprobs[ranked_index]
+                rows = kept_logprobs if selected is None else kept_logprobs[selected]
                 topm_logprobs, topm_ids = rows.topk(num_items, dim=-1)
             else:
                 topm_logprobs, topm_ids = (torch.cat(field) for field in zip(*chunk_items))
-                if ranked_index is not None:
-                    topm_logprobs, topm_ids = topm_logprobs[ranked_index], topm_ids[ranked_index]
+                if selected is not None:
+                    topm_logprobs, topm_ids = topm_logprobs[selected], topm_ids[selected]
             ctx.mark_non_differentiable(topm_ids, topm_rows)
         ctx.vocab_size, ctx.chunk_size, ctx.renormalize_topk = vocab_size, chunk_size, renormalize_topk
         # A backward recompute must see the logits the forward saw, autocast included.
         device_type = hidden_states.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        ctx.save_for_backward(hidden_states, weight, teacher_topk_ids, target_ids, ranked_index, topm_ids, lse, entropy,
+        ctx.save_for_backward(hidden_states, weight, teacher_topk_ids, target_ids, selected, topm_ids, lse, entropy,
                               log_tail, buckets if renormalize_topk else None, kept_logprobs)
         return buckets, entropy, target, topm_logprobs, topm_ids, topm_rows
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_buckets, grad_entropy, grad_target, grad_topm, _, __):
-        (hidden_states, weight, teacher_topk_ids, target_ids, ranked_index, topm_ids, lse, entropy, log_tail, buckets,
+        (hidden_states, weight, teacher_topk_ids, target_ids, selected, topm_ids, lse, entropy, log_tail, buckets,
          kept_logprobs) = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         vocab_size = ctx.vocab_size
@@ -150,9 +152,9 @@ class _HeadStatistics(torch.autograd.Function):
         # Row scalars: grad_z = p * (row - g_H log p) + scattered terms.
         row = -grad_target - grad_entropy * entropy
         item_grad, item_ids = grad_topm, topm_ids
-        if ranked_index is not None:  # the top-m's gradient on every row (0 off the ranked ones), to scatter by chunk
-            item_grad = grad_topm.new_zeros(len(entropy), grad_topm.shape[-1]).index_copy_(0, ranked_index, grad_topm)
-            item_ids = topm_ids.new_zeros(item_grad.shape).index_copy_(0, ranked_index, topm_ids)
+        if selected is not None:  # the top-m's gradient on every row (0 off the ranked ones), to scatter by chunk
+            item_grad = grad_topm.new_zeros(len(entropy), grad_topm.shape[-1]).index_copy_(0, selected, grad_topm)
+            item_ids = topm_ids.new_zeros(item_grad.shape).index_copy_(0, selected, topm_ids)
         if item_ids is not None:
             row = row - item_grad.sum(-1)
         if ctx.renormalize_topk:
@@ -190,23 +192,27 @@ class _HeadStatistics(torch.autograd.Function):
             if item_ids is not None:
                 grad_z.scatter_add_(-1, item_ids[span], item_grad[span])
             grad_z = grad_z.to(weight.dtype)
+            if autocast_enabled and grad_z.dtype == torch.float32:  # as autocast would, once for both matmuls
+                grad_z = grad_z.to(autocast_dtype)
             with as_in_forward():
                 if need_hidden:
                     grad_hidden.append((grad_z @ weight_v).to(hidden_states.dtype))
                 if need_weight:
                     chunk_hidden = hidden_states[span].to(weight.dtype)
-                    if len(spans) == 1 and vocab_size == weight.shape[0]:
-                        grad_weight = (grad_z.T @ chunk_hidden).to(weight.dtype)
+                    if len(spans) == 1:  # nothing to sum; 0 on padded rows
+                        grad_weight = grad_z.T @ chunk_hidden
+                        if vocab_size < weight.shape[0]:
+                            grad_weight = F.pad(grad_weight, (0, 0, 0, weight.shape[0] - vocab_size))
                     else:
-                        if grad_weight is None:  # summed over the chunks in float32 or wider, even for a bf16 weight
+                        if grad_weight is None:  # summed in float32 or wider, even for a bf16 weight
                             grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-                        if grad_weight.dtype == grad_z.dtype and not autocast_enabled:  # in place: no [V, d] temporary
+                        if grad_z.dtype == grad_weight.dtype:  # in place: no [V, d] temporary per chunk
                             grad_weight[:vocab_size].addmm_(grad_z.T, chunk_hidden)
-                        else:  # a bf16 product (autocast does not reach in-place ops, or the weight is bf16), summed here
+                        else:  # a bf16 product (autocast, or a bf16 weight)
                             grad_weight[:vocab_size] += grad_z.T @ chunk_hidden
             del grad_z
         grad_hidden = (grad_hidden[0] if len(grad_hidden) == 1 else torch.cat(grad_hidden)) if need_hidden else None
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None  # one rounding, for a bf16 weight
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

@@ -142,11 +142,12 @@ def all_outputs(h, w, teacher_ids, target_ids, chunk_size, renormalize, vocab_si
 @pytest.mark.parametrize("chunk_size", [2, 64])  # several chunks (recompute) and one (kept log p)
 @pytest.mark.parametrize("clamped", [False, True])
 @pytest.mark.parametrize("ranked_rows", [None, every_other_row])
-def test_gradcheck_every_output(renormalize, chunk_size, clamped, ranked_rows):
+@pytest.mark.parametrize("vocab_size", [VOCAB, PADDED_VOCAB])  # the head padded beyond the vocabulary, or not
+def test_gradcheck_every_output(renormalize, chunk_size, clamped, ranked_rows, vocab_size):
     inputs = clamped_tail_inputs() if clamped else random_inputs(2, tokens=5, hidden=3)
     hidden_states, weight, teacher_ids, target_ids = inputs
     assert torch.autograd.gradcheck(
-        lambda h, w: all_outputs(h, w, teacher_ids, target_ids, chunk_size, renormalize, ranked_rows=ranked_rows),
+        lambda h, w: all_outputs(h, w, teacher_ids, target_ids, chunk_size, renormalize, vocab_size, ranked_rows),
         (hidden_states, weight))
     if clamped and not renormalize:
         # The clamped tails have no gradient at all: a cotangent on them alone moves nothing.
@@ -309,7 +310,8 @@ def backward_with_matmul_dtypes(loss: torch.Tensor, inputs: tuple) -> tuple[list
 
 
 @pytest.mark.parametrize("chunk_size", [3, 64])
-def test_gradient_matmuls_run_in_the_autocast_dtype(chunk_size):
+@pytest.mark.parametrize("vocab_size", [VOCAB, PADDED_VOCAB])
+def test_gradient_matmuls_run_in_the_autocast_dtype(chunk_size, vocab_size):
     """Under autocast the backward's matmuls run in its dtype, as a Linear's backward does (float32 ones
     would cost a GPU's head backward many times the time), and the gradients come back in the float32
     of the inputs, equal to the autograd composite's under the same autocast up to bf16 rounding.
@@ -326,10 +328,10 @@ def test_gradient_matmuls_run_in_the_autocast_dtype(chunk_size):
         return backward_with_matmul_dtypes(loss, (hidden_states, weight))
 
     def fused():
-        return chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, VOCAB, num_items=3)
+        return chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, chunk_size, vocab_size, num_items=3)
 
     def composite():
-        return composite_statistics(hidden_states, weight, teacher_ids, target_ids, VOCAB, 3, False)
+        return composite_statistics(hidden_states, weight, teacher_ids, target_ids, vocab_size, 3, False)
 
     dtypes, gradients = backward_matmuls(fused, autocast=True)
     recompute = 1 if chunk_size < 10 else 0  # one per chunk, in bf16 like the forward
