@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from stage1_generate.types import SampledCandidate, SamplingSettings, TeacherScores, bucket_entropy, canonical_topk
-from tsdkd.loading import gpu_has_bf16
 
 
 def vllm_version() -> str | None:
@@ -22,15 +21,23 @@ def vllm_version() -> str | None:
     return None
 
 
+def engine_dtype(dtype: str) -> str:
+    """`auto`: bf16 on a GPU with it in hardware (compute capability 8.0 or more), else float32. Always
+    explicit: vLLM's own "auto" turns float32 checkpoints into bf16 on x86 CPUs. Asked of vLLM's platform,
+    which reads the capability through NVML: starting CUDA in this process would make vLLM spawn its workers."""
+    if dtype != "auto":
+        return dtype
+    from vllm.platforms import current_platform
+
+    return "bfloat16" if current_platform.is_cuda() and current_platform.has_device_capability(80) else "float32"
+
+
 def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args: dict[str, Any]) -> Any:
     from vllm import LLM
 
-    # dtype is always explicit: vLLM's "auto" turns float32 checkpoints into bf16 on x86 CPUs.
-    if dtype == "auto":
-        dtype = "bfloat16" if gpu_has_bf16() else "float32"
     # generation_config="vllm": ignore the model's generation_config.json defaults (penalties,
     # extra stop ids), as the hf backend does, so both sample the student raw.
-    return LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_logprobs=max_logprobs,
+    return LLM(model=path, tokenizer=path, dtype=engine_dtype(dtype), seed=seed, max_logprobs=max_logprobs,
                generation_config="vllm", **engine_args)
 
 

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from conftest import SMALL_JOB, TOY_STUDENT, TOY_TEACHER, run_cli
 from stage1_generate.hf_backend import HFTeacherScorer
 from stage1_generate.types import SamplingSettings
-from stage1_generate.vllm_backend import VLLMStudentSampler, VLLMTeacherScorer
+from stage1_generate.vllm_backend import VLLMStudentSampler, VLLMTeacherScorer, engine_dtype
 from tsdkd.validate import validate_dataset
 
 TOKEN_TOLERANCE = 1e-3
@@ -109,3 +109,18 @@ def test_vllm_loads_a_distilled_student(small_dataset, tmp_path):
         sampler.close()
     rescored = hf_scores(out, [([1, 2, 3], candidate.completion_token_ids)], 4)[0]
     np.testing.assert_allclose(candidate.behaviour_logprobs, rescored.token_logprobs, atol=TOKEN_TOLERANCE)
+
+
+def test_auto_dtype_is_bf16_only_on_gpus_with_it_in_hardware(monkeypatch):
+    """Asked of vLLM's platform (NVML), which does not start CUDA in this process; float32 on the CPU
+    and on a GPU below compute capability 8.0 (a V100 or T4, where vLLM refuses bf16)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    assert engine_dtype("auto") == "float32" and engine_dtype("float16") == "float16"
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(current_platform, "has_device_capability", lambda capability, device_id=0: capability <= 70)
+    assert engine_dtype("auto") == "float32"
+    monkeypatch.setattr(current_platform, "has_device_capability", lambda capability, device_id=0: capability <= 90)
+    assert engine_dtype("auto") == "bfloat16"
+    assert not torch.cuda.is_initialized()
