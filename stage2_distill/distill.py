@@ -229,12 +229,12 @@ def drop_metrics_after(path: Path, checkpoint: str | None) -> None:
     os.replace(temporary, path)
 
 
-def start_processes(cfg: DistillConfig, out: Path) -> tuple[TrainingArguments, PartialState]:
+def start_processes(cfg: DistillConfig, out: Path) -> tuple[PartialState, TrainingArguments]:
     """The process state, then the training arguments (which refuse some settings, e.g. --bf16 on a GPU
     without it, and write nothing). Under torchrun the state starts the process group, with --ddp-timeout:
     torch's default is 10 minutes for NCCL, and the arguments pass theirs on GPUs only."""
     processes = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
-    return training_arguments(cfg, out), processes
+    return processes, training_arguments(cfg, out)
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -243,7 +243,7 @@ def distill(cfg: DistillConfig) -> Path:
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     # Under torchrun every process runs this: one checks and prepares while the others wait.
-    args, processes = start_processes(cfg, out)
+    processes, args = start_processes(cfg, out)
     check_one_gpu_per_process(args)
     if cfg.rank_items > len(tokenizer):
         raise TsdkdError(f"--rank-items {cfg.rank_items} exceeds the student's vocabulary ({len(tokenizer)} tokens)")

@@ -54,8 +54,9 @@ class DistillTrainer(Trainer):
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch on the device, every dtype kept. The Trainer's version casts float tensors to bf16 under
         DeepSpeed (meant for float model inputs); here they are the teacher's cached log-probs, which bf16
-        would round to 3 digits."""
-        return {name: value.to(self.args.device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+        would round to 3 digits. (SignalBatches' batches are flat and never empty: no nesting, no empty check.)"""
+        return {name: value.to(self.args.device) if isinstance(value, torch.Tensor) else value
+                for name, value in inputs.items()}
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> StepCounts:
         """Tokens, sequences and prompts over the step's micro-batches, summed over processes."""

@@ -462,10 +462,17 @@ def test_bf16_auto_needs_bf16_in_hardware(monkeypatch):
     assert use_bf16(cfg("auto")) and use_bf16(cfg("on"))
 
 
-def test_fsdp2_bf16_keeps_the_statistics_float32():
+def test_fsdp2_bf16_keeps_the_statistics_float32(tmp_path, monkeypatch):
     """accelerate's FSDP2 bf16 policy casts the root module's outputs (here the head's statistics) to bf16:
-    the trainer unsets that cast and keeps the rest of the policy. (The sharded FSDP2 test runs with it.)"""
+    the trainer unsets that cast at start and keeps the rest of the policy. (The sharded FSDP2 test shards
+    with a policy that asked for the cast and went through the same function.)"""
+    import stage2_distill.trainer as trainer_module
     from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugins = []
+    monkeypatch.setattr(trainer_module, "keep_float32_outputs", plugins.append)
+    trainer = distill_trainer(toy_student("root"), str(tmp_path))
+    assert plugins == [getattr(trainer.accelerator.state, "fsdp_plugin", None)]  # None here: FSDP needs GPUs
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")
