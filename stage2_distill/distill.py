@@ -109,7 +109,10 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
         save_total_limit=cfg.save_total_limit,
         report_to=["tensorboard"] if cfg.tensorboard else "none",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=cfg.dataloader_workers,
+        # New workers each epoch: SignalBatches.set_epoch reorders the batches in this process's copy,
+        # which persistent workers would never see.
+        dataloader_persistent_workers=False,
         disable_tqdm=False,
     )
 

@@ -202,6 +202,32 @@ def test_bf16_autocast_on_the_cpu(small_dataset, tmp_path):
     np.testing.assert_allclose(runs["on"], runs["off"], rtol=0.05)
 
 
+def test_dataloader_workers_train_the_same_student(small_dataset, tmp_path, monkeypatch):
+    """Worker processes reading the shards ahead give the same steps, over two epochs (the second
+    reorders the batches), as reading them in the training process."""
+    read_batch = SignalBatches.__getitem__
+
+    def recording_reader(batches, index):
+        with open(tmp_path / "readers", "a") as readers:
+            readers.write(f"{os.getpid()}\n")
+        return read_batch(batches, index)
+
+    monkeypatch.setattr(SignalBatches, "__getitem__", recording_reader)
+    students = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers-{workers}"
+        assert run_cli(*distill_args(small_dataset, out, "--epochs", "2", "--dataloader-workers", workers)).exit_code == 0
+        readers = set((tmp_path / "readers").read_text().split())
+        (tmp_path / "readers").unlink()
+        assert (readers == {str(os.getpid())}) if workers == "0" else (str(os.getpid()) not in readers and len(readers) >= 2)
+        records = step_records(out)
+        assert records[-1]["epoch"] == 2
+        students.append((load_file(out / "model.safetensors"), [r["train/loss"] for r in records]))
+    (weights, losses), (weights_workers, losses_workers) = students
+    assert losses_workers == losses
+    assert weights_workers.keys() == weights.keys() and all(weights_workers[k].equal(weights[k]) for k in weights)
+
+
 def test_student_with_padded_embeddings(small_dataset, tmp_path):
     """Like Qwen2.5: more embedding rows than tokens. The extra rows take no probability mass."""
     padded = tmp_path / "padded-student"

@@ -112,7 +112,7 @@ class GenerateConfig:
 
 # Distill settings that change memory, not results: a resumed run (`tsdkd distill --resume`, a rerun
 # of `tsdkd run`) may change them, e.g. after running out of memory.
-RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "ddp_timeout")
+RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "ddp_timeout", "dataloader_workers")
 # The run record `tsdkd distill` keeps in its --out (written once the run has started).
 DISTILL_RUN_INFO = "tsdkd_distill.json"
 
@@ -226,6 +226,9 @@ class DistillConfig:
     # Seconds a process waits for the others in a collective; the first wait is for the main process
     # validating the signal data (torch's NCCL default would be 10 minutes).
     ddp_timeout: int = 1800  # in RESUMABLE_DISTILL_CHANGES
+    # Processes that read and collate the next micro-batches from the shards while the step runs (0: the
+    # training process reads them between steps). On a CPU-only machine they compete with training for cores.
+    dataloader_workers: int = 0  # in RESUMABLE_DISTILL_CHANGES
     resume: bool = False
     keep_checkpoints: bool = False
     tensorboard: bool = False
@@ -267,6 +270,7 @@ class DistillConfig:
             (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
             (self.save_total_limit >= 1, "--save-total-limit must be at least 1"),
             (self.ddp_timeout >= 1, "--ddp-timeout must be at least 1 (seconds)"),
+            (self.dataloader_workers >= 0, "--dataloader-workers must be 0 or more"),
         ]
         enforce(rules)
         self.check_loss_settings()
