@@ -82,10 +82,11 @@ def copy_of(dataset, tmp_path):
     return target
 
 
-def rewrite_shard(folder, change):
-    """Apply `change` to the first shard's rows and fix the manifest's checksum, as a careless tool would."""
+def rewrite_shard(folder, change, index=0):
+    """Apply `change` to a shard's rows (the first by default) and fix the manifest's checksum, as a careless
+    tool would."""
     manifest = json.loads((folder / "tsdkd.json").read_text())
-    entry = manifest["shards"][0]
+    entry = manifest["shards"][index]
     path = folder / entry["file"]
     table = pq.read_table(path)
     rows = table.to_pylist()
@@ -134,6 +135,30 @@ def test_damaged_rows_are_named(small_dataset, tmp_path, what, change, fragment)
     folder = copy_of(small_dataset, tmp_path)
     changed = rewrite_shard(folder, change)
     expect_invalid(folder, changed, fragment, "row ")
+
+
+def test_shards_checked_side_by_side_report_in_manifest_order(small_dataset, tmp_path):
+    """Shards are checked concurrently, yet the first bad one in manifest order is named, and a prompt
+    repeated in a later shard is caught at that shard's row."""
+    folder = copy_of(small_dataset, tmp_path)
+    files = [entry["file"] for entry in json.loads((folder / "tsdkd.json").read_text())["shards"]]
+    assert len(files) >= 3
+    for name in files[1:3]:
+        data = bytearray((folder / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / name).write_bytes(bytes(data))
+    expect_invalid(folder, files[1], "checksum")
+
+    folder = copy_of(small_dataset, tmp_path / "again")
+    first_prompt = pq.read_table(folder / files[0], columns=["prompt_id"])["prompt_id"][0].as_py()
+    group = json.loads((folder / "tsdkd.json").read_text())["sampling"]["num_candidates"]
+
+    def repeat_first_prompt(rows):
+        for row in rows[:group]:
+            row["prompt_id"] = first_prompt
+
+    changed = rewrite_shard(folder, repeat_first_prompt, index=2)
+    expect_invalid(folder, changed, "row 0", f"prompt {first_prompt} appears in more than one group or shard")
 
 
 def test_manifest_problems(small_dataset, tmp_path):

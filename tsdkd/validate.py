@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import reprlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -19,6 +21,8 @@ T = TypeVar("T")
 
 # float16 storage rounds a log-prob of 0 to at most this much above 0.
 LOGPROB_SLACK = 1e-3
+# Shards checked at once (each holds its whole table in memory while it is checked).
+VALIDATION_THREADS = 8
 # The manifest fields that tsdkd reads (validation, distill, merge, inspect, a generate rerun), with their JSON types,
 # each after its parent: a missing or mistyped one fails here in one line, not as a KeyError later.
 MANIFEST_FIELDS: tuple[tuple[str, type], ...] = (
@@ -94,8 +98,8 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
     if on_disk - listed:
         raise TsdkdError(f"{folder}: shard {sorted(on_disk - listed)[0]} is not in the manifest; remove it")
     schema = signal_schema(manifest["tokenizer"]["vocab_size"])
-    seen_prompts: set[str] = set()
-    for entry in manifest["shards"]:
+
+    def check_shard(entry: dict[str, Any]) -> list[tuple[int, str]]:
         path = folder / entry["file"]
         if not path.is_file():
             raise TsdkdError(f"{path}: shard missing; restore it or regenerate the dataset")
@@ -104,11 +108,24 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
         rows = _read_parquet(path, lambda p: pq.ParquetFile(p).metadata.num_rows)
         if rows != entry["rows"]:
             raise TsdkdError(f"{path}: {rows} rows, the manifest says {entry['rows']}")
-        if deep:
-            table = _read_parquet(path, pq.read_table)
-            if not table.schema.equals(schema):
-                raise TsdkdError(f"{path}: columns or types differ from format v{manifest['format_version']}")
-            check_rows(table, path, manifest, seen_prompts)
+        if not deep:
+            return []
+        table = _read_parquet(path, pq.read_table)
+        if not table.schema.equals(schema):
+            raise TsdkdError(f"{path}: columns or types differ from format v{manifest['format_version']}")
+        return check_rows(table, path, manifest)
+
+    # Shards are checked side by side (reading, hashing and numpy release the GIL); map yields them in
+    # manifest order, so the first bad shard in that order is the one reported.
+    with ThreadPoolExecutor(max_workers=min(VALIDATION_THREADS, os.cpu_count() or 1)) as pool:
+        groups = list(pool.map(check_shard, manifest["shards"]))
+    seen_prompts: set[str] = set()
+    for entry, shard_groups in zip(manifest["shards"], groups):
+        for row, prompt_id in shard_groups:
+            if prompt_id in seen_prompts:
+                raise TsdkdError(f"{folder / entry['file']} row {row}: prompt {prompt_id} appears in more than one "
+                                 "group or shard; the shard is damaged, regenerate it")
+            seen_prompts.add(prompt_id)
     # Each shard's rows were checked against its file above, so this catches edited stats or shard entries.
     candidates = sum(entry["rows"] for entry in manifest["shards"])
     if candidates != manifest["stats"]["candidates"]:
@@ -136,8 +153,9 @@ def _first_bad_row(list_column: pa.ChunkedArray, bad_values: np.ndarray) -> int 
     return int(np.searchsorted(np.cumsum(lengths), np.argmax(bad_values), side="right"))
 
 
-def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any], seen_prompts: set[str]) -> None:
-    """Shapes, value ranges, sortedness and the integrity of each prompt's candidate group."""
+def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> list[tuple[int, str]]:
+    """Shapes, value ranges, sortedness and the integrity of each prompt's candidate group; returns each
+    group's first row and prompt id (for the check across shards)."""
 
     def fail(row: int, what: str) -> None:
         raise TsdkdError(f"{path} row {row}: {what}; the shard is damaged, regenerate it")
@@ -195,20 +213,23 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any], seen_promp
     if duplicate.any():
         fail(int(position_rows[np.argmax(duplicate)]), "teacher top-k repeats a token id")
 
-    _check_candidate_groups(table, fail, seen_prompts, manifest["sampling"]["num_candidates"])
+    return _check_candidate_groups(table, fail, manifest["sampling"]["num_candidates"])
 
 
-def _check_candidate_groups(table: pa.Table, fail: Any, seen_prompts: set[str], num_candidates: int) -> None:
+def _check_candidate_groups(table: pa.Table, fail: Any, num_candidates: int) -> list[tuple[int, str]]:
     prompt_ids = table["prompt_id"].to_pylist()
     candidate_index = table["candidate_index"].to_numpy()
     counts = table["num_candidates"].to_numpy()
     ranks = table["teacher_rank"].to_numpy()
+    groups: list[tuple[int, str]] = []
+    seen_prompts: set[str] = set()
     start = 0
     while start < len(prompt_ids):
         prompt_id = prompt_ids[start]
         if prompt_id in seen_prompts:
             fail(start, f"prompt {prompt_id} appears in more than one group or shard")
         seen_prompts.add(prompt_id)
+        groups.append((start, prompt_id))
         end = start + int(counts[start])
         if counts[start] != num_candidates or end > len(prompt_ids) or any(p != prompt_id for p in prompt_ids[start:end]):
             fail(start, f"candidate group of prompt {prompt_id} is not {num_candidates} consecutive rows")
@@ -217,3 +238,4 @@ def _check_candidate_groups(table: pa.Table, fail: Any, seen_prompts: set[str], 
         if sorted(ranks[start:end]) != list(range(end - start)):
             fail(start, f"teacher ranks of prompt {prompt_id} are not a permutation of 0..{end - start - 1}")
         start = end
+    return groups
