@@ -41,16 +41,14 @@ def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args
                generation_config="vllm", **engine_args)
 
 
-def close_engine(engine: Any) -> None:
-    del engine
+def release_memory() -> None:
+    """After the last reference to an engine is dropped: collect it (vLLM's objects hold reference cycles), then
+    hand the GPU memory it cached back, before the next engine or stage-2 training starts in this process."""
     gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class VLLMStudentSampler:
@@ -98,8 +96,8 @@ class VLLMStudentSampler:
         )
 
     def close(self) -> None:
-        close_engine(self.engine)
         self.engine = None
+        release_memory()
 
 
 class VLLMTeacherScorer:
@@ -142,5 +140,5 @@ class VLLMTeacherScorer:
         )
 
     def close(self) -> None:
-        close_engine(self.engine)
         self.engine = None
+        release_memory()

@@ -8,10 +8,12 @@ while still catching an engine that silently runs in bf16 (which differs by up t
 from __future__ import annotations
 
 import json
+import weakref
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import SMALL_JOB, TOY_STUDENT, TOY_TEACHER, run_cli
@@ -64,15 +66,23 @@ def test_teacher_signal_agrees_across_backends(candidates):
     assert same_sets / positions >= 0.99, (same_sets, positions)
 
 
-def test_vllm_sampling_logprobs_are_the_students(candidates):
+def test_vllm_sampling_logprobs_are_the_students(candidates, monkeypatch):
     prompts = [list(p) for p, _ in candidates[::3][:4]]
     settings = SamplingSettings(num_candidates=2, temperature=1.0, top_p=1.0, max_new_tokens=16)
     sampler = VLLMStudentSampler(str(TOY_STUDENT), settings, "float32", 0, ENGINE, 325)
+    engine = weakref.ref(sampler.engine)
     try:
         first = sampler.sample(prompts, seeds=[11, 12, 13, 14])
         second = sampler.sample(prompts, seeds=[11, 12, 13, 14])
     finally:
+        # `tsdkd run` opens the teacher's engine, then trains, in this process: the engine must be gone
+        # when the GPU cache is emptied, or its memory stays with this process (faked GPU here).
+        engine_alive_at_empty_cache = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: engine_alive_at_empty_cache.append(engine() is not None))
         sampler.close()
+        monkeypatch.undo()
+    assert engine_alive_at_empty_cache == [False]
     eos = AutoTokenizer.from_pretrained(TOY_STUDENT).eos_token_id
     sampled = [(p, c) for p, group in zip(prompts, first) for c in group]
     assert all(len(group) == 2 for group in first)
@@ -114,7 +124,6 @@ def test_vllm_loads_a_distilled_student(small_dataset, tmp_path):
 def test_auto_dtype_is_bf16_only_on_gpus_with_it_in_hardware(monkeypatch):
     """Asked of vLLM's platform (NVML), which does not start CUDA in this process; float32 on the CPU
     and on a GPU below compute capability 8.0 (a V100 or T4, where vLLM refuses bf16)."""
-    import torch
     from vllm.platforms import current_platform
 
     assert engine_dtype("auto") == "float32" and engine_dtype("float16") == "float16"
