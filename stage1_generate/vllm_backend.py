@@ -42,8 +42,9 @@ def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args
 
 
 def release_memory() -> None:
-    """After the last reference to an engine is dropped: collect it (vLLM's objects hold reference cycles), then
-    hand the GPU memory it cached back, before the next engine or stage-2 training starts in this process."""
+    """After the last reference to an engine is dropped: collect it (vLLM's objects hold reference cycles, and
+    collecting shuts its engine process down), then hand back what an in-process engine left in this process's
+    CUDA cache, before the next engine or stage-2 training starts in this process."""
     gc.collect()
     import torch
 

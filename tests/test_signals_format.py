@@ -138,8 +138,8 @@ def test_damaged_rows_are_named(small_dataset, tmp_path, what, change, fragment)
 
 
 def test_shards_checked_side_by_side_report_in_manifest_order(small_dataset, tmp_path):
-    """Shards are checked concurrently, yet the first bad one in manifest order is named, and a prompt
-    repeated in a later shard is caught at that shard's row."""
+    """Shards are checked concurrently, yet the first bad one in manifest order is named, also when its
+    fault is a prompt repeated from an earlier shard (caught at its row) and a later shard is corrupt."""
     folder = copy_of(small_dataset, tmp_path)
     files = [entry["file"] for entry in json.loads((folder / "tsdkd.json").read_text())["shards"]]
     assert len(files) >= 3
@@ -157,7 +157,10 @@ def test_shards_checked_side_by_side_report_in_manifest_order(small_dataset, tmp
         for row in rows[:group]:
             row["prompt_id"] = first_prompt
 
-    changed = rewrite_shard(folder, repeat_first_prompt, index=2)
+    changed = rewrite_shard(folder, repeat_first_prompt, index=1)
+    data = bytearray((folder / files[2]).read_bytes())  # a later shard is bad too
+    data[len(data) // 2] ^= 0xFF
+    (folder / files[2]).write_bytes(bytes(data))
     expect_invalid(folder, changed, "row 0", f"prompt {first_prompt} appears in more than one group or shard")
 
 

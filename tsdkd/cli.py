@@ -120,7 +120,7 @@ def distill(
     save_steps: Optional[int] = typer.Option(None, help="Steps between checkpoints [200]."),
     save_total_limit: Optional[int] = typer.Option(None, help="Checkpoints kept [2]."),
     ddp_timeout: Optional[int] = typer.Option(None, help="Seconds a process waits for the others, the first time while the main process validates the signal data [1800]."),
-    dataloader_workers: Optional[int] = typer.Option(None, help="Processes reading the next micro-batches while the step runs; 1-2 on a GPU machine [0: between steps]."),
+    dataloader_workers: Optional[int] = typer.Option(None, help="Processes reading the next micro-batches while the step runs, for GPU machines; on a CPU-only one they compete with training [0: between steps]."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out from its last checkpoint."),
     keep_checkpoints: Optional[bool] = typer.Option(None, "--keep-checkpoints", help="Keep checkpoints/ after the student is saved [removed]."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to TensorBoard under OUT/tensorboard."),

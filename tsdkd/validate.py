@@ -115,17 +115,17 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
             raise TsdkdError(f"{path}: columns or types differ from format v{manifest['format_version']}")
         return check_rows(table, path, manifest)
 
-    # Shards are checked side by side (reading, hashing and numpy release the GIL); map yields them in
-    # manifest order, so the first bad shard in that order is the one reported.
-    with ThreadPoolExecutor(max_workers=min(VALIDATION_THREADS, os.cpu_count() or 1)) as pool:
-        groups = list(pool.map(check_shard, manifest["shards"]))
+    # Shards are checked side by side (reading, hashing and numpy release the GIL). map yields them in
+    # manifest order and each is checked against the earlier ones' prompts before the next is taken, so the
+    # first bad shard in that order is the one reported.
     seen_prompts: set[str] = set()
-    for entry, shard_groups in zip(manifest["shards"], groups):
-        for row, prompt_id in shard_groups:
-            if prompt_id in seen_prompts:
-                raise TsdkdError(f"{folder / entry['file']} row {row}: prompt {prompt_id} appears in more than one "
-                                 "group or shard; the shard is damaged, regenerate it")
-            seen_prompts.add(prompt_id)
+    with ThreadPoolExecutor(max_workers=min(VALIDATION_THREADS, len(os.sched_getaffinity(0)))) as pool:
+        for entry, shard_groups in zip(manifest["shards"], pool.map(check_shard, manifest["shards"])):
+            for row, prompt_id in shard_groups:
+                if prompt_id in seen_prompts:
+                    raise TsdkdError(f"{folder / entry['file']} row {row}: prompt {prompt_id} appears in more than one "
+                                     "group or shard; the shard is damaged, regenerate it")
+                seen_prompts.add(prompt_id)
     # Each shard's rows were checked against its file above, so this catches edited stats or shard entries.
     candidates = sum(entry["rows"] for entry in manifest["shards"])
     if candidates != manifest["stats"]["candidates"]:
