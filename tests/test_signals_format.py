@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 from tsdkd.signals import CandidateSignal, signal_schema, signals_to_table, write_parquet_atomic
-from tsdkd.validate import validate_dataset
+from tsdkd.validate import usable_cores, validate_dataset
 
 
 def random_signal(rng, vocab_size, k, length, index=0):
@@ -261,3 +262,10 @@ def test_stats_must_match_the_shards(small_dataset, tmp_path, what):
     else:
         rewrite_manifest(folder, lambda m: m["stats"].update(candidates=m["stats"]["candidates"] + 3))
     expect_invalid(folder, "tsdkd.json", "stats.candidates is", "the shards hold")
+
+
+def test_validation_threads_without_sched_getaffinity(small_dataset, monkeypatch):
+    """macOS has no os.sched_getaffinity: validation falls back to the core count and still runs."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert usable_cores() == (os.cpu_count() or 1)
+    assert validate_dataset(small_dataset)["complete"]

@@ -119,7 +119,7 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
     # manifest order and each is checked against the earlier ones' prompts before the next is taken, so the
     # first bad shard in that order is the one reported.
     seen_prompts: set[str] = set()
-    with ThreadPoolExecutor(max_workers=min(VALIDATION_THREADS, len(os.sched_getaffinity(0)))) as pool:
+    with ThreadPoolExecutor(max_workers=min(VALIDATION_THREADS, usable_cores())) as pool:
         for entry, shard_groups in zip(manifest["shards"], pool.map(check_shard, manifest["shards"])):
             for row, prompt_id in shard_groups:
                 if prompt_id in seen_prompts:
@@ -134,6 +134,12 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
             "the manifest or a shard was edited, restore it or regenerate the dataset"
         )
     return manifest
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's limit, not the host's count); all of them where the
+    system cannot say (macOS has no sched_getaffinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _read_parquet(path: Path, read: Callable[[Path], T]) -> T:
