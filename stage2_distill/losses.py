@@ -254,6 +254,7 @@ def entropy_regularization(
     entropy = student_entropy if mask is None else student_entropy[mask]
     if entropy.numel() == 0:
         return entropy.sum()
-    kept = entropy.detach() >= torch.quantile(entropy.detach(), quantile)
+    detached = entropy.detach()
+    kept = detached >= torch.quantile(detached, quantile)
     # A sum over a where, not a boolean index: a GPU needs no sync to size it. The count is >= 1 (the maximum).
     return torch.where(kept, entropy, 0.0).sum() / kept.sum()
