@@ -26,7 +26,7 @@ from stage1_generate.types import SampledCandidate, SamplingSettings, StudentSam
 from tsdkd import __version__
 from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
+from tsdkd.fingerprint import differing_settings, model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
@@ -79,10 +79,10 @@ def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateCon
     """Render each prompt with the student's template, keep the ids, check the length."""
     prompts = []
     for record in records:
-        token_ids = render_prompt(tokenizer, record.messages, f"{cfg.prompts} row {record.row}")
+        token_ids = render_prompt(tokenizer, record.messages, record.where)
         if context is not None and len(token_ids) + cfg.max_new_tokens > context:
             raise TsdkdError(
-                f"{cfg.prompts} row {record.row}: prompt is {len(token_ids)} tokens; with --max-new-tokens "
+                f"{record.where}: prompt is {len(token_ids)} tokens; with --max-new-tokens "
                 f"{cfg.max_new_tokens} it exceeds the models' context of {context}; shorten it or lower --max-new-tokens"
             )
         seed = int(sha256_json([cfg.seed, record.prompt_id])[:8], 16)
@@ -148,7 +148,7 @@ def prepare_output(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None
             raise TsdkdError(f"--out {out} is not empty and holds no {MANIFEST_NAME}; choose a new or empty folder")
         return None
     manifest = read_checked_manifest(out)
-    differing = [key for key in settings if manifest["settings"].get(key) != settings[key]]
+    differing = differing_settings(manifest["settings"], settings)
     if differing:
         raise TsdkdError(
             f"--out {out} holds a dataset made with other settings (differs in: {', '.join(differing)}); "
@@ -193,8 +193,15 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out)
     manifest = prepare_output(out, settings)
     if manifest is not None and manifest.get("complete"):
-        print(f"{out}: already complete ({manifest['stats']['candidates']} candidates); nothing to do")
-        return out
+        damaged = [entry["file"] for entry in manifest["shards"] if not shard_is_done(out, entry)]
+        if not damaged:
+            print(f"{out}: already complete ({manifest['stats']['candidates']} candidates); nothing to do")
+            return out
+        # A shard lost or corrupted after the run finished: redo those shards only, as a resume would.
+        print(f"{out}: {len(damaged)} of {len(manifest['shards'])} shards missing or damaged ({', '.join(damaged)}); "
+              "generating them again")
+        manifest["complete"] = False
+        write_json_atomic(manifest, out / MANIFEST_NAME)
     if manifest is None:
         manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
         write_json_atomic(manifest, out / MANIFEST_NAME)

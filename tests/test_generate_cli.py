@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,15 @@ def test_rerun_of_a_finished_dataset_does_nothing(small_dataset):
     assert tree_state(small_dataset) == before
 
 
+def test_rerun_names_the_models_by_any_path(small_dataset, tmp_path):
+    """A model folder named through a link (or moved) is the same model: its weights are hashed."""
+    result = run_cli("generate", *with_models_under(tmp_path), "--out", small_dataset)
+    assert result.exit_code == 0 and "already complete" in result.stdout, result.stderr
+    swapped = list(SMALL_JOB)
+    swapped[swapped.index("--student") + 1] = option("--teacher")  # same tokenizer, other weights
+    assert_one_line_error(run_cli("generate", *swapped, "--out", small_dataset), "other settings", "student")
+
+
 def test_rerun_with_other_settings_is_refused(small_dataset):
     before = tree_state(small_dataset)
     job = list(SMALL_JOB)
@@ -81,9 +91,9 @@ def with_option(name, value):
     [
         (lambda tmp: with_option("--prompts", tmp / "missing.jsonl"), ["missing.jsonl", "not found"]),
         (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"text": "1+1?"}])), ["none of the fields", "text"]),
-        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1+1?"}, {"prompt": "  "}])), ["row 1", "empty"]),
-        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1 + 2 " * 600}])), ["row 0", "context of 1024"]),
-        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": 7}])), ["row 0", "must be a string"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1+1?"}, {"prompt": "  "}])), ["line 2", "empty"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1 + 2 " * 600}])), ["line 1", "context of 1024"]),
+        (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": 7}])), ["line 1", "must be a string"]),
         (lambda tmp: with_option("--answer-field", "solution_text"), ["no field 'solution_text'"]),
         (lambda tmp: with_option("--top-k", "325"), ["--top-k 325", "limit of 324"]),
         (lambda tmp: with_option("--top-p", "0"), ["--top-p"]),
@@ -130,11 +140,21 @@ def test_unwritable_output_is_refused(tmp_path):
     assert (occupied / "notes.txt").read_text() == "mine"
 
 
+def with_models_under(folder):
+    """SMALL_JOB with the student and teacher named through a link in `folder`, as another machine would name them."""
+    (folder / "models").symlink_to(TOY_TEACHER.parent)
+    job = list(SMALL_JOB)
+    for name in ("--student", "--teacher"):
+        job[job.index(name) + 1] = str(folder / "models" / Path(option(name)).name)
+    return job
+
+
 def test_split_job_merges_into_the_single_job_dataset(small_dataset, tmp_path):
     parts = []
-    for index in range(2):
+    # The second machine keeps the models under another path.
+    for index, job in enumerate([SMALL_JOB, with_models_under(tmp_path)]):
         part = tmp_path / f"part{index}"
-        result = run_cli("generate", *SMALL_JOB, "--num-shards", "2", "--shard-index", str(index), "--out", part)
+        result = run_cli("generate", *job, "--num-shards", "2", "--shard-index", str(index), "--out", part)
         assert result.exit_code == 0, result.stderr
         parts.append(part)
     assert len(shard_hashes(parts[0])) == 2 and len(shard_hashes(parts[1])) == 1
@@ -188,6 +208,24 @@ def test_resume_redoes_a_damaged_shard(small_dataset, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert shard_hashes(folder) == shard_hashes(small_dataset)
     assert sha256_file(damaged) == manifest["shards"][1]["sha256"]
+
+
+def test_rerun_of_a_finished_dataset_redoes_lost_and_corrupt_shards(small_dataset, tmp_path):
+    """What `tsdkd validate` advises for a shard lost or damaged after the run finished."""
+    folder = tmp_path / "copy"
+    shutil.copytree(small_dataset, folder)
+    entries = json.loads((folder / "tsdkd.json").read_text())["shards"]
+    (folder / entries[0]["file"]).unlink()
+    (folder / entries[2]["file"]).write_bytes(b"")
+    assert_one_line_error(run_cli("validate", folder), "shard missing", "rerun the `tsdkd generate` command")
+    untouched = sha256_file(folder / entries[1]["file"]), (folder / entries[1]["file"]).stat().st_mtime_ns
+    result = run_cli("generate", *SMALL_JOB, "--out", folder)
+    assert result.exit_code == 0, result.stderr
+    assert f"2 of {len(entries)} shards missing or damaged" in result.stdout
+    assert shard_hashes(folder) == shard_hashes(small_dataset)
+    assert (sha256_file(folder / entries[1]["file"]), (folder / entries[1]["file"]).stat().st_mtime_ns) == untouched
+    assert run_cli("validate", folder).exit_code == 0
+    assert "already complete" in run_cli("generate", *SMALL_JOB, "--out", folder).stdout
 
 
 def test_backend_auto_needs_vllm_and_a_gpu(monkeypatch):

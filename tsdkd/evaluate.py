@@ -47,12 +47,15 @@ def open_model(cfg: EvalConfig, model_path: str, tokenizer: Any, longest_prompt:
 
 def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | None) -> tuple[list[PromptRecord], list[list[int]]]:
     records = load_prompts(path, cfg.prompt_field, cfg.answer_field, cfg.limit)
-    if any(r.gold_answer is None for r in records):
+    unanswered = [r for r in records if r.gold_answer is None]
+    if len(unanswered) == len(records):
         raise TsdkdError(f"{path}: no gold answer field (answer or solution); pass --answer-field")
-    prompts = [render_prompt(tokenizer, r.messages, f"{path} row {r.row}") for r in records]
+    if unanswered:
+        raise TsdkdError(f"{unanswered[0].where}: no gold answer; fill it in or remove the row")
+    prompts = [render_prompt(tokenizer, r.messages, r.where) for r in records]
     for record, ids in zip(records, prompts):
         if context is not None and len(ids) + cfg.max_new_tokens > context:
-            raise TsdkdError(f"{path} row {record.row}: prompt is {len(ids)} tokens; with --max-new-tokens "
+            raise TsdkdError(f"{record.where}: prompt is {len(ids)} tokens; with --max-new-tokens "
                              f"{cfg.max_new_tokens} it exceeds the model's context of {context}")
     return records, prompts
 

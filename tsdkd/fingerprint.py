@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,26 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
         else:
             identity["weights_files"] = sizes
     return identity
+
+
+def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two `model_identity` records are one model. Where both hashed their weights, the name does not
+    count (a folder moved, or named by a relative path or a link, is the same model); otherwise a local folder
+    counts by its real path."""
+    def name(identity: dict[str, Any]) -> str | None:
+        if recorded.get("weights_sha256") and current.get("weights_sha256"):
+            return None
+        path = identity.get("name_or_path")
+        return os.path.realpath(path) if path and Path(path).is_dir() else path
+
+    others = (recorded.keys() | current.keys()) - {"name_or_path"}
+    return name(recorded) == name(current) and all(recorded.get(key) == current.get(key) for key in others)
+
+
+def differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys of a dataset's `settings` whose values differ, the models compared by `same_model`."""
+    return [key for key in current if not (same_model(recorded.get(key) or {}, current[key]) if key in ("student", "teacher")
+                                          else recorded.get(key) == current[key])]
 
 
 def source_fingerprint(path: Path) -> str:

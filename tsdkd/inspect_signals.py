@@ -3,26 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tsdkd.validate import read_checked_manifest
+from tsdkd.errors import TsdkdError
+from tsdkd.validate import checked_shard_file, read_checked_manifest, read_parquet
+
+COLUMNS = ["completion_token_ids", "teacher_score", "teacher_rank", "teacher_entropy", "finish_reason", "verified"]
 
 
-def _quantiles(values: np.ndarray) -> str:
+def _quantiles(values: np.ndarray, whole: bool = False) -> str:
+    """Min, p10, median, p90, max and mean; `whole` numbers (token counts) as the observed integers."""
     if values.size == 0:
         return "-"
-    q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
-    return f"min {q[0]:.3f}  p10 {q[1]:.3f}  median {q[2]:.3f}  p90 {q[3]:.3f}  max {q[4]:.3f}  mean {values.mean():.3f}"
+    q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0], method="inverted_cdf" if whole else "linear")
+    digits = ".0f" if whole else ".3f"
+    return (f"min {q[0]:{digits}}  p10 {q[1]:{digits}}  median {q[2]:{digits}}  p90 {q[3]:{digits}}  max {q[4]:{digits}}  "
+            f"mean {values.mean():{'.1f' if whole else '.3f'}}")
+
+
+def _read_shard(folder: Path, entry: dict[str, Any]) -> pa.Table:
+    """The columns inspect needs, from a shard that matches its manifest entry: a damaged shard can still
+    parse, and its numbers would be wrong without a word."""
+    return read_parquet(checked_shard_file(folder, entry), lambda p: pq.read_table(p, columns=COLUMNS))
 
 
 def summarize(folder: Path) -> str:
+    """The numbers `tsdkd inspect` prints, one line each; refuses a dataset whose shards differ from its manifest."""
+    if not folder.exists():  # else the manifest reader reports only that tsdkd.json is missing
+        raise TsdkdError(f"{folder}: no such folder; pass the --out folder of `tsdkd generate`")
     manifest = read_checked_manifest(folder)
     files = [folder / entry["file"] for entry in manifest["shards"]]
-    columns = ["completion_token_ids", "teacher_score", "teacher_rank", "teacher_entropy", "finish_reason", "verified"]
-    tables = [pq.read_table(path, columns=columns) for path in files]
+    tables = [_read_shard(folder, entry) for entry in manifest["shards"]]
     lengths = np.concatenate([pc.list_value_length(t["completion_token_ids"]).to_numpy() for t in tables]) if tables else np.zeros(0)
     scores = np.concatenate([t["teacher_score"].to_numpy() for t in tables]) if tables else np.zeros(0)
     ranks = np.concatenate([t["teacher_rank"].to_numpy() for t in tables]) if tables else np.zeros(0)
@@ -44,7 +60,7 @@ def summarize(folder: Path) -> str:
         f"shards         {len(files)}",
         f"prompts        {len(lengths) // max(sampling['num_candidates'], 1)}",
         f"candidates     {len(lengths)}  ({stopped} ended with EOS, {len(lengths) - stopped} hit max new tokens)",
-        f"tokens         {tokens} completion tokens; length {_quantiles(lengths.astype(np.float64))}",
+        f"tokens         {tokens} completion tokens; length {_quantiles(lengths, whole=True)}",
         f"size           {total_bytes} bytes; {total_bytes / max(tokens, 1):.1f} bytes per completion token",
         f"teacher score  {_quantiles(scores)} (mean log-prob per token)",
         f"best candidate {_quantiles(best_scores)} (score of rank 0)",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tsdkd.errors import TsdkdError
+from tsdkd.fingerprint import differing_settings
 from tsdkd.signals import MANIFEST_NAME, write_dataset_card, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -17,10 +18,10 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
         raise TsdkdError(f"--out {out} already exists; merge into a new folder")
     manifests = [validate_dataset(part, deep=False) for part in parts]
     first = manifests[0]
-    job_free = lambda m: {k: v for k, v in m["settings"].items() if k != "job"}  # noqa: E731
     for part, manifest in zip(parts[1:], manifests[1:]):
-        if job_free(manifest) != job_free(first):
-            differing = [k for k in job_free(first) if manifest["settings"].get(k) != first["settings"][k]]
+        # Each machine of a split job may keep the models under another path.
+        differing = [key for key in differing_settings(first["settings"], manifest["settings"]) if key != "job"]
+        if differing:
             raise TsdkdError(f"{part}: made with other settings than {parts[0]} (differs in: {', '.join(differing)})")
         if manifest["tokenizer"] != first["tokenizer"]:
             raise TsdkdError(f"{part}: tokenizer differs from {parts[0]}'s")

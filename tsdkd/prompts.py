@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ ANSWER_FIELDS = ("answer", "solution")
 class PromptRecord:
     """One prompt as chat messages, with its row in the source file and its gold answer."""
 
-    row: int
+    row: int  # 0-based, in file order
+    where: str  # the file and its line (JSON Lines) or 1-based row, as errors name it
     messages: list[dict[str, str]]
     gold_answer: str | None
 
@@ -29,53 +31,133 @@ class PromptRecord:
         return sha256_json(self.messages)[:16]
 
 
-def load_table(path: Path) -> Any:
-    """The rows of a prompt file or saved dataset, as a `datasets.Dataset`."""
+def read_text(path: Path) -> str:
+    """The contents of a text prompt file; refuses one that is not UTF-8 or holds nothing."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TsdkdError(f"{path}: cannot read it ({error.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        column = len(data[line_start : error.start].decode("utf-8")) + 1  # the bytes before the bad one are valid
+        raise TsdkdError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at line {line} column {column}); "
+                         "save the file as UTF-8") from None
+    if not text.strip():
+        raise TsdkdError(f"{path}: the file holds no prompts")
+    return text
+
+
+def json_problem(text: str) -> str | None:
+    """Where a JSON or JSON Lines file stops parsing, with 1-based lines: the library's positions count from
+    the start of the block it was reading, or not at all. None when Python's parser finds no fault."""
+    if text.lstrip().startswith("["):  # one array of records
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"line {error.lineno} column {error.colno}: {error.msg}"
+        return None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number} column {error.colno}: {error.msg}"
+        if not isinstance(value, dict):
+            return f"line {number}: a JSON {type(value).__name__}, expected an object of fields"
+    return None
+
+
+def library_reason(error: BaseException) -> str:
+    """The first line of the parser's own message: `datasets` wraps it in one that names no file or position."""
+    from datasets.exceptions import DatasetGenerationError
+
+    while isinstance(error, DatasetGenerationError) and error.__cause__ is not None:
+        error = error.__cause__
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
+def load_table(path: Path) -> tuple[Any, str | None]:
+    """The rows of a prompt file or saved dataset, as a `datasets.Dataset`, and the text of a text file."""
     import datasets
 
     if not path.exists():
         raise TsdkdError(f"prompt file {path} not found")
     datasets.disable_progress_bars()
-    try:
-        if path.is_dir():
+    if path.is_dir():
+        try:
             loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if "train" not in loaded:
-                    raise TsdkdError(f"{path}: a saved DatasetDict needs a 'train' split, found {list(loaded)}")
-                loaded = loaded["train"]
-            return loaded
-        builder = FILE_FORMATS.get(path.suffix.lower())
-        if builder is None:
-            raise TsdkdError(f"{path}: unknown prompt file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv or a saved datasets folder")
-        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
-    except TsdkdError:
-        raise
-    except Exception as error:  # datasets/pyarrow raise many types for unreadable files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TsdkdError(f"{path}: cannot read prompts ({first_line})") from None
+        except Exception as error:  # datasets/pyarrow raise many types for unreadable folders
+            raise TsdkdError(f"{path}: cannot read prompts ({library_reason(error)})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise TsdkdError(f"{path}: a saved DatasetDict needs a 'train' split, found {list(loaded)}")
+            loaded = loaded["train"]
+        return loaded, None
+    builder = FILE_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise TsdkdError(f"{path}: unknown prompt file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv or a saved datasets folder")
+    # The library reads bytes as UTF-8 unchecked, so a file in another encoding would fail later, mid-run.
+    text = None if builder == "parquet" else read_text(path)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its loaders also log the errors reported below
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True), text
+    except Exception as error:  # datasets/pyarrow/pandas raise many types for unreadable files
+        if "corresponds to no data" in str(error):  # how datasets says the file parsed to no rows
+            raise TsdkdError(f"{path}: the file holds no prompts") from None
+        reason = (json_problem(text) if builder == "json" and text is not None else None) or library_reason(error)
+        raise TsdkdError(f"{path}: cannot read prompts ({reason}); correct the file") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
-def as_messages(value: Any, path: Path, row: int, field: str) -> list[dict[str, str]]:
+def row_names(path: Path, text: str | None, rows: int) -> list[str]:
+    """How errors name each row: by its line in a JSON Lines file (as editors number them; the library skips
+    blank lines), else by its 1-based row."""
+    if path.suffix.lower() == ".jsonl" and text is not None:
+        lines = [number for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+        if len(lines) == rows:  # else the library split lines otherwise: name rows, not a wrong line
+            return [f"{path} line {number}" for number in lines]
+    return [f"{path} row {row}" for row in range(1, rows + 1)]
+
+
+def as_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     """A plain prompt becomes one user message; a message list is checked and kept."""
+    if value is None:
+        raise TsdkdError(f"{where}: no {field!r}; fill it in or remove the row")
     if isinstance(value, str):
         if not value.strip():
-            raise TsdkdError(f"{path} row {row}: field {field!r} is empty; remove the row or fill it in")
+            raise TsdkdError(f"{where}: field {field!r} is empty; remove the row or fill it in")
         return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        if not any(m["content"].strip() for m in value):
-            raise TsdkdError(f"{path} row {row}: field {field!r} has only empty messages")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise TsdkdError(
-        f"{path} row {row}: field {field!r} must be a string or a list of {{role, content}} messages, got {type(value).__name__}"
-    )
+    if not isinstance(value, list) or not value:
+        found = "an empty list" if isinstance(value, list) else type(value).__name__
+        raise TsdkdError(f"{where}: field {field!r} must be a string or a list of {{role, content}} messages, got {found}")
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise TsdkdError(f"{where}: field {field!r} message [{index}] is {type(message).__name__}, expected {{role, content}}")
+        for key in ("role", "content"):
+            # A key absent from one message is None here: the library gives every message the same keys.
+            if message.get(key) is None:
+                raise TsdkdError(f"{where}: field {field!r} message [{index}] has no {key!r}; "
+                                 "each message needs 'role' and 'content' strings")
+            if not isinstance(message[key], str):
+                raise TsdkdError(f"{where}: field {field!r} message [{index}] {key!r} is {type(message[key]).__name__}, expected a string")
+    if not any(m["content"].strip() for m in value):
+        raise TsdkdError(f"{where}: field {field!r} has only empty messages")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None, limit: int | None) -> list[PromptRecord]:
     """Prompt records in file order. A field left None is the first of PROMPT_FIELDS / ANSWER_FIELDS
     the file has (no gold answer when it has none of the latter)."""
-    table = load_table(path)
+    table, text = load_table(path)
+    if len(table) == 0:
+        raise TsdkdError(f"{path}: the file holds no prompts")
     columns = list(table.column_names)
     if prompt_field is None:
         prompt_field = next((f for f in PROMPT_FIELDS if f in columns), None)
@@ -87,8 +169,7 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
         raise TsdkdError(f"{path}: no field {answer_field!r} (fields: {', '.join(columns)}); pass --answer-field")
     if answer_field is None:
         answer_field = next((f for f in ANSWER_FIELDS if f in columns), None)
-    if len(table) == 0:
-        raise TsdkdError(f"{path}: the prompt file has no rows")
+    names = row_names(path, text, len(table))
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
     records = []
@@ -97,7 +178,8 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
         records.append(
             PromptRecord(
                 row=row,
-                messages=as_messages(item[prompt_field], path, row, prompt_field),
+                where=names[row],
+                messages=as_messages(item[prompt_field], names[row], prompt_field),
                 gold_answer=None if answer is None else str(answer),
             )
         )
@@ -106,7 +188,7 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[int]:
     """Token ids of the prompt under the tokenizer's chat template, generation prompt included;
-    `where` (file and row) names the prompt in errors."""
+    `where` (file and line or row) names the prompt in errors."""
     if tokenizer.chat_template:
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -23,6 +23,8 @@ T = TypeVar("T")
 LOGPROB_SLACK = 1e-3
 # Shards checked at once (each holds its whole table in memory while it is checked).
 VALIDATION_THREADS = 8
+# A rerun of the command that made a complete dataset checks every shard and redoes the bad ones.
+REDO_SHARD = "restore it, or rerun the `tsdkd generate` command that made the dataset to redo missing or damaged shards"
 # The manifest fields that tsdkd reads (validation, distill, merge, inspect, a generate rerun), with their JSON types,
 # each after its parent: a missing or mistyped one fails here in one line, not as a KeyError later.
 MANIFEST_FIELDS: tuple[tuple[str, type], ...] = (
@@ -100,17 +102,13 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
     schema = signal_schema(manifest["tokenizer"]["vocab_size"])
 
     def check_shard(entry: dict[str, Any]) -> list[tuple[int, str]]:
-        path = folder / entry["file"]
-        if not path.is_file():
-            raise TsdkdError(f"{path}: shard missing; restore it or regenerate the dataset")
-        if sha256_file(path) != entry["sha256"]:
-            raise TsdkdError(f"{path}: checksum does not match the manifest; the file is corrupt or was changed")
-        rows = _read_parquet(path, lambda p: pq.ParquetFile(p).metadata.num_rows)
+        path = checked_shard_file(folder, entry)
+        rows = read_parquet(path, lambda p: pq.ParquetFile(p).metadata.num_rows)
         if rows != entry["rows"]:
             raise TsdkdError(f"{path}: {rows} rows, the manifest says {entry['rows']}")
         if not deep:
             return []
-        table = _read_parquet(path, pq.read_table)
+        table = read_parquet(path, pq.read_table)
         if not table.schema.equals(schema):
             raise TsdkdError(f"{path}: columns or types differ from format v{manifest['format_version']}")
         return check_rows(table, path, manifest)
@@ -142,13 +140,23 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _read_parquet(path: Path, read: Callable[[Path], T]) -> T:
+def checked_shard_file(folder: Path, entry: dict[str, Any]) -> Path:
+    """The path of a manifest's shard entry, refused when the file is missing or not the one the manifest hashed."""
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise TsdkdError(f"{path}: shard missing; {REDO_SHARD}")
+    if sha256_file(path) != entry["sha256"]:
+        raise TsdkdError(f"{path}: checksum does not match the manifest (the file is corrupt or was changed); {REDO_SHARD}")
+    return path
+
+
+def read_parquet(path: Path, read: Callable[[Path], T]) -> T:
     """`read(path)`, with any pyarrow error as one line: its messages can span several."""
     try:
         return read(path)
     except Exception as error:  # pyarrow's error types differ by version
         first_line = str(error).strip().partition("\n")[0]
-        raise TsdkdError(f"{path}: not a readable Parquet file ({first_line}); restore the shard or regenerate the dataset") from None
+        raise TsdkdError(f"{path}: not a readable Parquet file ({first_line}); {REDO_SHARD}") from None
 
 
 def _first_bad_row(list_column: pa.ChunkedArray, bad_values: np.ndarray) -> int | None:

@@ -1,0 +1,110 @@
+"""Bad prompt files and damaged datasets: one line naming the file and the spot, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, run_cli
+
+
+def generate_with(prompts, tmp_path):
+    job = list(SMALL_JOB)
+    job[job.index("--prompts") + 1] = str(prompts)
+    return run_cli("generate", *job, "--out", tmp_path / "out")
+
+
+def eval_with(data, tmp_path):
+    return run_cli("eval", "--model", TOY_STUDENT, "--data", data, "--out", tmp_path / "eval", "--backend", "hf")
+
+
+def lines(*rows):
+    return "".join(row + "\n" for row in rows).encode()
+
+
+GOOD = '{"prompt": "1 + 1?", "answer": "2"}'
+
+
+@pytest.mark.parametrize(
+    "name, content, fragments",
+    [
+        ("latin.jsonl", lines(GOOD) + b'{"prompt": "caf\xe9 \xff", "answer": "1"}\n',
+         ["latin.jsonl", "not UTF-8", "byte 0xe9 at line 2 column 16", "save the file as UTF-8"]),
+        ("empty.jsonl", b"", ["empty.jsonl", "holds no prompts"]),
+        ("blank.jsonl", b"\n  \n", ["blank.jsonl", "holds no prompts"]),
+        ("empty.json", b"[]", ["empty.json", "holds no prompts"]),
+        ("header.csv", b"prompt,answer\n", ["header.csv", "holds no prompts"]),
+        ("cut.json", b'[{"prompt": "a", "answer": "1"},\n {"prompt": "b"', ["cut.json", "line 2 column 16", "Expecting"]),
+        ("bad.jsonl", lines(GOOD, GOOD, GOOD, '{"prompt": "d", "answer": '), ["bad.jsonl", "line 4 column", "Expecting value"]),
+        ("list.jsonl", lines(GOOD, "[1, 2]"), ["list.jsonl", "line 2", "expected an object"]),
+        # datasets also logs this parse error; assert_one_line_error allows no second line on stderr.
+        ("fields.csv", b"prompt,answer\na,1\nb,2,3\n", ["fields.csv", "Expected 2 fields in line 3"]),
+        ("missing.jsonl", lines(GOOD, GOOD, GOOD, '{"answer": "1"}'), ["missing.jsonl line 4:", "no 'prompt'"]),
+        ("gaps.jsonl", lines(GOOD, "", '{"prompt": " ", "answer": "1"}'), ["gaps.jsonl line 3:", "'prompt' is empty"]),
+        ("chat.jsonl", lines('{"prompt": [{"role": "user"}], "answer": "1"}'),
+         ["chat.jsonl line 1:", "message [0] has no 'content'", "'role' and 'content' strings"]),
+        ("chat2.jsonl", lines('{"prompt": [{"role": "user", "content": "hi"}, {"content": "x"}], "answer": "1"}'),
+         ["chat2.jsonl line 1:", "message [1] has no 'role'"]),
+        ("rows.csv", b"prompt,answer\n1 + 1?,2\n,3\n", ["rows.csv row 2:", "no 'prompt'"]),
+    ],
+)
+def test_bad_prompt_file(tmp_path, name, content, fragments):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert_one_line_error(generate_with(path, tmp_path), *fragments)
+    assert not (tmp_path / "out" / "tsdkd.json").exists()
+
+
+def test_eval_reports_bad_benchmark_files(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')
+    assert_one_line_error(eval_with(latin, tmp_path), "latin.jsonl", "not UTF-8", "line 1 column 16")
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_bytes(lines(GOOD, "", '{"prompt": "2 + 2?"}'))
+    assert_one_line_error(eval_with(unanswered, tmp_path), "unanswered.jsonl line 3:", "no gold answer")
+    assert not (tmp_path / "eval").exists()
+
+
+def damage(path, how):
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "missing":
+        path.unlink()
+    else:  # one flipped byte: the file may still parse, with wrong numbers
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, problem", [("truncated", "checksum does not match"), ("empty", "checksum does not match"),
+                                          ("missing", "shard missing"), ("flipped", "checksum does not match")])
+def test_inspect_refuses_a_damaged_shard(small_dataset, tmp_path, how, problem):
+    folder = tmp_path / "copy"
+    shutil.copytree(small_dataset, folder)
+    shard = json.loads((folder / "tsdkd.json").read_text())["shards"][1]["file"]
+    damage(folder / shard, how)
+    assert_one_line_error(run_cli("inspect", folder), shard, problem, "rerun the `tsdkd generate` command")
+    assert_one_line_error(run_cli("validate", folder), shard, problem)
+
+
+def test_inspect_of_a_missing_folder(tmp_path):
+    assert_one_line_error(run_cli("inspect", tmp_path / "nowhere"), "nowhere: no such folder")
+
+
+def test_inspect_prints_lengths_as_integers(small_dataset):
+    result = run_cli("inspect", small_dataset)
+    assert result.exit_code == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("tokens"))
+    found = re.search(r"length min (\d+)  p10 \d+  median \d+  p90 \d+  max (\d+)  mean \d+\.\d$", line)
+    assert found, line
+    lengths = [pc.list_value_length(pq.read_table(path, columns=["completion_token_ids"])["completion_token_ids"]).to_pylist()
+               for path in sorted((small_dataset / "data").glob("*.parquet"))]
+    flat = [n for shard in lengths for n in shard]
+    assert (int(found[1]), int(found[2])) == (min(flat), max(flat))
