@@ -241,7 +241,7 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as folder:
         passes = 1 + args.repeats
-        cfg, tokenizer, objective, batches = setup(args, Path(folder), max_steps=0)
+        cfg, tokenizer, objective, batches = setup(args, Path(folder))
         if variant == "tsdkd-direct":  # same micro-batches (grouped by prompt), the direct term alone
             objective = dataclasses.replace(objective, token_ranking=False, sequence_ranking=False, entropy=False)
         items = [batches[i] for i in range(len(batches))]

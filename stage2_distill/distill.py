@@ -22,7 +22,7 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import sha256_json, tokenizer_fingerprint
+from tsdkd.fingerprint import differing_settings, model_identity, same_model, sha256_json, tokenizer_fingerprint
 from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
@@ -35,6 +35,8 @@ def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[
     """Every dataset valid, made for this student's tokenizer, and usable together."""
     manifests, absolute = [], resolved(cfg.signals)
     for index, folder in enumerate(cfg.signals):
+        if Path(folder).is_file():
+            raise TsdkdError(f"--signals {folder} is a file; name the dataset folder (the --out of `tsdkd generate`)")
         if not Path(folder).is_dir():
             raise TsdkdError(f"--signals {folder}: no such folder")
         if absolute[index] in absolute[:index]:
@@ -49,6 +51,26 @@ def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[
     if sum(m["stats"]["candidates"] for m in manifests) == 0:
         raise TsdkdError("--signals: the datasets hold no candidates")
     return manifests
+
+
+def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]]) -> None:
+    """Says (without refusing: shared data is meant for other students too) when a dataset was sampled by
+    another model than --student, or is one part of a split `tsdkd generate` job whose other parts are not given."""
+    student = model_identity(cfg.student, cfg.trust_remote_code)
+    for folder, manifest in zip(cfg.signals, manifests):
+        if not same_model(manifest["student"], student):
+            print(f"note: --signals {folder} was sampled by {manifest['student']['name_or_path']}, not by --student "
+                  f"{cfg.student}: off-policy data for it, and the sequence-level ranking scores its log-probs against "
+                  "the sampler's")
+        num_parts = manifest["job"]["num_shards"]
+        parts_given = {m["job"]["shard_index"] for m in manifests if not differing_settings(_job_free(manifest), _job_free(m))}
+        if len(parts_given) < num_parts:
+            print(f"note: --signals {folder} is part {manifest['job']['shard_index'] + 1} of {num_parts} of a split "
+                  "`tsdkd generate` job; `tsdkd merge` the parts, or name them all, to train on the whole job")
+
+
+def _job_free(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in manifest["settings"].items() if key != "job"}
 
 
 def check_one_gpu_per_process(args: TrainingArguments) -> None:
@@ -117,34 +139,41 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
     )
 
 
+def resolved_model(path_or_id: str) -> str:
+    """A local model folder's absolute path (the same folder however it was named); a hub id as it is."""
+    return str(Path(path_or_id).resolve()) if Path(path_or_id).is_dir() else path_or_id
+
+
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
-    """What a `--resume` must repeat (the signal folders wherever they were named from)."""
+    """What continuing a run must repeat (the signal folders and student wherever they were named from)."""
     settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
     settings["signals"] = resolved(cfg.signals)
+    settings["student"] = resolved_model(cfg.student)
     return settings
 
 
 def check_output(cfg: DistillConfig, out: Path) -> bool:
-    """Read-only: a new run needs an empty folder, `--resume` the settings of the run it continues.
+    """Read-only: a new run needs an empty folder; a folder holding a run is continued, with the same settings.
     Returns True when that run already finished."""
     info_path = out / DISTILL_RUN_INFO
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
-    if not cfg.resume:
-        if out.exists() and any(out.iterdir()):
-            hint = " (rerun with --resume to continue it)" if info_path.is_file() else ""
-            raise TsdkdError(f"--out {out} is not empty{hint}; choose a new folder")
-        return False
     if not info_path.is_file():
-        raise TsdkdError(f"--resume: {out} holds no earlier run ({DISTILL_RUN_INFO} missing); drop --resume to start one")
+        if cfg.resume:
+            raise TsdkdError(f"--resume: {out} holds no earlier run ({DISTILL_RUN_INFO} missing); drop --resume to start one")
+        if out.exists() and any(out.iterdir()):
+            raise TsdkdError(f"--out {out} is not empty and holds no tsdkd run; choose a new folder")
+        return False
     record = read_run_info(out)
     earlier = record.get("settings", {})
-    # Runs recorded their signal folders as given before they were resolved.
-    earlier = {**earlier, "signals": resolved(earlier.get("signals", []))}
+    # Runs recorded their signal folders and student as given before they were resolved.
+    earlier = {**earlier, "signals": resolved(earlier.get("signals", [])), "student": resolved_model(earlier.get("student", ""))}
     settings = run_settings(cfg)
     differing = sorted(k for k in settings if earlier.get(k) != settings[k])
     if differing:
-        raise TsdkdError(f"--resume: settings differ from the run in {out} ({', '.join(differing)}); use the same ones")
+        changes = "; ".join(f"{k}: {earlier.get(k)!r} in the run, {settings[k]!r} now" for k in differing)
+        raise TsdkdError(f"--out {out} holds a run with other settings ({changes}); rerun with its settings to continue "
+                         "it, or choose a new --out")
     return bool(record.get("complete"))
 
 
@@ -250,11 +279,16 @@ def distill(cfg: DistillConfig) -> Path:
     check_one_gpu_per_process(args)
     if cfg.rank_items > len(tokenizer):
         raise TsdkdError(f"--rank-items {cfg.rank_items} exceeds the student's vocabulary ({len(tokenizer)} tokens)")
+    # A rerun of the same command continues the run in --out. Every process looks before the main one
+    # writes the run record (after the next barrier), so all agree.
+    continuing = (out / DISTILL_RUN_INFO).is_file()
     start = processes.is_main_process and not check_output(cfg, out)
     data_checksum = ""
     if start:
-        data_checksum = signals_checksum(check_signals(cfg, tokenizer_fingerprint(tokenizer)))
-        if cfg.resume:
+        manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
+        note_data_origin(cfg, manifests)
+        data_checksum = signals_checksum(manifests)
+        if continuing:
             check_same_signals(out, data_checksum)
         else:
             create_output_folder(out)
@@ -274,7 +308,7 @@ def distill(cfg: DistillConfig) -> Path:
     )
     model = load_student(cfg)
     # Written only now: a start that fails on the student or the data leaves --out empty.
-    if start and not cfg.resume:
+    if start and not continuing:
         create_output(cfg, out, data_checksum)
     processes.wait_for_everyone()
     trainer = DistillTrainer(
@@ -282,8 +316,8 @@ def distill(cfg: DistillConfig) -> Path:
         callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),
         logit_chunk_tokens=cfg.logit_chunk_tokens, rank_items=cfg.rank_items,
     )
-    resume_from = last_complete_checkpoint(out / CHECKPOINTS) if cfg.resume else None
-    if processes.is_main_process and cfg.resume:
+    resume_from = last_complete_checkpoint(out / CHECKPOINTS) if continuing else None
+    if processes.is_main_process and continuing:
         drop_metrics_after(out / METRICS, resume_from)
     trainer.train(resume_from_checkpoint=resume_from)
     if batches.num_dropped:
@@ -327,4 +361,5 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     if not keep_checkpoints:
         # A finished student needs no optimizer state: for a 1.5B model that is ~18 GB a checkpoint.
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    print(f"{out}: student saved after {trainer.state.global_step} steps")
+    steps = trainer.state.global_step
+    print(f"{out}: student saved after {steps} step{'s' if steps != 1 else ''}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
+import typer
 import yaml
 
 from conftest import assert_one_line_error, run_cli
+from tsdkd.cli import app
 from tsdkd.config import DistillConfig, EvalConfig, GenerateConfig, RunConfig, build_config
 from tsdkd.errors import TsdkdError
 
@@ -15,7 +18,12 @@ SEED_RULE = r"--seed must be in \[0, 4294967295\]"
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--epochs", "inf", "--max-steps", "-1"], "--epochs must be a finite number, not inf"),
+    (["--epochs", "inf"], "--epochs must be a finite number, not inf"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--max-steps", "0"], "--max-steps must be at least 1 (leave it out to train for --epochs)"),
+    (["--max-steps", "-2"], "--max-steps must be at least 1"),
+    (["--loss", "kd", "--no-entropy"], "--no-entropy has no effect with --loss kd; leave it out"),
+    (["--no-indirect", "--alpha", "0.5"], "--alpha has no effect with --loss tsdkd --no-indirect; leave it out"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),
@@ -38,6 +46,63 @@ def test_distill_refuses_out_of_range_settings_before_reading_anything(tmp_path,
 
 def test_distill_accepts_the_edges_of_the_new_ranges():
     DistillConfig(signals=["s"], student="m", out="o", max_grad_norm=0.0, weight_decay=0.0, seed=2**32 - 1).check()
+    DistillConfig(signals=["s"], student="m", out="o", max_steps=1).check()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-steps", "0"], "distill settings of the run: --max-steps must be at least 1"),
+    (["--epochs", "0"], "distill settings of the run: --epochs must be positive"),
+])
+def test_run_checks_its_distill_settings_like_distill(tmp_path, extra, message):
+    out = tmp_path / "run"
+    result = run_cli("run", "--prompts", tmp_path / "p.jsonl", "--student", "s", "--teacher", "t", "--out", out, *extra)
+    assert_one_line_error(result, message)
+    assert not out.exists()
+
+
+# Each command's options and the config classes that hold their defaults (run: its own, then its sections').
+COMMAND_CONFIGS = {"generate": [GenerateConfig], "distill": [DistillConfig], "eval": [EvalConfig],
+                   "run": [RunConfig, DistillConfig, GenerateConfig]}
+
+
+def config_default(name, classes):
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            if field.name == name:
+                return field.default
+    raise AssertionError(f"no config field for option {name}")
+
+
+@pytest.mark.parametrize("command", COMMAND_CONFIGS)
+def test_help_shows_the_default_of_every_option(command):
+    """Each option's help ends its text with its default or [required], and a plain default is the config
+    class's: the help cannot drift from the code."""
+    options = [p for p in typer.main.get_command(app).commands[command].params if p.name not in ("help", "config")]
+    for option in options:
+        shown = re.findall(r"\[([^\[\]]+)\]", option.help)
+        assert shown, f"{command} --{option.name}: no [default] in {option.help!r}"
+        value = shown[-1].split(":")[0]  # "auto: vllm with a GPU, else hf" -> auto
+        default = config_default(option.name, COMMAND_CONFIGS[command])
+        if default is None or (option.name, default) == ("max_steps", -1):
+            continue  # no value: the help says what happens instead ("all", "none: --epochs decides")
+        if value == "required":
+            assert default in ("", dataclasses.MISSING), option.name
+        elif isinstance(default, bool):
+            assert value == ("on" if default else "off"), option.name
+        elif isinstance(default, (int, float)):
+            assert float(value) == default, option.name
+        elif isinstance(default, str):
+            assert value == default, option.name
+
+
+@pytest.mark.parametrize("command", COMMAND_CONFIGS)
+def test_help_renders_the_defaults(command):
+    """The rendered help keeps the [defaults] (Rich markup would drop them as style tags) and shows no
+    <bool> type after flags."""
+    result = run_cli(command, "--help")
+    assert result.exit_code == 0
+    assert "[required]" in result.stdout and "<bool>" not in result.stdout
+    assert not re.search(r"\s\.$", result.stdout, re.MULTILINE), result.stdout
 
 
 GENERATE = {"prompts": "p.jsonl", "student": "s", "teacher": "t", "out": "o"}
@@ -103,6 +168,10 @@ def test_a_config_file_that_is_not_utf8_is_refused(tmp_path, suffix):
     path = tmp_path / f"b{suffix}"
     path.write_bytes(b"\xff\xfe x")
     assert_one_line_error(run_cli("distill", "--config", path), f"config file {path} is not UTF-8", "save it as UTF-8")
+
+
+def test_a_config_folder_is_refused_as_a_folder(tmp_path):
+    assert_one_line_error(run_cli("distill", "--config", tmp_path), f"config file {tmp_path} is a folder; name a YAML or TOML file")
 
 
 def test_an_unreadable_config_file_is_one_line(tmp_path, monkeypatch):

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from conftest import SMALL_JOB, ROOT, TOY_STUDENT, assert_one_line_error, run_cli
+from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
-from stage2_distill.distill import (check_output, create_output, create_output_folder, drop_metrics_after, training_arguments,
-                                    use_bf16)
+from stage2_distill.distill import (check_output, create_output, create_output_folder, drop_metrics_after, note_data_origin,
+                                    training_arguments, use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
@@ -176,7 +176,8 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_pat
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "model.safetensors").exists()
-    rerun = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    # The same command again: it continues the run in --out.
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [r["step"] for r in step_records(out)] == list(range(1, 41))
     resumed, reference = load_file(out / "model.safetensors"), load_file(clean / "model.safetensors")
@@ -258,6 +259,8 @@ def test_non_finite_loss_stops_with_the_step(small_dataset):
 def test_bad_input(small_dataset, tmp_path):
     missing = tmp_path / "nowhere"
     assert_one_line_error(run_cli(*distill_args(missing, tmp_path / "o1")), "no such folder")
+    shard = next((small_dataset / "data").glob("*.parquet"))
+    assert_one_line_error(run_cli(*distill_args(shard, tmp_path / "o1")), "is a file", "name the dataset folder")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(small_dataset, corrupt)
     shard = sorted((corrupt / "data").glob("*.parquet"))[0]
@@ -351,6 +354,11 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     result = run_cli(*distill_args(signals, out, "--max-steps", "1", "--resume"))  # started relative, now absolute
     assert result.exit_code == 0 and "already trained" in result.stdout, (result.stderr, result.exception)
     assert not (out / "checkpoints").exists()
+    # The student named through a link, without --resume: the same run.
+    (tmp_path / "models").symlink_to(TOY_STUDENT.parent)
+    linked = [f"models/{TOY_STUDENT.name}" if a == str(TOY_STUDENT) else a for a in distill_args(signals, out, "--max-steps", "1")]
+    result = run_cli(*linked)
+    assert result.exit_code == 0 and "already trained" in result.stdout, (result.stderr, result.exception)
     # The same folder regenerated with other data is not the data the run started with.
     info = json.loads((out / "tsdkd_distill.json").read_text())
     (out / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
@@ -397,7 +405,7 @@ def test_interrupted_distill_says_how_to_continue(small_dataset, tmp_path, monke
 
     monkeypatch.setattr("stage2_distill.distill.distill", interrupted)
     result = run_cli(*distill_args(small_dataset, tmp_path / "run"))
-    assert result.exit_code == 130 and "rerun with --resume" in result.stderr
+    assert result.exit_code == 130 and "rerun the same command to continue" in result.stderr
 
 
 def test_tensorboard_when_asked(small_dataset, tmp_path):
@@ -408,11 +416,44 @@ def test_tensorboard_when_asked(small_dataset, tmp_path):
 
 def test_existing_run_is_never_overwritten(small_dataset, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(*distill_args(small_dataset, out, "--max-steps", "1")).exit_code == 0
+    first = run_cli(*distill_args(small_dataset, out, "--max-steps", "1"))
+    assert first.exit_code == 0 and "student saved after 1 step\n" in first.stdout, first.stderr
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "1")), "not empty", "--resume")
-    assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "2", "--resume")), "settings differ", "max_steps")
+    again = run_cli(*distill_args(small_dataset, out, "--max-steps", "1"))
+    assert again.exit_code == 0 and "already trained" in again.stdout, again.stderr
+    for extra in ([], ["--resume"]):
+        assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "2", *extra)),
+                              "holds a run with other settings", "max_steps: 1 in the run, 2 now", "choose a new --out")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, unrelated)), "not empty and holds no tsdkd run")
+    assert [p.name for p in unrelated.iterdir()] == ["notes.txt"]
+
+
+def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path, capsys):
+    """Shared data may serve another student, and a part of a split job is a valid dataset: a note, not a refusal."""
+    manifest = json.loads((small_dataset / "tsdkd.json").read_text())
+    linked = tmp_path / "models"
+    linked.symlink_to(TOY_STUDENT.parent)
+
+    def notes(student, *manifests):
+        cfg = DistillConfig(signals=[f"part{i}" for i in range(len(manifests))], student=str(student), out="x")
+        note_data_origin(cfg, list(manifests))
+        return capsys.readouterr().out
+
+    assert notes(TOY_STUDENT, manifest) == ""
+    assert notes(linked / TOY_STUDENT.name, manifest) == ""  # the sampler named by another path
+    assert "was sampled by" in notes(TOY_TEACHER, manifest) and "off-policy" in notes(TOY_TEACHER, manifest)
+
+    def part(index, **settings):
+        job = {"shard_index": index, "num_shards": 2}
+        return {**manifest, "job": job, "settings": {**manifest["settings"], "job": job, **settings}}
+
+    assert "part 1 of 2" in notes(TOY_STUDENT, part(0))
+    assert notes(TOY_STUDENT, part(0), part(1)) == ""
+    assert "part 2 of 2" in notes(TOY_STUDENT, part(0, round=3), part(1))  # two jobs, one part of each
 
 
 @pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),
@@ -575,7 +616,7 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
     create_output_folder(tmp_path / "run")
     create_output(started, tmp_path / "run", "checksum")
     assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run") is False
-    with pytest.raises(TsdkdError, match="settings differ"):
+    with pytest.raises(TsdkdError, match="other settings"):
         check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,3 +167,59 @@ def test_distill_settings_may_change_until_a_round_distils(tmp_path):
     assert (out / "round-1" / "student" / "model.safetensors").is_file()
     config.write_text(one_round + "  jsd-beta: 0.5\n")
     assert_one_line_error(run_cli(*run_args(config, out)), "other settings", "distill")
+
+
+def test_rerun_compares_typed_settings_and_names_each_change(tmp_path):
+    """A run started with `--learning-rate 1e-4 --epochs 30` continues from a config file saying the same in
+    YAML (where PyYAML reads `1e-4` as a string), also from a run record written before the settings were
+    typed; another value is refused naming the key and both values. Round 1 stops at once on the missing
+    prompt file, after the run record: which error comes back shows whether the settings were accepted."""
+    prompts, out = tmp_path / "missing.jsonl", tmp_path / "run"
+    args = ["run", "--prompts", prompts, "--student", TOY_STUDENT, "--teacher", TOY_TEACHER, "--out", out]
+    not_found = f"prompt file {prompts} not found"
+    assert_one_line_error(run_cli(*args, "--learning-rate", "1e-4", "--epochs", "30"), not_found)
+    # As after round 1's distillation started: distill settings are fixed from then on.
+    manifest_path = out / "tsdkd_run.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["rounds"] = {"1": {"signals": True, "student": False}}
+    manifest_path.write_text(json.dumps(manifest))
+    (out / "round-1" / "student").mkdir(parents=True)
+    (out / "round-1" / "student" / "tsdkd_distill.json").write_text("{}")
+    config = tmp_path / "run.yaml"
+    config.write_text("distill:\n  learning_rate: 1e-4\n  epochs: 30\n")
+    assert_one_line_error(run_cli(*args, "--config", config), not_found)
+    manifest["settings"]["distill"]["learning_rate"] = "1e-4"  # as such a record held it before
+    manifest_path.write_text(json.dumps(manifest))
+    assert_one_line_error(run_cli(*args, "--config", config), not_found)
+    config.write_text("distill:\n  learning_rate: 1e-3\n  epochs: 30\n")
+    assert_one_line_error(run_cli(*args, "--config", config),
+                          "(distill.learning_rate: 0.0001 in the run, 0.001 now); "
+                          "rerun with the run's settings to resume it, or choose a new --out")
+
+
+@pytest.mark.parametrize("stop_when", ["round-1/signals/data/train-00000-of-00003.parquet",
+                                       "round-1/student/checkpoints/checkpoint-2/trainer_state.json"])
+def test_sigterm_ends_in_one_line_and_the_rerun_finishes(tmp_path, stop_when):
+    """SIGTERM (a cluster preemption, `timeout`) during generate or distill ends like Ctrl-C: one line saying
+    how to continue, exit code 143 (128 + 15, as if killed), no traceback; rerunning finishes the run."""
+    config, out = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text(CONFIG.replace("rounds: 2", "rounds: 1"))
+    command = [sys.executable, "-m", "tsdkd", *run_args(config, out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a pipe could fill up with progress bars
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None and not (out / stop_when).exists():
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+    output = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 143, (process.returncode, output[-3000:])
+    assert "Traceback" not in output
+    # Once, to the end of its line (which a progress bar left unfinished may have begun).
+    assert re.findall(r"terminated \(SIGTERM\).*", output) == ["terminated (SIGTERM); rerun the same command to continue"], \
+        output[-3000:]
+    assert not (out / "round-1" / "student" / "model.safetensors").exists()
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (out / "round-1" / "student" / "model.safetensors").is_file()

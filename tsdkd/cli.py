@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
-from tsdkd.config import DISTILL_RUN_INFO
 from tsdkd.errors import TsdkdError
 
 app = typer.Typer(
@@ -17,22 +20,61 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: Rich markup would take each option's "[default]" for a style tag and drop it,
+    # and would show a <bool> type after every flag.
+    rich_markup_mode=None,
 )
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a cluster preemption, `timeout`). A BaseException like KeyboardInterrupt, so that
+    no `except Exception` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def sigterm_like_ctrl_c() -> Iterator[None]:
+    """While a command runs, SIGTERM raises Terminated in this process, which then ends like Ctrl-C.
+    Not in the workers of a launcher (torchrun sets LOCAL_RANK): the launcher stops them with SIGTERM,
+    also while they wait in a collective, where a Python handler would run only when the wait ends."""
+    # A handler can be set in the main thread only (not, say, in a command called from a thread).
+    if "LOCAL_RANK" in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a forked child (data loader worker) inherited this: end it as before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        # None: a handler set outside Python, which cannot be put back; the default is the closest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def one_line_errors(command: Callable[..., Any], to_continue: str = "rerun the same command") -> Callable[..., Any]:
-    """Bad input ends in one line on stderr and exit code 2, never a traceback; Ctrl-C says `to_continue`."""
+    """Bad input ends in one line on stderr and exit code 2, never a traceback; Ctrl-C (exit 130) and
+    SIGTERM (exit 143, 128 + 15 as if killed) say `to_continue`."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with sigterm_like_ctrl_c():
+                return command(*args, **kwargs)
         except TsdkdError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo(f"interrupted; {to_continue} to continue", err=True)
             raise typer.Exit(130) from None
+        except Terminated:
+            typer.echo(f"terminated (SIGTERM); {to_continue} to continue", err=True)
+            raise typer.Exit(143) from None
 
     return wrapper
 
@@ -40,10 +82,10 @@ def one_line_errors(command: Callable[..., Any], to_continue: str = "rerun the s
 @app.command()
 @one_line_errors
 def generate(
-    prompts: Optional[str] = typer.Option(None, help="Prompt file (.jsonl/.json/.parquet/.csv) or saved datasets folder."),
-    student: Optional[str] = typer.Option(None, help="Student model folder or hub id (samples the candidates)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher model folder or hub id (scores and ranks them)."),
-    out: Optional[str] = typer.Option(None, help="Output dataset folder (rerun the same command to resume)."),
+    prompts: Optional[str] = typer.Option(None, help="Prompt file (.jsonl/.json/.parquet/.csv) or saved datasets folder [required]."),
+    student: Optional[str] = typer.Option(None, help="Student model folder or hub id (samples the candidates) [required]."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model folder or hub id (scores and ranks them) [required]."),
+    out: Optional[str] = typer.Option(None, help="Output dataset folder (rerun the same command to resume) [required]."),
     num_candidates: Optional[int] = typer.Option(None, help="Candidates sampled per prompt [4]."),
     top_k: Optional[int] = typer.Option(None, help="Teacher top-k stored per completion position [20]."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest candidate in tokens [1024]."),
@@ -54,7 +96,7 @@ def generate(
     prompt_field: Optional[str] = typer.Option(None, help="Field holding the prompt text or chat messages [first of prompt/messages/question/problem]."),
     answer_field: Optional[str] = typer.Option(None, help="Field holding the gold answer [answer or solution, if present]."),
     verifier: Optional[str] = typer.Option(None, help="none | math: rank verified-correct candidates first [math]."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts [all]."),
     shard_index: Optional[int] = typer.Option(None, help="This machine's part of a split job [0]."),
     num_shards: Optional[int] = typer.Option(None, help="Machines splitting the job; join with `tsdkd merge` [1]."),
     prompts_per_shard: Optional[int] = typer.Option(None, help="Prompts per Parquet shard [256]."),
@@ -66,12 +108,12 @@ def generate(
     logit_chunk_tokens: Optional[int] = typer.Option(None, help="hf: positions whose full log-softmax may exist at once [2048]."),
     tensor_parallel_size: Optional[int] = typer.Option(None, help="vllm: GPUs per engine [1]."),
     gpu_memory_utilization: Optional[float] = typer.Option(None, help="vllm: GPU memory fraction [0.9]."),
-    max_num_batched_tokens: Optional[int] = typer.Option(None, help="vllm: scheduler token budget."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="vllm: scheduler token budget [vllm's default]."),
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, help="vllm: KV cache size [1 GiB on CPU]."),
     enforce_eager: Optional[bool] = typer.Option(None, help="vllm: skip torch.compile and CUDA graphs (faster start) [off]."),
     config: Optional[str] = typer.Option(None, help="YAML or TOML file with the same keys; options given here win."),
 ) -> None:
-    """Stage 1: sample student candidates, score and rank them with the teacher, write a signal dataset."""
+    """Stage 1: write a signal dataset. The student samples candidates, the teacher scores and ranks them."""
     options = dict(locals())
     config_file = options.pop("config")
     from stage1_generate.generate import generate as run_generate
@@ -81,20 +123,19 @@ def generate(
 
 
 @app.command()
-# --resume continues a run, and none exists before its run record is written.
-@functools.partial(one_line_errors, to_continue=f"rerun with --resume (without it if --out holds no {DISTILL_RUN_INFO} yet)")
+@one_line_errors
 def distill(
-    signals: Optional[list[str]] = typer.Option(None, help="Signal dataset folder; repeat to train on several."),
-    student: Optional[str] = typer.Option(None, help="Student to train (the checkpoint that sampled the signals)."),
-    out: Optional[str] = typer.Option(None, help="Output folder: the trained student, checkpoints, metrics.jsonl."),
+    signals: Optional[list[str]] = typer.Option(None, help="Signal dataset folder; repeat to train on several [required]."),
+    student: Optional[str] = typer.Option(None, help="Student to train (the checkpoint that sampled the signals) [required]."),
+    out: Optional[str] = typer.Option(None, help="Output folder: the trained student, checkpoints, metrics.jsonl; rerun the same command to continue a run in it [required]."),
     loss: Optional[str] = typer.Option(None, help="tsdkd | sft | kd | gkd [tsdkd]."),
     indirect: Optional[str] = typer.Option(None, help="tsdkd ranking term: token | sequence | both [both]."),
-    no_indirect: Optional[bool] = typer.Option(None, "--no-indirect", help="tsdkd without the ranking term."),
-    no_entropy: Optional[bool] = typer.Option(None, "--no-entropy", help="tsdkd without entropy regularisation."),
-    no_selection: Optional[bool] = typer.Option(None, "--no-selection", help="tsdkd with weight 1 on every token."),
+    no_indirect: Optional[bool] = typer.Option(None, "--no-indirect", help="tsdkd without the ranking term [off]."),
+    no_entropy: Optional[bool] = typer.Option(None, "--no-entropy", help="tsdkd without entropy regularisation [off]."),
+    no_selection: Optional[bool] = typer.Option(None, "--no-selection", help="tsdkd with weight 1 on every token [off]."),
     jsd_beta: Optional[float] = typer.Option(None, help="Generalised JSD beta: 0 forward KL, 1 reverse KL [0.9]."),
     tau_w: Optional[float] = typer.Option(None, help="Token weight temperature in sigmoid((H_S - H_T)/tau) [1.0]."),
-    selection_fraction: Optional[float] = typer.Option(None, help="Hard selection: only the top fraction rho of tokens by H_S - H_T."),
+    selection_fraction: Optional[float] = typer.Option(None, help="Hard selection: only the top fraction rho of tokens by H_S - H_T [off: soft weights]."),
     renormalize_topk: Optional[bool] = typer.Option(None, help="Compare on the top-k only, renormalised (no tail bucket) [off]."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the ranking term [0.1]."),
     lambda_ent: Optional[float] = typer.Option(None, help="Weight of the entropy term [1.0]."),
@@ -104,7 +145,7 @@ def distill(
     beta_p: Optional[float] = typer.Option(None, help="Sequence-level ranking score scale [1.0]."),
     learning_rate: Optional[float] = typer.Option(None, help="Peak learning rate [5e-6]."),
     epochs: Optional[float] = typer.Option(None, help="Epochs over the signals [3]."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps, at least 1 (overrides --epochs) [none: --epochs decides]."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per device micro-batch [8]."),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [1]."),
     max_length: Optional[int] = typer.Option(None, help="Longest prompt + completion; longer completions are cut [model context]."),
@@ -121,13 +162,13 @@ def distill(
     save_total_limit: Optional[int] = typer.Option(None, help="Checkpoints kept [2]."),
     ddp_timeout: Optional[int] = typer.Option(None, help="Seconds a process waits for the others, the first time while the main process validates the signal data [1800]."),
     dataloader_workers: Optional[int] = typer.Option(None, help="Processes reading the next micro-batches while the step runs, for GPU machines; on a CPU-only one they compete with training [0: between steps]."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out from its last checkpoint."),
-    keep_checkpoints: Optional[bool] = typer.Option(None, "--keep-checkpoints", help="Keep checkpoints/ after the student is saved [removed]."),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to TensorBoard under OUT/tensorboard."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Require a run in --out to continue (a rerun of the same command continues one anyway) [off]."),
+    keep_checkpoints: Optional[bool] = typer.Option(None, "--keep-checkpoints", help="Keep checkpoints/ after the student is saved [off: removed]."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to TensorBoard under OUT/tensorboard [off]."),
     trust_remote_code: Optional[bool] = typer.Option(None, help="Allow model code from the model folder [off]."),
     config: Optional[str] = typer.Option(None, help="YAML or TOML file with the same keys; options given here win."),
 ) -> None:
-    """Stage 2: train the student from cached teacher signals (TSD-KD or a baseline)."""
+    """Stage 2: train the student from a signal dataset. TSD-KD or a baseline loss (--loss)."""
     options = dict(locals())
     config_file = options.pop("config")
     from stage2_distill.distill import distill as run_distill
@@ -145,26 +186,27 @@ def distill(
 @app.command()
 @one_line_errors
 def run(
-    prompts: Optional[str] = typer.Option(None, help="Prompt file or saved datasets folder."),
-    student: Optional[str] = typer.Option(None, help="Initial student (round 0)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher, the same in every round."),
-    out: Optional[str] = typer.Option(None, help="Run folder: round-1/, round-2/, ... and tsdkd_run.json."),
-    rounds: Optional[int] = typer.Option(None, help="Rounds of generate-then-distill [3]; may grow on a rerun."),
+    prompts: Optional[str] = typer.Option(None, help="Prompt file or saved datasets folder [required]."),
+    student: Optional[str] = typer.Option(None, help="Initial student (round 0) [required]."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher, the same in every round [required]."),
+    out: Optional[str] = typer.Option(None, help="Run folder: round-1/, round-2/, ... and tsdkd_run.json [required]."),
+    rounds: Optional[int] = typer.Option(None, help="Rounds of generate-then-distill; may grow on a rerun [3]."),
     seed: Optional[int] = typer.Option(None, help="Base seed; round r uses seed + r [0]."),
     num_candidates: Optional[int] = typer.Option(None, help="generate: candidates per prompt [4]."),
     top_k: Optional[int] = typer.Option(None, help="generate: teacher top-k [20]."),
     max_new_tokens: Optional[int] = typer.Option(None, help="generate: longest candidate [1024]."),
     temperature: Optional[float] = typer.Option(None, help="generate: sampling temperature [1.0]."),
     backend: Optional[str] = typer.Option(None, help="generate: auto | hf | vllm [auto]."),
-    limit: Optional[int] = typer.Option(None, help="generate: use only the first N prompts."),
+    limit: Optional[int] = typer.Option(None, help="generate: use only the first N prompts [all]."),
     loss: Optional[str] = typer.Option(None, help="distill: tsdkd | sft | kd | gkd [tsdkd]."),
     learning_rate: Optional[float] = typer.Option(None, help="distill: peak learning rate [5e-6]."),
     epochs: Optional[float] = typer.Option(None, help="distill: epochs per round [3]."),
-    max_steps: Optional[int] = typer.Option(None, help="distill: optimizer steps per round (overrides --epochs)."),
+    max_steps: Optional[int] = typer.Option(None, help="distill: optimizer steps per round, at least 1 (overrides --epochs) [none: --epochs decides]."),
     batch_size: Optional[int] = typer.Option(None, help="distill: sequences per micro-batch [8]."),
     config: Optional[str] = typer.Option(None, help="YAML/TOML: the keys above, plus `generate:` and `distill:` sections with any option of those commands."),
 ) -> None:
-    """Self-improvement rounds: round r samples with the round r-1 student and distils into round r."""
+    """Self-improvement rounds of generate, then distill. Round r samples with the round r-1 student and
+    distils into round r."""
     options = dict(locals())
     config_file = options.pop("config")
     sections = {
@@ -185,9 +227,9 @@ def run(
 @app.command(name="eval")
 @one_line_errors
 def evaluate(
-    model: Optional[list[str]] = typer.Option(None, help="Model folder or hub id; repeat to compare several (e.g. student before, after, teacher)."),
-    data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv or saved dataset); repeat for several."),
-    out: Optional[str] = typer.Option(None, help="Folder for results.json and per-item <benchmark>.jsonl (one subfolder per model when several)."),
+    model: Optional[list[str]] = typer.Option(None, help="Model folder or hub id; repeat to compare several (e.g. student before, after, teacher) [required]."),
+    data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv or saved dataset); repeat for several [required]."),
+    out: Optional[str] = typer.Option(None, help="Folder for results.json and per-item <benchmark>.jsonl (one subfolder per model when several) [required]."),
     samples: Optional[int] = typer.Option(None, help="Samples per item; above 1 reports pass@k [1: greedy]."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature [0 for 1 sample, else 1.0]."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling [1.0]."),
@@ -195,7 +237,7 @@ def evaluate(
     backend: Optional[str] = typer.Option(None, help="auto | hf | vllm [auto]."),
     prompt_field: Optional[str] = typer.Option(None, help="Prompt field [first of prompt/messages/question/problem]."),
     answer_field: Optional[str] = typer.Option(None, help="Gold answer field [answer or solution]; GSM8K '#### N' and MATH \\boxed{} are understood."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N items of each benchmark."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N items of each benchmark [all]."),
     batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch [32]."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed [0]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]."),
@@ -204,7 +246,8 @@ def evaluate(
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, help="vllm: KV cache size [1 GiB on CPU]."),
     config: Optional[str] = typer.Option(None, help="YAML or TOML file with the same keys."),
 ) -> None:
-    """Final-answer accuracy on benchmark files (boxed, ####, Answer:, last number; math-verify)."""
+    """Final-answer accuracy on benchmark files. The answer is read from \\boxed{}, ####, Answer: or the last
+    number, and compared with math-verify."""
     options = dict(locals())
     config_file = options.pop("config")
     from tsdkd.config import EvalConfig, build_config
@@ -231,7 +274,7 @@ def validate(
     dataset: Path = typer.Argument(..., help="Signal dataset folder."),
     student: Optional[str] = typer.Option(None, help="Also check the tokenizer of the student about to be trained."),
 ) -> None:
-    """Run every check on a signal dataset: manifest, checksums, shapes, ranges, rankings."""
+    """Run every check on a signal dataset. Manifest, checksums, shapes, ranges, rankings."""
     from tsdkd.fingerprint import tokenizer_fingerprint
     from tsdkd.validate import validate_dataset
 
@@ -247,7 +290,7 @@ def validate(
 @app.command()
 @one_line_errors
 def inspect(dataset: Path = typer.Argument(..., help="Signal dataset folder.")) -> None:
-    """Summarise a signal dataset: sizes, bytes per token, ranks, scores, teacher entropy."""
+    """Summarise a signal dataset. Sizes, bytes per token, ranks, scores, teacher entropy."""
     from tsdkd.inspect_signals import summarize
 
     typer.echo(summarize(dataset))

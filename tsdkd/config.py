@@ -110,8 +110,8 @@ class GenerateConfig:
             raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
 
 
-# Distill settings that change memory, not results: a resumed run (`tsdkd distill --resume`, a rerun
-# of `tsdkd run`) may change them, e.g. after running out of memory.
+# Distill settings that change memory, not results: a continued run (a rerun of `tsdkd distill` or
+# `tsdkd run`) may change them, e.g. after running out of memory.
 RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "ddp_timeout", "dataloader_workers")
 # The run record `tsdkd distill` keeps in its --out (written once the run has started).
 DISTILL_RUN_INFO = "tsdkd_distill.json"
@@ -207,6 +207,7 @@ class DistillConfig:
     beta_p: float = 1.0
     learning_rate: float = 5e-6
     epochs: float = 3.0
+    # -1: no step limit, --epochs decides (transformers' own "unset", passed on as is); else at least 1.
     max_steps: int = -1
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -255,7 +256,8 @@ class DistillConfig:
             # A negative scale inverts the sequence scores, so the ranking term rewards the teacher's worst.
             (self.beta_p > 0, "--beta-p must be positive"),
             (self.learning_rate > 0, "--learning-rate must be positive"),
-            (self.epochs > 0 or self.max_steps > 0, "--epochs (or --max-steps) must be positive"),
+            (self.max_steps == -1 or self.max_steps >= 1, "--max-steps must be at least 1 (leave it out to train for --epochs)"),
+            (self.epochs > 0, "--epochs must be positive"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1"),
             (self.max_length is None or self.max_length >= 2, "--max-length must be at least 2"),
@@ -301,9 +303,15 @@ class DistillConfig:
         terms, defaults = self.loss_terms(), DistillConfig()
         for name, term in LOSS_SETTING_TERMS.items():
             if term not in terms and getattr(self, name) != getattr(defaults, name):
+                # The other switches in use, which may be what turned the term off (not the option itself).
                 switches = "".join(f" --{flag.replace('_', '-')}" for flag in ("no_indirect", "no_entropy", "no_selection")
-                                   if getattr(self, flag))
+                                   if getattr(self, flag) and flag != name)
                 raise TsdkdError(f"--{name.replace('_', '-')} has no effect with --loss {self.loss}{switches}; leave it out")
+
+
+# The keys of each `tsdkd run` section that the run sets itself for each round.
+ROUND_KEYS = {"generate": {"prompts", "student", "teacher", "out", "round", "seed"},
+              "distill": {"signals", "student", "out", "seed", "resume"}}
 
 
 @dataclass
@@ -328,9 +336,7 @@ class RunConfig:
             raise TsdkdError("--rounds must be at least 1")
         if not 0 <= self.seed <= MAX_SEED - self.rounds:
             raise TsdkdError(f"--seed must be in [0, {MAX_SEED - self.rounds}]: round r uses --seed + r, at most {MAX_SEED}")
-        reserved = {"generate": {"prompts", "student", "teacher", "out", "round", "seed"},
-                    "distill": {"signals", "student", "out", "seed", "resume"}}
-        for section, keys in reserved.items():
+        for section, keys in ROUND_KEYS.items():
             clash = sorted(set(getattr(self, section)) & keys)
             if clash:
                 raise TsdkdError(f"run config: {section}.{clash[0]} is set by `tsdkd run` itself for each round; remove it")
@@ -341,6 +347,8 @@ ConfigT = TypeVar("ConfigT")
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Keys of a YAML or TOML file, dashes normalised to underscores."""
+    if path.is_dir():
+        raise TsdkdError(f"config file {path} is a folder; name a YAML or TOML file")
     if not path.is_file():
         raise TsdkdError(f"config file {path} not found")
     try:

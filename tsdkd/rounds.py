@@ -21,6 +21,7 @@ from tsdkd.errors import TsdkdError
 from tsdkd.signals import read_json_object, write_json_atomic
 
 RUN_MANIFEST = "tsdkd_run.json"
+SECTIONS = {"generate": GenerateConfig, "distill": DistillConfig}
 
 
 def round_folder(out: Path, round_index: int) -> Path:
@@ -48,6 +49,26 @@ def distillation_started(out: Path, manifest: dict[str, Any]) -> bool:
     return any(student_run_started(out, int(index)) for index in manifest["rounds"])
 
 
+def effective_section(section: str, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A generate/distill section as its command reads it: typed (YAML's `1e-4` is 0.0001, `30` is 30.0)
+    and with the defaults filled in, so that only a real change of setting differs."""
+    return vars(build_config(SECTIONS[section], None, values, where))
+
+
+def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path) -> list[tuple[str, str]]:
+    """(section or "", `key: recorded in the run, wanted now`) for each setting a rerun changes."""
+    changes = []
+    for key in sorted(set(recorded) | set(wanted)):
+        if key in SECTIONS and isinstance(recorded.get(key), dict):
+            old = effective_section(key, recorded[key], f"{path}, {key} settings")
+            new = effective_section(key, wanted[key], f"{key} settings")
+            changes += [(key, f"{key}.{name}: {old[name]!r} in the run, {new[name]!r} now")
+                        for name in old if old[name] != new[name]]
+        elif recorded.get(key) != wanted.get(key):
+            changes.append(("", f"{key}: {recorded.get(key)!r} in the run, {wanted.get(key)!r} now"))
+    return changes
+
+
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # What a rerun must repeat: not the number of rounds (it may grow).
     settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
@@ -58,15 +79,16 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if path.is_file():
         manifest = read_run_manifest(path)
         wanted = json.loads(json.dumps(settings))
-        differing = sorted(k for k in wanted if manifest["settings"].get(k) != wanted[k])
-        if differing == ["distill"] and not distillation_started(out, manifest):
+        changes = setting_changes(manifest["settings"], wanted, path)
+        if changes and {section for section, _ in changes} == {"distill"} and not distillation_started(out, manifest):
             # Round 1's signals were made but its distillation never started (say it stopped on a setting):
             # the distill settings are still free, and the hours of sampling are kept.
             print(f"{out}: no round has started distilling; the new distill settings replace the recorded ones")
             manifest["settings"] = wanted
             write_json_atomic(manifest, path)
-        elif differing:
-            raise TsdkdError(f"--out {out} holds a run with other settings (differs in: {', '.join(differing)}); use a new --out")
+        elif changes:
+            raise TsdkdError(f"--out {out} holds a run with other settings ({'; '.join(change for _, change in changes)}); "
+                             "rerun with the run's settings to resume it, or choose a new --out")
         return manifest
     if out.exists() and any(out.iterdir()):
         raise TsdkdError(f"--out {out} is not empty and holds no {RUN_MANIFEST}; choose a new folder")
@@ -128,12 +150,13 @@ def run_rounds(cfg: RunConfig) -> Path:
 def load_run_config(config_file: str | None, cli_values: dict[str, Any]) -> RunConfig:
     """Top-level keys and the `generate`/`distill` sections, each checked against its command."""
     cfg = build_config(RunConfig, config_file, cli_values)
-    for section, cls in (("generate", GenerateConfig), ("distill", DistillConfig)):
+    for section, cls in SECTIONS.items():
         values = getattr(cfg, section) or {}
         if not isinstance(values, dict):
             raise TsdkdError(f"run config: {section} must be a mapping of {section} options")
         normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
         where = f"config file {config_file}, {section} section" if config_file else f"{section} options"
-        build_config(cls, None, normalised, where)  # type and name check, one line on error
-        setattr(cfg, section, normalised)
+        built = build_config(cls, None, normalised, where)  # type and name check, one line on error
+        # The typed values (YAML's `1e-4` is a string to PyYAML), as the run records and compares them.
+        setattr(cfg, section, {key: getattr(built, key) for key in normalised})
     return cfg
