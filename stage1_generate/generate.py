@@ -132,7 +132,7 @@ def settings_of(cfg: GenerateConfig, backend: str, prompts_sha: str, student: di
     }
 
 
-def prepare_output(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any] | None:
     """The existing manifest of a resumed run, None for a new one; refuses a folder made otherwise."""
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
@@ -149,6 +149,9 @@ def prepare_output(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None
         return None
     manifest = read_checked_manifest(out)
     differing = differing_settings(manifest["settings"], settings)
+    # The models count by their weights; the prompts were rendered with the student's tokenizer and chat template.
+    if manifest["tokenizer"]["sha256"] != tokenizer["sha256"]:
+        differing.append("tokenizer (vocabulary, special tokens or chat template)")
     if differing:
         raise TsdkdError(
             f"--out {out} holds a dataset made with other settings (differs in: {', '.join(differing)}); "
@@ -191,7 +194,7 @@ def generate(cfg: GenerateConfig) -> Path:
         model_identity(cfg.student, cfg.trust_remote_code), model_identity(cfg.teacher, cfg.trust_remote_code), len(prompts),
     )
     out = Path(cfg.out)
-    manifest = prepare_output(out, settings)
+    manifest = prepare_output(out, settings, fingerprint)
     if manifest is not None and manifest.get("complete"):
         damaged = [entry["file"] for entry in manifest["shards"] if not shard_is_done(out, entry)]
         if not damaged:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import PartialState
@@ -63,7 +65,8 @@ def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]]) -> Non
                   f"{cfg.student}: off-policy data for it, and the sequence-level ranking scores its log-probs against "
                   "the sampler's")
         num_parts = manifest["job"]["num_shards"]
-        parts_given = {m["job"]["shard_index"] for m in manifests if not differing_settings(_job_free(manifest), _job_free(m))}
+        parts_given = {m["job"]["shard_index"] for m in manifests
+                       if m["job"]["num_shards"] == num_parts and not differing_settings(_job_free(manifest), _job_free(m))}
         if len(parts_given) < num_parts:
             print(f"note: --signals {folder} is part {manifest['job']['shard_index'] + 1} of {num_parts} of a split "
                   "`tsdkd generate` job; `tsdkd merge` the parts, or name them all, to train on the whole job")
@@ -271,6 +274,28 @@ def start_processes(cfg: DistillConfig, out: Path) -> tuple[PartialState, Traini
 
 def distill(cfg: DistillConfig) -> Path:
     """Run stage 2 as configured; returns the folder of the trained student."""
+    with contextlib.ExitStack() as held:
+        return _distill(cfg, held)
+
+
+@contextlib.contextmanager
+def exclusive_use(out: Path) -> Iterator[None]:
+    """A lock on --out while this run uses it: a second `tsdkd distill` into the same folder (a job submitted
+    twice, a requeue while the first still runs) is refused instead of writing beside it. The kernel drops
+    the lock when the process ends, however it ends."""
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TsdkdError(f"--out {out} is in use by another running `tsdkd distill`; wait for it to end, "
+                             "or choose another --out") from None
+        yield
+    finally:
+        os.close(folder)
+
+
+def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     cfg.check()
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
@@ -292,6 +317,7 @@ def distill(cfg: DistillConfig) -> Path:
             check_same_signals(out, data_checksum)
         else:
             create_output_folder(out)
+        held.enter_context(exclusive_use(out))
     processes.wait_for_everyone()
     if (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete"):
         if processes.is_main_process and not cfg.keep_checkpoints:

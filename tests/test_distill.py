@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -432,6 +433,20 @@ def test_existing_run_is_never_overwritten(small_dataset, tmp_path):
     assert [p.name for p in unrelated.iterdir()] == ["notes.txt"]
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(small_dataset, tmp_path):
+    """Rerunning a command continues its run, so a job submitted twice must not train twice into one folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    first = os.open(out, os.O_RDONLY)  # as the first run holds it
+    fcntl.flock(first, fcntl.LOCK_EX)
+    try:
+        assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "1")), "in use by another running")
+        assert not any(out.iterdir())
+    finally:
+        os.close(first)
+    assert run_cli(*distill_args(small_dataset, out, "--max-steps", "1")).exit_code == 0
+
+
 def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path, capsys):
     """Shared data may serve another student, and a part of a split job is a valid dataset: a note, not a refusal."""
     manifest = json.loads((small_dataset / "tsdkd.json").read_text())
@@ -454,6 +469,8 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
     assert "part 1 of 2" in notes(TOY_STUDENT, part(0))
     assert notes(TOY_STUDENT, part(0), part(1)) == ""
     assert "part 2 of 2" in notes(TOY_STUDENT, part(0, round=3), part(1))  # two jobs, one part of each
+    three_parts = {**part(1), "job": {"shard_index": 1, "num_shards": 3}}
+    assert "part 1 of 2" in notes(TOY_STUDENT, part(0), three_parts)
 
 
 @pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from conftest import ROOT, SMALL_JOB, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import sha256_file
+from tsdkd.fingerprint import differing_settings, sha256_file
 
 
 def shard_hashes(folder):
@@ -62,6 +62,23 @@ def test_rerun_names_the_models_by_any_path(small_dataset, tmp_path):
     swapped = list(SMALL_JOB)
     swapped[swapped.index("--student") + 1] = option("--teacher")  # same tokenizer, other weights
     assert_one_line_error(run_cli("generate", *swapped, "--out", small_dataset), "other settings", "student")
+
+
+def test_rerun_with_another_chat_template_is_refused(small_dataset, tmp_path):
+    """Same weights (the same model by content), but prompts would be rendered otherwise."""
+    student = tmp_path / "student"
+    shutil.copytree(option("--student"), student)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    tokenizer.save_pretrained(student)
+    job = list(SMALL_JOB)
+    job[job.index("--student") + 1] = str(student)
+    assert_one_line_error(run_cli("generate", *job, "--out", small_dataset), "other settings", "tokenizer")
+
+
+def test_settings_differ_by_keys_of_either_side():
+    assert differing_settings({"top_k": 8, "dtype": "bf16"}, {"top_k": 8}) == ["dtype"]
+    assert differing_settings({"top_k": 8}, {"top_k": 8, "dtype": "bf16"}) == ["dtype"]
 
 
 def test_rerun_with_other_settings_is_refused(small_dataset):

@@ -42,6 +42,7 @@ GOOD = '{"prompt": "1 + 1?", "answer": "2"}'
         ("cut.json", b'[{"prompt": "a", "answer": "1"},\n {"prompt": "b"', ["cut.json", "line 2 column 16", "Expecting"]),
         ("bad.jsonl", lines(GOOD, GOOD, GOOD, '{"prompt": "d", "answer": '), ["bad.jsonl", "line 4 column", "Expecting value"]),
         ("list.jsonl", lines(GOOD, "[1, 2]"), ["list.jsonl", "line 2", "expected an object"]),
+        ("bom.jsonl", b"\xef\xbb\xbf" + lines(GOOD, '{"prompt": "d", "answer": '), ["bom.jsonl", "line 2 column", "Expecting value"]),
         # datasets also logs this parse error; assert_one_line_error allows no second line on stderr.
         ("fields.csv", b"prompt,answer\na,1\nb,2,3\n", ["fields.csv", "Expected 2 fields in line 3"]),
         ("missing.jsonl", lines(GOOD, GOOD, GOOD, '{"answer": "1"}'), ["missing.jsonl line 4:", "no 'prompt'"]),

@@ -47,6 +47,9 @@ def sigterm_like_ctrl_c() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        # The group's data loader workers got the signal too; torch's SIGCHLD handler would report each
+        # one's death with a traceback while this process ends.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)

@@ -94,8 +94,9 @@ def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
 
 def differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The keys of a dataset's `settings` whose values differ, the models compared by `same_model`."""
-    return [key for key in current if not (same_model(recorded.get(key) or {}, current[key]) if key in ("student", "teacher")
-                                          else recorded.get(key) == current[key])]
+    keys = [*current, *(key for key in recorded if key not in current)]
+    return [key for key in keys if not (same_model(recorded.get(key) or {}, current.get(key) or {}) if key in ("student", "teacher")
+                                       else recorded.get(key) == current.get(key))]
 
 
 def source_fingerprint(path: Path) -> str:

@@ -53,6 +53,7 @@ def read_text(path: Path) -> str:
 def json_problem(text: str) -> str | None:
     """Where a JSON or JSON Lines file stops parsing, with 1-based lines: the library's positions count from
     the start of the block it was reading, or not at all. None when Python's parser finds no fault."""
+    text = text.removeprefix("\ufeff")  # the library reads a byte-order mark as part of the encoding, not as text
     if text.lstrip().startswith("["):  # one array of records
         try:
             json.loads(text)
