@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -398,6 +399,26 @@ def test_resume_forgets_the_records_it_redoes(tmp_path):
     metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
     drop_metrics_after(metrics_file, str(checkpoint))
     assert [json.loads(line) for line in metrics_file.read_text().splitlines()] == records[:2]
+
+
+def test_sigterm_to_the_group_with_loader_workers_ends_in_one_line(small_dataset, tmp_path):
+    """`timeout` and cluster schedulers signal the whole process group, so the data loader workers die
+    too: still one line and exit 143, no traceback about the dead workers."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tsdkd", *distill_args(small_dataset, out, "--max-steps", "400", "--save-steps", "2",
+                                                             "--dataloader-workers", "1")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a pipe could fill up with progress bars
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None and not (out / "checkpoints" / "checkpoint-2").is_dir():
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+    output = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 143, (process.returncode, output[-3000:])
+    assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
+    assert re.findall(r"terminated \(SIGTERM\).*", output) == ["terminated (SIGTERM); rerun the same command to continue"]
 
 
 def test_interrupted_distill_says_how_to_continue(small_dataset, tmp_path, monkeypatch):
