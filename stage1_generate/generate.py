@@ -28,6 +28,7 @@ from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
+from tsdkd.locks import exclusive_use
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
     FORMAT_NAME,
@@ -132,8 +133,8 @@ def settings_of(cfg: GenerateConfig, backend: str, prompts_sha: str, student: di
     }
 
 
-def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest of a resumed run, None for a new one; refuses a folder made otherwise."""
+def writable_folder(out: Path) -> Path:
+    """--out, created if need be, once it is known to take files."""
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
     try:
@@ -143,6 +144,11 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
         probe.unlink()
     except OSError as error:
         raise TsdkdError(f"--out {out}: cannot write there ({error.strerror}); choose a writable folder") from None
+    return out
+
+
+def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest of a resumed run, None for a new one; refuses a folder made otherwise."""
     if not (out / MANIFEST_NAME).exists():
         if any(p.name != WORK_DIR for p in out.iterdir()):
             raise TsdkdError(f"--out {out} is not empty and holds no {MANIFEST_NAME}; choose a new or empty folder")
@@ -193,46 +199,51 @@ def generate(cfg: GenerateConfig) -> Path:
         cfg, backend, source_fingerprint(prompts_path),
         model_identity(cfg.student, cfg.trust_remote_code), model_identity(cfg.teacher, cfg.trust_remote_code), len(prompts),
     )
-    out = Path(cfg.out)
-    manifest = prepare_output(out, settings, fingerprint)
-    if manifest is not None and manifest.get("complete"):
-        damaged = [entry["file"] for entry in manifest["shards"] if not shard_is_done(out, entry)]
-        if not damaged:
-            print(f"{out}: already complete ({manifest['stats']['candidates']} candidates); nothing to do")
-            return out
-        # A shard lost or corrupted after the run finished: redo those shards only, as a resume would.
-        print(f"{out}: {len(damaged)} of {len(manifest['shards'])} shards missing or damaged ({', '.join(damaged)}); "
-              "generating them again")
-        manifest["complete"] = False
-        write_json_atomic(manifest, out / MANIFEST_NAME)
-    if manifest is None:
-        manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
-        write_json_atomic(manifest, out / MANIFEST_NAME)
-
     total_shards = math.ceil(len(prompts) / cfg.prompts_per_shard)
-    mine = [j for j in range(total_shards) if j % cfg.num_shards == cfg.shard_index]
-    done = {entry["index"] for entry in manifest["shards"] if shard_is_done(out, entry)}
-    manifest["shards"] = [entry for entry in manifest["shards"] if entry["index"] in done]
-    pending = [j for j in mine if j not in done]
-    shard_prompts = {j: prompts[j * cfg.prompts_per_shard : (j + 1) * cfg.prompts_per_shard] for j in pending}
-    sampling = SamplingSettings(cfg.num_candidates, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    engine_args = vllm_engine_args(cfg, prompts)
+    if cfg.shard_index >= total_shards:  # the job is split by whole shards
+        raise TsdkdError(f"--shard-index {cfg.shard_index}: the {len(prompts)} prompts make {total_shards} shard(s) of "
+                         f"--prompts-per-shard {cfg.prompts_per_shard}, none of them for this part of --num-shards "
+                         f"{cfg.num_shards}; use --prompts-per-shard {math.ceil(len(prompts) / cfg.num_shards)} or less")
+    out = Path(cfg.out)
+    with exclusive_use(writable_folder(out), "generate"):
+        manifest = prepare_output(out, settings, fingerprint)
+        if manifest is not None and manifest.get("complete"):
+            damaged = [entry["file"] for entry in manifest["shards"] if not shard_is_done(out, entry)]
+            if not damaged:
+                print(f"{out}: already complete ({manifest['stats']['candidates']} candidates); nothing to do")
+                return out
+            # A shard lost or corrupted after the run finished: redo those shards only, as a resume would.
+            print(f"{out}: {len(damaged)} of {len(manifest['shards'])} shards missing or damaged ({', '.join(damaged)}); "
+                  "generating them again")
+            manifest["complete"] = False
+            write_json_atomic(manifest, out / MANIFEST_NAME)
+        if manifest is None:
+            manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
+            write_json_atomic(manifest, out / MANIFEST_NAME)
 
-    to_sample = [j for j in pending if not work_path(out, j).is_file()]
-    if to_sample:
-        sampler = open_sampler(backend, cfg, sampling, student_tokenizer, engine_args)
-        try:
-            run_sampling(sampler, {j: shard_prompts[j] for j in to_sample}, out)
-        finally:
-            sampler.close()
-    if pending:
-        scorer = open_scorer(backend, cfg, student_tokenizer, engine_args)
-        try:
-            run_scoring(scorer, shard_prompts, out, total_shards, manifest, student_tokenizer, cfg)
-        finally:
-            scorer.close()
-    finish(out, manifest)
-    return out
+        mine = [j for j in range(total_shards) if j % cfg.num_shards == cfg.shard_index]
+        done = {entry["index"] for entry in manifest["shards"] if shard_is_done(out, entry)}
+        manifest["shards"] = [entry for entry in manifest["shards"] if entry["index"] in done]
+        pending = [j for j in mine if j not in done]
+        shard_prompts = {j: prompts[j * cfg.prompts_per_shard : (j + 1) * cfg.prompts_per_shard] for j in pending}
+        sampling = SamplingSettings(cfg.num_candidates, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        engine_args = vllm_engine_args(cfg, prompts)
+
+        to_sample = [j for j in pending if not work_path(out, j).is_file()]
+        if to_sample:
+            sampler = open_sampler(backend, cfg, sampling, student_tokenizer, engine_args)
+            try:
+                run_sampling(sampler, {j: shard_prompts[j] for j in to_sample}, out)
+            finally:
+                sampler.close()
+        if pending:
+            scorer = open_scorer(backend, cfg, student_tokenizer, engine_args)
+            try:
+                run_scoring(scorer, shard_prompts, out, total_shards, manifest, student_tokenizer, cfg)
+            finally:
+                scorer.close()
+        finish(out, manifest)
+        return out
 
 
 def new_manifest(cfg: GenerateConfig, settings: dict[str, Any], fingerprint: dict[str, Any], backend: str, duplicates: int) -> dict[str, Any]:

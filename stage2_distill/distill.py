@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -24,8 +23,9 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import differing_settings, model_identity, same_model, sha256_json, tokenizer_fingerprint
+from tsdkd.fingerprint import differing_settings, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint
 from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
+from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -157,7 +157,7 @@ def run_settings(cfg: DistillConfig) -> dict[str, Any]:
 
 def check_output(cfg: DistillConfig, out: Path) -> bool:
     """Read-only: a new run needs an empty folder; a folder holding a run is continued, with the same settings.
-    Returns True when that run already finished."""
+    Returns True when that run already finished and its saved student is as it was saved."""
     info_path = out / DISTILL_RUN_INFO
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
@@ -177,7 +177,18 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
         changes = "; ".join(f"{k}: {earlier.get(k)!r} in the run, {settings[k]!r} now" for k in differing)
         raise TsdkdError(f"--out {out} holds a run with other settings ({changes}); rerun with its settings to continue "
                          "it, or choose a new --out")
-    return bool(record.get("complete"))
+    if not record.get("complete"):
+        return False
+    lost = lost_student_files(out, record)
+    if lost:
+        print(f"{out}: the saved student's {', '.join(lost)} missing or changed since the run finished; training it again")
+    return not lost
+
+
+def lost_student_files(out: Path, record: dict[str, Any]) -> list[str]:
+    """The files of a finished run's student that are gone or (weights) no longer the saved ones."""
+    return [name for name, digest in record.get("student_files", {}).items()
+            if not (out / name).is_file() or (digest is not None and sha256_file(out / name) != digest)]
 
 
 def check_same_signals(out: Path, checksum: str) -> None:
@@ -278,23 +289,6 @@ def distill(cfg: DistillConfig) -> Path:
         return _distill(cfg, held)
 
 
-@contextlib.contextmanager
-def exclusive_use(out: Path) -> Iterator[None]:
-    """A lock on --out while this run uses it: a second `tsdkd distill` into the same folder (a job submitted
-    twice, a requeue while the first still runs) is refused instead of writing beside it. The kernel drops
-    the lock when the process ends, however it ends."""
-    folder = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TsdkdError(f"--out {out} is in use by another running `tsdkd distill`; wait for it to end, "
-                             "or choose another --out") from None
-        yield
-    finally:
-        os.close(folder)
-
-
 def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     cfg.check()
     out = Path(cfg.out)
@@ -317,7 +311,9 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
             check_same_signals(out, data_checksum)
         else:
             create_output_folder(out)
-        held.enter_context(exclusive_use(out))
+        held.enter_context(exclusive_use(out, "distill"))
+        if continuing and read_run_info(out).get("complete"):  # finished, but check_output found its student damaged
+            write_json_atomic({**read_run_info(out), "complete": False}, out / DISTILL_RUN_INFO)
     processes.wait_for_everyone()
     if (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete"):
         if processes.is_main_process and not cfg.keep_checkpoints:
@@ -373,12 +369,16 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     generation.eos_token_id = tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generation.save_pretrained(staging)
+    saved = {}
     for item in staging.iterdir():
+        # The weights by hash, the small files by name: a rerun checks them before it calls the run done.
+        saved[item.name] = sha256_file(item) if item.suffix == ".safetensors" else None
         os.replace(item, out / item.name)
     staging.rmdir()
     info = read_run_info(out)
     info.update({
         "complete": True,
+        "student_files": saved,
         "signals": [{"round": m["round"], "teacher": m["teacher"]["name_or_path"], "teacher_entropy": m["teacher_entropy"]} for m in manifests],
         "token_weight_entropy": objective.weight_entropy,
         "global_step": trainer.state.global_step,

@@ -454,6 +454,31 @@ def test_existing_run_is_never_overwritten(small_dataset, tmp_path):
     assert [p.name for p in unrelated.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("damage", ["deleted", "changed"])
+def test_a_finished_run_whose_student_was_lost_trains_it_again(small_dataset, tmp_path, damage):
+    """The checkpoints are gone once the student is saved: a rerun that finds the saved weights missing or changed
+    trains again from the start (same data, same seed) instead of calling the run done."""
+    out = tmp_path / "run"
+    args = distill_args(small_dataset, out, "--max-steps", "3")
+    assert run_cli(*args).exit_code == 0
+    saved = {name: tensor.clone() for name, tensor in load_file(out / "model.safetensors").items()}  # not the mapped file
+    if damage == "deleted":
+        (out / "model.safetensors").unlink()
+    else:
+        data = bytearray((out / "model.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (out / "model.safetensors").write_bytes(bytes(data))
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "model.safetensors missing or changed since the run finished; training it again" in result.stdout
+    assert "student saved after 3 steps" in result.stdout
+    again = load_file(out / "model.safetensors")
+    for name in saved:
+        torch.testing.assert_close(again[name], saved[name], rtol=1e-6, atol=1e-6)
+    assert [r["step"] for r in step_records(out)] == [1, 2, 3]  # the first training's records replaced
+    assert "already trained" in run_cli(*args).stdout
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(small_dataset, tmp_path):
     """Rerunning a command continues its run, so a job submitted twice must not train twice into one folder."""
     out = tmp_path / "run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -183,6 +184,28 @@ def test_split_job_merges_into_the_single_job_dataset(small_dataset, tmp_path):
     assert_one_line_error(run_cli("merge", parts[0], "--out", tmp_path / "half"), "exactly once")
     assert_one_line_error(run_cli("merge", parts[0], parts[0], "--out", tmp_path / "twice"), "exactly once")
     assert_one_line_error(run_cli("merge", *parts, "--out", merged), "already exists")
+    assert_one_line_error(run_cli("merge", *parts, "--out", merged / "tsdkd.json" / "x"), "cannot write the merged dataset there")
+
+
+def test_a_folder_in_use_is_refused(tmp_path):
+    """A rerun continues what is in --out, so a job submitted twice must not write twice into one folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    first = os.open(out, os.O_RDONLY)  # as the first job holds it
+    fcntl.flock(first, fcntl.LOCK_EX)
+    try:
+        assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", out), "in use by another running `tsdkd generate`")
+        assert not any(out.iterdir())
+    finally:
+        os.close(first)
+
+
+def test_a_part_of_a_split_job_without_prompts_is_refused(tmp_path):
+    """The 12 prompts make 3 shards of 4: a fourth machine would get nothing and say nothing."""
+    out = tmp_path / "part3"
+    result = run_cli("generate", *SMALL_JOB, "--num-shards", "4", "--shard-index", "3", "--out", out)
+    assert_one_line_error(result, "--shard-index 3", "3 shard(s)", "--prompts-per-shard 3 or less")
+    assert not out.exists()
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(small_dataset, tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from tsdkd.fingerprint import sha256_file
 
 CONFIG = """
 rounds: 2
@@ -68,6 +71,42 @@ def test_rerun_of_a_finished_run_changes_nothing(finished_run):
     assert run_cli(*run_args(config, out)).exit_code == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "tsdkd_run.json"} == \
         {p: t for p, t in before.items() if p.name != "tsdkd_run.json"}
+
+
+def test_rerun_repairs_what_was_lost_and_takes_any_path_spelling(tmp_path, monkeypatch):
+    """Each round's commands check their finished output on a rerun: a lost student is trained again, a damaged
+    shard made again, each to what it was. The prompts and models may be named by another path."""
+    config, out = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text(CONFIG.replace("rounds: 2", "rounds: 1"))
+    assert run_cli(*run_args(config, out)).exit_code == 0
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    (out / "round-1" / "student" / "model.safetensors").unlink()
+    shard = next((out / "round-1" / "signals" / "data").glob("*.parquet"))
+    shard.write_bytes(b"")
+    monkeypatch.chdir(ROOT)
+    relative = [os.path.relpath(a, ROOT) if a in map(str, (TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER)) else a
+                for a in run_args(config, out)]
+    result = run_cli(*relative)
+    assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
+    assert "training it again" in result.stdout and "generating them again" in result.stdout
+    assert sha256_file(shard) == sha256_file(reference / shard.relative_to(out))
+    repaired, original = load_file(out / "round-1" / "student" / "model.safetensors"), \
+        load_file(reference / "round-1" / "student" / "model.safetensors")
+    for name in original:
+        torch.testing.assert_close(repaired[name], original[name], rtol=1e-6, atol=1e-6)
+
+
+def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
+    config, _ = finished_run
+    out = tmp_path / "run"
+    out.mkdir()
+    first = os.open(out, os.O_RDONLY)  # as the first job holds it
+    fcntl.flock(first, fcntl.LOCK_EX)
+    try:
+        assert_one_line_error(run_cli(*run_args(config, out)), "in use by another running `tsdkd run`")
+    finally:
+        os.close(first)
 
 
 @pytest.mark.parametrize("kill_when", ["round-1/student/checkpoints/checkpoint-2/trainer_state.json", "round-2/signals/tsdkd.json"])

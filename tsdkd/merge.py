@@ -33,12 +33,17 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
         )
     staging = out.with_name(f".{out.name}.merging")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "data").mkdir(parents=True)
     shards: list[dict[str, Any]] = []
-    for part, manifest in zip(parts, manifests):
-        for entry in manifest["shards"]:
-            shutil.copy2(part / entry["file"], staging / entry["file"])
-            shards.append(entry)
+    try:
+        (staging / "data").mkdir(parents=True)
+        for part, manifest in zip(parts, manifests):
+            for entry in manifest["shards"]:
+                shutil.copy2(part / entry["file"], staging / entry["file"])
+                shards.append(entry)
+    except OSError as error:  # --out under a file or an unwritable folder, a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TsdkdError(f"--out {out}: cannot write the merged dataset there ({error.strerror}); "
+                         "choose a writable folder") from None
     merged = {**first, "shards": sorted(shards, key=lambda e: e["index"]), "job": {"shard_index": 0, "num_shards": 1},
               "merged_from": [str(p) for p in parts]}
     merged["settings"] = {**first["settings"], "job": merged["job"]}

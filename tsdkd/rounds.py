@@ -18,6 +18,7 @@ from typing import Any
 
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig, GenerateConfig, RunConfig, build_config
 from tsdkd.errors import TsdkdError
+from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
 RUN_MANIFEST = "tsdkd_run.json"
@@ -69,9 +70,15 @@ def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path
     return changes
 
 
+def resolved_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """The prompt file and models as absolute paths where they are local: the same run however they are named."""
+    return {**settings, **{key: str(Path(settings[key]).resolve()) for key in ("prompts", "student", "teacher")
+                           if isinstance(settings.get(key), str) and Path(settings[key]).exists()}}
+
+
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # What a rerun must repeat: not the number of rounds (it may grow).
-    settings = {k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")}
+    settings = resolved_paths({k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")})
     settings["distill"] = {k: v for k, v in cfg.distill.items() if k not in RESUMABLE_DISTILL_CHANGES}
     path = out / RUN_MANIFEST
     if out.exists() and not out.is_dir():
@@ -79,7 +86,8 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if path.is_file():
         manifest = read_run_manifest(path)
         wanted = json.loads(json.dumps(settings))
-        changes = setting_changes(manifest["settings"], wanted, path)
+        # Runs recorded the paths as given before they were resolved.
+        changes = setting_changes(resolved_paths(manifest["settings"]), wanted, path)
         if changes and {section for section, _ in changes} == {"distill"} and not distillation_started(out, manifest):
             # Round 1's signals were made but its distillation never started (say it stopped on a setting):
             # the distill settings are still free, and the hours of sampling are kept.
@@ -130,18 +138,18 @@ def run_rounds(cfg: RunConfig) -> Path:
             raise TsdkdError(f"{name} settings of the run: {error}") from None
     out = Path(cfg.out)
     manifest = start_manifest(cfg, out)
-    for round_index in range(1, cfg.rounds + 1):
-        state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
-        if state["student"]:
-            continue
-        print(f"round {round_index} of {cfg.rounds}")
-        generate_cfg, distill_cfg = round_configs(cfg, round_index)
-        generate(generate_cfg)
-        state["signals"] = True
-        write_json_atomic(manifest, out / RUN_MANIFEST)
-        distill(distill_cfg)
-        state["student"] = True
-        write_json_atomic(manifest, out / RUN_MANIFEST)
+    with exclusive_use(out, "run"):
+        for round_index in range(1, cfg.rounds + 1):
+            state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
+            print(f"round {round_index} of {cfg.rounds}")
+            # A finished round is handed to its commands too: each checks its output and redoes what was lost since.
+            generate_cfg, distill_cfg = round_configs(cfg, round_index)
+            generate(generate_cfg)
+            state["signals"] = True
+            write_json_atomic(manifest, out / RUN_MANIFEST)
+            distill(distill_cfg)
+            state["student"] = True
+            write_json_atomic(manifest, out / RUN_MANIFEST)
     final = Path(student_of_round(cfg, cfg.rounds))
     print(f"{out}: {cfg.rounds} rounds done; final student in {final}")
     return final
