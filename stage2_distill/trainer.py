@@ -45,6 +45,7 @@ class DistillTrainer(Trainer):
         self._metric_sums: torch.Tensor | None = None
         self._micro_batches = 0
         self._window_start = time.perf_counter()
+        self.add_callback(LogLastStep())
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         # The dataset already shuffles (by epoch) and buckets whole batches; keep its order so that
@@ -192,6 +193,15 @@ def check_deepspeed_config(plugin: Any) -> None:
             not plugin.deepspeed_config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
         raise TsdkdError("DeepSpeed ZeRO-3 config: set zero_optimization.stage3_gather_16bit_weights_on_model_save "
                          "to true, or the student is saved as a ZeRO checkpoint instead of safetensors")
+
+
+class LogLastStep(TrainerCallback):
+    """Log the final step too: with --max-steps below --logging-steps (or not a multiple of it) the Trainer
+    would log none of the last steps, and a short run's metrics would hold no loss terms at all."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class MetricsFile(TrainerCallback):

@@ -11,7 +11,8 @@ import yaml
 
 from conftest import assert_one_line_error, run_cli
 from tsdkd.cli import app
-from tsdkd.config import DistillConfig, EvalConfig, GenerateConfig, RunConfig, build_config
+from tsdkd.config import (ROUND_KEYS, RUN_SECTION_OPTIONS, DistillConfig, EvalConfig, GenerateConfig, RunConfig,
+                          build_config)
 from tsdkd.errors import TsdkdError
 
 SEED_RULE = r"--seed must be in \[0, 4294967295\]"
@@ -183,3 +184,44 @@ def test_an_unreadable_config_file_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(path), "read_text", denied)  # root, as in CI, reads whatever chmod forbids
     assert_one_line_error(run_cli("distill", "--config", path), f"config file {path}: cannot read it (Permission denied)")
+
+
+def test_run_takes_its_generate_and_distill_options_at_the_top_level_of_its_config(tmp_path):
+    """As `tsdkd run --help` says: the options it shows are also top-level keys; each goes into its section,
+    over the same key inside it; the command line wins over the file."""
+    from tsdkd.rounds import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-4\nnum-candidates: 2\nepochs: 2\ndistill:\n  learning_rate: 3e-4\n  warmup_ratio: 0.2\n")
+    cfg = load_run_config(str(path), {"epochs": 1.0, "top_k": None})
+    assert cfg.distill == {"learning_rate": 1e-4, "warmup_ratio": 0.2, "epochs": 1.0}
+    assert cfg.generate == {"num_candidates": 2}
+
+
+def test_run_section_options_are_the_run_command_options():
+    run_options = {p.name for p in typer.main.get_command(app).commands["run"].params} - {"config", "help"}
+    sectioned = {key for keys in RUN_SECTION_OPTIONS.values() for key in keys}
+    assert sectioned == run_options - {field.name for field in dataclasses.fields(RunConfig)}
+    for section, cls in (("generate", GenerateConfig), ("distill", DistillConfig)):
+        assert set(RUN_SECTION_OPTIONS[section]) <= {field.name for field in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("warmup_ratio: 0.2\n", "'warmup_ratio' goes in the `distill:` section (top-level keys: backend, batch_size, distill,"),
+    ("speed: 2\n", "unknown key 'speed'; known keys: backend, batch_size, distill, epochs, generate, learning_rate,"),
+    ("generate:\n  out: x\n", "generate.out is set by `tsdkd run` itself for each round; remove it"),
+])
+def test_run_config_keys_in_the_wrong_place_are_refused_with_where_they_go(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    result = run_cli("run", "--config", path, "--prompts", "p", "--student", "s", "--teacher", "t", "--out", tmp_path / "o")
+    assert_one_line_error(result, f"config file {path}: {message}")
+
+
+def test_run_section_known_keys_leave_out_those_the_run_sets(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("generate:\n  speed: 2\n")
+    with pytest.raises(TsdkdError, match=f"config file {re.escape(str(path))}, generate section: unknown key 'speed'") as error:
+        build_config(RunConfig, str(path), {})
+    known = str(error.value).split("known keys: ")[1].split(", ")
+    assert "top_k" in known and not set(known) & ROUND_KEYS["generate"]

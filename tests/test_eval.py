@@ -8,6 +8,7 @@ import pytest
 
 from conftest import TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.answers import answer_is_correct, extract_answer
+from tsdkd.prompts import load_prompts
 
 EVAL = ["--max-new-tokens", "24", "--backend", "hf"]
 
@@ -134,4 +135,100 @@ def test_bad_input(tmp_path):
     same_names = [write_jsonl(tmp_path / folder / "bench.jsonl", [{"prompt": "1?", "answer": "1"}]) for folder in ("a", "b")]
     result = run_cli("eval", "--model", TOY_STUDENT, "--data", same_names[0], "--data", same_names[1], "--out", tmp_path / "o", *EVAL)
     assert_one_line_error(result, "two benchmark files")
+    assert not (tmp_path / "o").exists()
+
+
+def eval_files(folder):
+    """Every file under `folder` and its bytes, by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_path):
+    """Same settings: evaluated again and swapped in whole (nothing of the old set is left beside it)."""
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(4))
+    out = tmp_path / "ev"
+    args = ["eval", "--model", TOY_STUDENT, "--model", TOY_TEACHER, "--data", bench, "--out", out, "--limit", "3", *EVAL]
+    assert run_cli(*args).exit_code == 0
+    before = eval_files(out)
+    assert "tsdkd_eval.json" in before and "comparison.json" in before and "1-toy-student/b.jsonl" in before
+    settings = json.loads((out / "1-toy-student" / "results.json").read_text())["settings"]
+    assert (settings["data"], settings["limit"], settings["max_new_tokens"]) == ([str(bench)], 3, 24)
+    record = json.loads((out / "tsdkd_eval.json").read_text())
+    assert record["settings"]["model"] == [str(TOY_STUDENT), str(TOY_TEACHER)] and len(record["data_sha256"]) == 1
+    (out / "1-toy-student" / "stale.jsonl").write_text("{}\n")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "replaced" in result.stdout
+    assert list(eval_files(out)) == list(before)  # greedy: the same results, and the stale file gone
+    assert eval_files(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_an_out_holding_something_else_or_another_eval_is_refused_untouched(tmp_path):
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
+    out = tmp_path / "ev"
+    assert run_cli("eval", "--model", TOY_STUDENT, "--data", bench, "--out", out, *EVAL).exit_code == 0
+    before = eval_files(out)
+    result = run_cli("eval", "--model", TOY_STUDENT, "--data", bench, "--out", out, "--max-new-tokens", "16", "--backend", "hf")
+    assert_one_line_error(result, f"--out {out} holds an eval with other settings", "max_new_tokens: 24 there, 16 now",
+                          "choose another --out")
+    assert eval_files(out) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    result = run_cli("eval", "--model", TOY_STUDENT, "--data", bench, "--out", other, *EVAL)
+    assert_one_line_error(result, f"--out {other} is not empty and holds no eval", "choose a new or empty folder")
+    assert list(eval_files(other)) == ["notes.txt"]
+
+
+def test_an_interrupted_eval_leaves_out_as_it_was_and_says_it_starts_over(tmp_path, monkeypatch):
+    import tsdkd.evaluate
+
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
+    out = tmp_path / "ev"
+    args = ["eval", "--model", TOY_STUDENT, "--model", TOY_TEACHER, "--data", bench, "--out", out, *EVAL]
+    assert run_cli(*args).exit_code == 0
+    before = eval_files(out)
+    calls = []
+
+    def interrupted_on_the_second_model(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = tsdkd.evaluate.run_benchmark
+    monkeypatch.setattr(tsdkd.evaluate, "run_benchmark", interrupted_on_the_second_model)
+    result = run_cli(*args)
+    assert result.exit_code == 130
+    assert "interrupted; --out is left as it was; rerun the same command to evaluate again from the start" in result.stderr
+    assert "to continue" not in result.stderr
+    assert eval_files(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("answer", ["", "  \n"])
+def test_an_empty_gold_answer_is_a_missing_one(tmp_path, answer):
+    rows = [{"prompt": "1 + 1?", "answer": "2"}, {"prompt": "2 + 2?", "answer": "4"}, {"prompt": "3 + 3?", "answer": answer}]
+    bench = write_jsonl(tmp_path / "b.jsonl", rows)
+    assert [r.gold_answer for r in load_prompts(bench, None, None, None)] == ["2", "4", None]  # generate reads these too
+    result = run_cli("eval", "--model", TOY_STUDENT, "--data", bench, "--out", tmp_path / "o", *EVAL)
+    assert_one_line_error(result, f"{bench} line 3: no gold answer; fill it in or remove the row")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_is_not_a_model_is_named_with_what_it_lacks(tmp_path):
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
+    data_folder = TOY_TEACHER.parent / "toy"
+    result = run_cli("eval", "--model", data_folder, "--data", bench, "--out", tmp_path / "o", *EVAL)
+    assert_one_line_error(result, f"--model {data_folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)",
+                          "is it a model folder?", "save_pretrained")
+    bin_only = tmp_path / "bin-only"
+    bin_only.mkdir()
+    for file in TOY_STUDENT.iterdir():
+        if file.suffix != ".safetensors":
+            (bin_only / file.name).write_bytes(file.read_bytes())
+    (bin_only / "pytorch_model.bin").write_bytes(b"weights")
+    result = run_cli("eval", "--model", bin_only, "--data", bench, "--out", tmp_path / "o", *EVAL)
+    assert_one_line_error(result, f"{bin_only}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
     assert not (tmp_path / "o").exists()

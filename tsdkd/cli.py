@@ -60,9 +60,9 @@ def sigterm_like_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def one_line_errors(command: Callable[..., Any], to_continue: str = "rerun the same command") -> Callable[..., Any]:
+def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the same command to continue") -> Callable[..., Any]:
     """Bad input ends in one line on stderr and exit code 2, never a traceback; Ctrl-C (exit 130) and
-    SIGTERM (exit 143, 128 + 15 as if killed) say `to_continue`."""
+    SIGTERM (exit 143, 128 + 15 as if killed) say `next_step`."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -73,10 +73,10 @@ def one_line_errors(command: Callable[..., Any], to_continue: str = "rerun the s
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo(f"interrupted; {to_continue} to continue", err=True)
+            typer.echo(f"interrupted; {next_step}", err=True)
             raise typer.Exit(130) from None
         except Terminated:
-            typer.echo(f"terminated (SIGTERM); {to_continue} to continue", err=True)
+            typer.echo(f"terminated (SIGTERM); {next_step}", err=True)
             raise typer.Exit(143) from None
 
     return wrapper
@@ -206,33 +206,25 @@ def run(
     epochs: Optional[float] = typer.Option(None, help="distill: epochs per round [3]."),
     max_steps: Optional[int] = typer.Option(None, help="distill: optimizer steps per round, at least 1 (overrides --epochs) [none: --epochs decides]."),
     batch_size: Optional[int] = typer.Option(None, help="distill: sequences per micro-batch [8]."),
-    config: Optional[str] = typer.Option(None, help="YAML/TOML: the keys above, plus `generate:` and `distill:` sections with any option of those commands."),
+    config: Optional[str] = typer.Option(None, help="YAML/TOML: the keys above at the top level, plus `generate:` and `distill:` sections with any other option of those commands (not the ones the run sets: prompts, student, teacher, out, seed, round, signals, resume)."),
 ) -> None:
     """Self-improvement rounds of generate, then distill. Round r samples with the round r-1 student and
     distils into round r."""
     options = dict(locals())
     config_file = options.pop("config")
-    sections = {
-        "generate": ("num_candidates", "top_k", "max_new_tokens", "temperature", "backend", "limit"),
-        "distill": ("loss", "learning_rate", "epochs", "max_steps", "batch_size"),
-    }
-    given = {section: {k: options.pop(k) for k in keys if options[k] is not None} for section, keys in sections.items()}
-    for key in [k for keys in sections.values() for k in keys]:
-        options.pop(key, None)
     from tsdkd.rounds import load_run_config, run_rounds
 
-    cfg = load_run_config(config_file, options)
-    for section, values in given.items():
-        getattr(cfg, section).update(values)
-    run_rounds(cfg)
+    # The generate: and distill: options above go into their sections (config.RUN_SECTION_OPTIONS).
+    run_rounds(load_run_config(config_file, options))
 
 
 @app.command(name="eval")
-@one_line_errors
+# eval does not resume: its results appear in --out only once every model is done.
+@functools.partial(one_line_errors, next_step="--out is left as it was; rerun the same command to evaluate again from the start")
 def evaluate(
     model: Optional[list[str]] = typer.Option(None, help="Model folder or hub id; repeat to compare several (e.g. student before, after, teacher) [required]."),
     data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv or saved dataset); repeat for several [required]."),
-    out: Optional[str] = typer.Option(None, help="Folder for results.json and per-item <benchmark>.jsonl (one subfolder per model when several) [required]."),
+    out: Optional[str] = typer.Option(None, help="Folder for results.json, per-item <benchmark>.jsonl (one subfolder per model when several) and the settings (tsdkd_eval.json), written once all are done; a rerun with the same settings replaces it, other settings are refused [required]."),
     samples: Optional[int] = typer.Option(None, help="Samples per item; above 1 reports pass@k [1: greedy]."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature [0 for 1 sample, else 1.0]."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling [1.0]."),

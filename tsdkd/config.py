@@ -312,6 +312,10 @@ class DistillConfig:
 # The keys of each `tsdkd run` section that the run sets itself for each round.
 ROUND_KEYS = {"generate": {"prompts", "student", "teacher", "out", "round", "seed"},
               "distill": {"signals", "student", "out", "seed", "resume"}}
+# The generate and distill options that `tsdkd run` also takes on its command line and at the top level
+# of its config file; each goes into its section, where it wins over the same key.
+RUN_SECTION_OPTIONS = {"generate": ("num_candidates", "top_k", "max_new_tokens", "temperature", "backend", "limit"),
+                       "distill": ("loss", "learning_rate", "epochs", "max_steps", "batch_size")}
 
 
 @dataclass
@@ -342,6 +346,8 @@ class RunConfig:
                 raise TsdkdError(f"run config: {section}.{clash[0]} is set by `tsdkd run` itself for each round; remove it")
 
 
+# The sections of a `tsdkd run` config and the command each configures.
+RUN_SECTIONS = {"generate": GenerateConfig, "distill": DistillConfig}
 ConfigT = TypeVar("ConfigT")
 
 
@@ -373,14 +379,51 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
     if config_file:
         values.update(read_config_file(Path(config_file)))
     values.update({key: value for key, value in cli_values.items() if value is not None})
+    if cls is RunConfig:
+        values = nest_run_options(values, where)
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise TsdkdError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        raise TsdkdError(unknown_key_message(cls, unknown[0], where))
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         values[key] = _checked_value(key, value, hints[key], where)
     return cls(**values)
+
+
+def unknown_key_message(cls: type, key: str, where: str) -> str:
+    """Names the known keys; for `tsdkd run`, also the section that takes a generate or distill option."""
+    if cls is RunConfig:
+        for section, section_cls in RUN_SECTIONS.items():
+            if key in {field.name for field in dataclasses.fields(section_cls)} - ROUND_KEYS[section]:
+                return f"{where}: {key!r} goes in the `{section}:` section (top-level keys: {', '.join(run_top_level_keys())})"
+        return f"{where}: unknown key {key!r}; known keys: {', '.join(run_top_level_keys())}"
+    return f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(field.name for field in dataclasses.fields(cls)))}"
+
+
+def run_top_level_keys() -> list[str]:
+    """What a `tsdkd run` config file takes at the top level: the run's own keys and RUN_SECTION_OPTIONS."""
+    return sorted({field.name for field in dataclasses.fields(RunConfig)} | {k for keys in RUN_SECTION_OPTIONS.values() for k in keys})
+
+
+def nest_run_options(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A `tsdkd run` config's values with RUN_SECTION_OPTIONS moved into their sections, and each section's
+    keys checked: one line for a key the run sets itself or one its command does not know."""
+    values = dict(values)
+    for section, section_cls in RUN_SECTIONS.items():
+        inside = values.get(section) or {}
+        if not isinstance(inside, dict):
+            raise TsdkdError(f"{where}: {section} must be a mapping of {section} options")
+        inside = {str(key).replace("-", "_"): value for key, value in inside.items()}
+        inside.update({key: values.pop(key) for key in RUN_SECTION_OPTIONS[section] if key in values})
+        settable = {field.name for field in dataclasses.fields(section_cls)} - ROUND_KEYS[section]
+        for key in sorted(inside):
+            if key in ROUND_KEYS[section]:
+                raise TsdkdError(f"{where}: {section}.{key} is set by `tsdkd run` itself for each round; remove it")
+            if key not in settable:
+                raise TsdkdError(f"{where}, {section} section: unknown key {key!r}; known keys: {', '.join(sorted(settable))}")
+        values[section] = inside
+    return values
 
 
 def _checked_value(key: str, value: Any, expected: Any, where: str) -> Any:

@@ -1,14 +1,25 @@
-"""`tsdkd eval`: final-answer accuracy of a model on benchmark files, on either backend.
+"""`tsdkd eval`: final-answer accuracy of models on benchmark files, on either backend.
 
-Per benchmark (named by its file): accuracy (greedy, or the mean over k samples), pass@k with
-k samples, the share of responses that stopped at EOS; written to OUT/results.json, with every
-item's responses in OUT/<benchmark>.jsonl.
+Per benchmark (named by its file): accuracy (greedy, or the mean over k samples), pass@k with k samples,
+the share of responses that stopped at EOS.
+
+    OUT/tsdkd_eval.json      the settings (models, data files, limit, max_new_tokens, ...), the data files'
+                             hashes and the models' identities
+    OUT/results.json         one model: its results, with the settings; OUT/<benchmark>.jsonl: every item's responses
+    OUT/<n>-<folder name>/   several models: the same for each model, compared in OUT/comparison.json
+
+The whole set is written to a hidden folder beside OUT and swapped in once every model is done, so OUT never
+mixes two evals and an interrupted eval leaves it as it was. A rerun with the same settings evaluates again
+and replaces it; an eval with other settings is refused (choose another --out).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +28,23 @@ from tqdm import tqdm
 from tsdkd.answers import answer_is_correct, extract_answer, gold_final_answer
 from tsdkd.config import EvalConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import sha256_json
+from tsdkd.fingerprint import model_identity, sha256_json, source_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
-from tsdkd.signals import write_json_atomic
+from tsdkd.signals import read_json_object, write_json_atomic
+
+EVAL_RECORD = "tsdkd_eval.json"
+
+
+@dataclass
+class ModelJob:
+    """One model to evaluate, with every benchmark already read and rendered for its tokenizer."""
+
+    path: str
+    label: str  # its subfolder when several models are compared: <n>-<folder name>
+    tokenizer: Any
+    identity: dict[str, Any]
+    benchmarks: dict[str, tuple[list[PromptRecord], list[list[int]]]]  # by benchmark name
 
 
 def open_model(cfg: EvalConfig, model_path: str, tokenizer: Any, longest_prompt: int) -> Any:
@@ -49,7 +73,7 @@ def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | N
     records = load_prompts(path, cfg.prompt_field, cfg.answer_field, cfg.limit)
     unanswered = [r for r in records if r.gold_answer is None]
     if len(unanswered) == len(records):
-        raise TsdkdError(f"{path}: no gold answer field (answer or solution); pass --answer-field")
+        raise TsdkdError(f"{path}: no gold answer field (answer or solution), or only empty ones; pass --answer-field")
     if unanswered:
         raise TsdkdError(f"{unanswered[0].where}: no gold answer; fill it in or remove the row")
     prompts = [render_prompt(tokenizer, r.messages, r.where) for r in records]
@@ -60,43 +84,107 @@ def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | N
     return records, prompts
 
 
+def eval_settings(cfg: EvalConfig) -> dict[str, Any]:
+    """What decides the results: every setting but --out, the temperature as used. As JSON reads it back."""
+    settings = {key: value for key, value in vars(cfg).items() if key != "out"}
+    settings["temperature"] = cfg.sampling_temperature
+    return json.loads(json.dumps(settings))
+
+
+def check_output(out: Path, settings: dict[str, Any]) -> None:
+    """--out may be new, empty, or hold an eval with the same settings (replaced once this one is done)."""
+    if out.exists() and not out.is_dir():
+        raise TsdkdError(f"--out {out} is a file; choose a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / EVAL_RECORD).is_file():
+        raise TsdkdError(f"--out {out} is not empty and holds no eval ({EVAL_RECORD}); choose a new or empty folder")
+    recorded = read_json_object(out / EVAL_RECORD, "a tsdkd eval record").get("settings")
+    if not isinstance(recorded, dict):
+        raise TsdkdError(f"{out / EVAL_RECORD}: not a tsdkd eval record; choose a new or empty --out")
+    changes = [f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in settings.items() if recorded.get(key) != value]
+    if changes:
+        raise TsdkdError(f"--out {out} holds an eval with other settings ({'; '.join(changes)}); "
+                         f"choose another --out, or delete {out} to replace it")
+    print(f"{out} holds an eval with these settings: it is replaced when this one is done")
+
+
+def prepare_model(cfg: EvalConfig, index: int, model_path: str) -> ModelJob:
+    """Reads and checks one model's tokenizer, weights and benchmark prompts; loads no weights."""
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, "model")
+    identity = model_identity(model_path, cfg.trust_remote_code)  # also refuses weights that are not safetensors
+    context = context_length(model_path, cfg.trust_remote_code)
+    benchmarks = {Path(data).stem: load_benchmark(cfg, Path(data), tokenizer, context) for data in cfg.data}
+    return ModelJob(model_path, f"{index}-{Path(model_path.rstrip('/')).name}", tokenizer, identity, benchmarks)
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Every model on every benchmark. One model: OUT/results.json (returned). Several: each in
-    OUT/<n>-<folder name>/, then OUT/comparison.json and a table of accuracy by model (returned)."""
+    """Every model on every benchmark. One model: its results (OUT/results.json), returned. Several: each in
+    OUT/<n>-<folder name>/, compared in OUT/comparison.json (returned). Prints a table."""
     cfg.check()
     out = Path(cfg.out)
-    if len(cfg.model) == 1:
-        results = evaluate_model(cfg, cfg.model[0], out)
-        print(results_table(results))
-        return results
-    labels = [f"{index}-{Path(model.rstrip('/')).name}" for index, model in enumerate(cfg.model, start=1)]
-    comparison = {"models": {label: evaluate_model(cfg, model, out / label) for label, model in zip(labels, cfg.model)}}
-    write_json_atomic(comparison, out / "comparison.json")
-    print(comparison_table(comparison))
-    return comparison
-
-
-def evaluate_model(cfg: EvalConfig, model_path: str, out: Path) -> dict[str, Any]:
-    """One model on every benchmark; results also written to OUT/results.json."""
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, "model")
-    context = context_length(model_path, cfg.trust_remote_code)
-    benchmarks = {}
+    stems = [Path(data).stem for data in cfg.data]
     for data in cfg.data:
-        path = Path(data)
-        if path.stem in benchmarks:
-            raise TsdkdError(f"--data {data}: two benchmark files are named {path.stem!r}; rename one")
-        benchmarks[path.stem] = (path, *load_benchmark(cfg, path, tokenizer, context))
+        if stems.count(Path(data).stem) > 1:
+            raise TsdkdError(f"--data {data}: two benchmark files are named {Path(data).stem!r}; rename one")
+    settings = eval_settings(cfg)
+    check_output(out, settings)
+    # Every model and benchmark is checked before the first one spends hours generating.
+    jobs = [prepare_model(cfg, index, model) for index, model in enumerate(cfg.model, start=1)]
+    record = {"settings": settings, "data_sha256": [source_fingerprint(Path(data)) for data in cfg.data],
+              "models": [job.identity for job in jobs]}
+    target = out.resolve()  # a name to put the staging folder beside, also for `--out .`
+    staging = target.with_name(f".{target.name}.partial")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_empty_folder(staging, out)
+        if len(jobs) == 1:
+            returned = evaluate_model(cfg, jobs[0], staging)
+            table = results_table(returned)
+        else:
+            returned = {"models": {job.label: evaluate_model(cfg, job, staging / job.label) for job in jobs}}
+            write_json_atomic(returned, staging / "comparison.json")
+            table = comparison_table(returned)
+        write_json_atomic(record, staging / EVAL_RECORD)
+        swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted eval's partial results
+    print(table)
+    return returned
+
+
+def make_empty_folder(folder: Path, out: Path) -> None:
+    """`folder` new and empty; a leftover of a killed eval is removed."""
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.mkdir(parents=True)
     except OSError as error:
-        raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
-    longest = max(len(p) for _, _, prompts in benchmarks.values() for p in prompts)
-    model = open_model(cfg, model_path, tokenizer, longest)
-    results: dict[str, Any] = {"model": model_path, "samples": cfg.samples, "temperature": cfg.sampling_temperature,
-                               "max_new_tokens": cfg.max_new_tokens, "benchmarks": {}}
+        raise TsdkdError(f"--out {out}: cannot create {folder} to write the results in ({error.strerror})") from None
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """`staging` becomes `out`. A previous eval there is moved aside first and removed after, so `out` never
+    holds a mix of two."""
+    if out.is_dir() and any(out.iterdir()):
+        previous = out.with_name(f".{out.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out, previous)
+        os.replace(staging, out)
+        shutil.rmtree(previous)
+    else:
+        os.replace(staging, out)  # onto an empty folder too
+
+
+def evaluate_model(cfg: EvalConfig, job: ModelJob, out: Path) -> dict[str, Any]:
+    """One model on every benchmark; its results also written to OUT/results.json."""
+    out.mkdir(exist_ok=True)
+    longest = max(len(p) for _, prompts in job.benchmarks.values() for p in prompts)
+    model = open_model(cfg, job.path, job.tokenizer, longest)
+    # The settings shared by all models, so that a model's results say how they were made.
+    shared = {key: value for key, value in eval_settings(cfg).items() if key != "model"}
+    results: dict[str, Any] = {"model": job.path, "settings": shared, "benchmarks": {}}
     try:
-        for name, (path, records, prompts) in benchmarks.items():
-            results["benchmarks"][name] = run_benchmark(cfg, model, tokenizer, name, records, prompts, out)
+        for name, (records, prompts) in job.benchmarks.items():
+            results["benchmarks"][name] = run_benchmark(cfg, model, job.tokenizer, name, records, prompts, out)
     finally:
         model.close()
     write_json_atomic(results, out / "results.json")
@@ -133,7 +221,7 @@ def run_benchmark(cfg: EvalConfig, model: Any, tokenizer: Any, name: str, record
 
 
 def results_table(results: dict[str, Any]) -> str:
-    k = results["samples"]
+    k = results["settings"]["samples"]
     header = "| benchmark | items | accuracy |" + (f" pass@{k} |" if k > 1 else "") + " stopped at EOS |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, row in results["benchmarks"].items():

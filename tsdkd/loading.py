@@ -8,6 +8,10 @@ from typing import Any
 from tsdkd.errors import TsdkdError
 
 
+# Files any of which lets AutoTokenizer load a tokenizer from a folder (fast, sentencepiece, BPE/WordPiece vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
 
@@ -16,8 +20,15 @@ def load_tokenizer(path: str, trust_remote_code: bool, role: str) -> Any:
     """`role` names the option in error messages (student, teacher, model)."""
     from transformers import AutoTokenizer
 
-    if not Path(path).exists() and not _looks_like_hub_id(path):
+    folder = Path(path)
+    if not folder.exists() and not _looks_like_hub_id(path):
         raise TsdkdError(f"--{role} {path}: no such model folder")
+    if folder.is_file():
+        raise TsdkdError(f"--{role} {path} is a file; name a model folder or hub id")
+    # Without these transformers' own error names no file ("Couldn't instantiate the backend tokenizer from one of: ").
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TsdkdError(f"--{role} {path}: no tokenizer files (tokenizer.json / tokenizer_config.json); is it a model "
+                         "folder? If so, save its tokenizer there with tokenizer.save_pretrained")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # transformers raises OSError, ValueError, ... for a bad folder

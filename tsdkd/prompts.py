@@ -23,7 +23,7 @@ class PromptRecord:
     row: int  # 0-based, in file order
     where: str  # the file and its line (JSON Lines) or 1-based row, as errors name it
     messages: list[dict[str, str]]
-    gold_answer: str | None
+    gold_answer: str | None  # None: none given, or only whitespace
 
     @property
     def prompt_id(self) -> str:
@@ -181,7 +181,8 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
                 row=row,
                 where=names[row],
                 messages=as_messages(item[prompt_field], names[row], prompt_field),
-                gold_answer=None if answer is None else str(answer),
+                # An empty answer is a missing one: checked against it, every response would count as wrong.
+                gold_answer=str(answer) if answer is not None and str(answer).strip() else None,
             )
         )
     return records

@@ -16,13 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig, GenerateConfig, RunConfig, build_config
+from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RUN_SECTIONS, DistillConfig, GenerateConfig, RunConfig,
+                          build_config)
 from tsdkd.errors import TsdkdError
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
 RUN_MANIFEST = "tsdkd_run.json"
-SECTIONS = {"generate": GenerateConfig, "distill": DistillConfig}
 
 
 def round_folder(out: Path, round_index: int) -> Path:
@@ -53,14 +53,14 @@ def distillation_started(out: Path, manifest: dict[str, Any]) -> bool:
 def effective_section(section: str, values: dict[str, Any], where: str) -> dict[str, Any]:
     """A generate/distill section as its command reads it: typed (YAML's `1e-4` is 0.0001, `30` is 30.0)
     and with the defaults filled in, so that only a real change of setting differs."""
-    return vars(build_config(SECTIONS[section], None, values, where))
+    return vars(build_config(RUN_SECTIONS[section], None, values, where))
 
 
 def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path) -> list[tuple[str, str]]:
     """(section or "", `key: recorded in the run, wanted now`) for each setting a rerun changes."""
     changes = []
     for key in sorted(set(recorded) | set(wanted)):
-        if key in SECTIONS and isinstance(recorded.get(key), dict):
+        if key in RUN_SECTIONS and isinstance(recorded.get(key), dict):
             old = effective_section(key, recorded[key], f"{path}, {key} settings")
             new = effective_section(key, wanted[key], f"{key} settings")
             changes += [(key, f"{key}.{name}: {old[name]!r} in the run, {new[name]!r} now")
@@ -156,15 +156,13 @@ def run_rounds(cfg: RunConfig) -> Path:
 
 
 def load_run_config(config_file: str | None, cli_values: dict[str, Any]) -> RunConfig:
-    """Top-level keys and the `generate`/`distill` sections, each checked against its command."""
+    """Top-level keys and the `generate`/`distill` sections (`build_config` nests the run's section options and
+    checks the sections' keys), each section typed by its command."""
     cfg = build_config(RunConfig, config_file, cli_values)
-    for section, cls in SECTIONS.items():
-        values = getattr(cfg, section) or {}
-        if not isinstance(values, dict):
-            raise TsdkdError(f"run config: {section} must be a mapping of {section} options")
-        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+    for section, cls in RUN_SECTIONS.items():
+        values = getattr(cfg, section)
         where = f"config file {config_file}, {section} section" if config_file else f"{section} options"
-        built = build_config(cls, None, normalised, where)  # type and name check, one line on error
+        built = build_config(cls, None, values, where)  # type check, one line on error
         # The typed values (YAML's `1e-4` is a string to PyYAML), as the run records and compares them.
-        setattr(cfg, section, {key: getattr(built, key) for key in normalised})
+        setattr(cfg, section, {key: getattr(built, key) for key in values})
     return cfg
