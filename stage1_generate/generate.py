@@ -201,9 +201,11 @@ def generate(cfg: GenerateConfig) -> Path:
     )
     total_shards = math.ceil(len(prompts) / cfg.prompts_per_shard)
     if cfg.shard_index >= total_shards:  # the job is split by whole shards
+        fix = (f"use --prompts-per-shard {len(prompts) // cfg.num_shards} or less" if len(prompts) >= cfg.num_shards
+               else f"use --num-shards {len(prompts)} or less")
         raise TsdkdError(f"--shard-index {cfg.shard_index}: the {len(prompts)} prompts make {total_shards} shard(s) of "
                          f"--prompts-per-shard {cfg.prompts_per_shard}, none of them for this part of --num-shards "
-                         f"{cfg.num_shards}; use --prompts-per-shard {math.ceil(len(prompts) / cfg.num_shards)} or less")
+                         f"{cfg.num_shards}; {fix}")
     out = Path(cfg.out)
     with exclusive_use(writable_folder(out), "generate"):
         manifest = prepare_output(out, settings, fingerprint)

@@ -195,7 +195,7 @@ def check_same_signals(out: Path, checksum: str) -> None:
     """`--resume` goes on with the data the run started with, not a dataset regenerated in place."""
     recorded = read_run_info(out).get("signals_sha256")
     if recorded is not None and recorded != checksum:  # None: a run started by an earlier tsdkd
-        raise TsdkdError(f"--resume: the signal datasets' shards differ from those the run in {out} started with; "
+        raise TsdkdError(f"--out {out}: the signal datasets' shards differ from those its run started with; "
                          "resume with the same data or start a new run in another --out")
 
 
@@ -313,6 +313,8 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
             create_output_folder(out)
         held.enter_context(exclusive_use(out, "distill"))
         if continuing and read_run_info(out).get("complete"):  # finished, but check_output found its student damaged
+            # From the start: from a final checkpoint (--keep-checkpoints) the Trainer would run a step past the end.
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             write_json_atomic({**read_run_info(out), "complete": False}, out / DISTILL_RUN_INFO)
     processes.wait_for_everyone()
     if (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete"):

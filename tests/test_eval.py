@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -179,6 +180,26 @@ def test_an_out_holding_something_else_or_another_eval_is_refused_untouched(tmp_
     result = run_cli("eval", "--model", TOY_STUDENT, "--data", bench, "--out", other, *EVAL)
     assert_one_line_error(result, f"--out {other} is not empty and holds no eval", "choose a new or empty folder")
     assert list(eval_files(other)) == ["notes.txt"]
+
+
+def test_results_that_cannot_be_moved_in_are_kept_and_named(tmp_path, monkeypatch):
+    """An --out that cannot be renamed (a mount point) must not cost the finished results."""
+    import tsdkd.evaluate
+
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
+    out = tmp_path / "ev"
+
+    def busy(staging, target):
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(tsdkd.evaluate, "swap_in", busy)
+    result = run_cli("eval", "--model", TOY_STUDENT, "--data", bench, "--out", out, *EVAL)
+    # The models ran (their progress bars are on stderr too), so the error is the last line.
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("error: ") and "cannot move the finished results in (Device or resource busy); they are in" in last
+    kept = Path(last.rsplit("they are in ", 1)[1])
+    assert (kept / "results.json").is_file() and (kept / "tsdkd_eval.json").is_file()
 
 
 def test_an_interrupted_eval_leaves_out_as_it_was_and_says_it_starts_over(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from conftest import ROOT, SMALL_JOB, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, sha256_file
+from tsdkd.locks import exclusive_use
 
 
 def shard_hashes(folder):
@@ -194,10 +195,32 @@ def test_a_folder_in_use_is_refused(tmp_path):
     first = os.open(out, os.O_RDONLY)  # as the first job holds it
     fcntl.flock(first, fcntl.LOCK_EX)
     try:
-        assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", out), "in use by another running `tsdkd generate`")
+        assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", out), "in use by another running tsdkd command", "`tsdkd generate`")
         assert not any(out.iterdir())
     finally:
         os.close(first)
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """Data loader workers and engine processes may be forked while a command holds its lock: once the command
+    ends, a rerun must not be refused because a child still runs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    started, ready = os.pipe()
+    with exclusive_use(out, "generate"):
+        child = os.fork()
+        if child == 0:  # the child outlives its parent's lock
+            os.write(ready, b"x")  # the fork hooks have run
+            time.sleep(3)
+            os._exit(0)
+        os.read(started, 1)
+    try:
+        with exclusive_use(out, "generate"):
+            pass
+    finally:
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
 
 
 def test_a_part_of_a_split_job_without_prompts_is_refused(tmp_path):

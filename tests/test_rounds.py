@@ -104,7 +104,7 @@ def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
     first = os.open(out, os.O_RDONLY)  # as the first job holds it
     fcntl.flock(first, fcntl.LOCK_EX)
     try:
-        assert_one_line_error(run_cli(*run_args(config, out)), "in use by another running `tsdkd run`")
+        assert_one_line_error(run_cli(*run_args(config, out)), "in use by another running tsdkd command", "`tsdkd run`")
     finally:
         os.close(first)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,9 +135,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     record = {"settings": settings, "data_sha256": [source_fingerprint(Path(data)) for data in cfg.data],
               "models": [job.identity for job in jobs]}
     target = out.resolve()  # a name to put the staging folder beside, also for `--out .`
-    staging = target.with_name(f".{target.name}.partial")
+    staging = staging_folder(target, "partial", out)  # its own: two evals at once never share one
+    keep = False
     try:
-        make_empty_folder(staging, out)
         if len(jobs) == 1:
             returned = evaluate_model(cfg, jobs[0], staging)
             table = results_table(returned)
@@ -145,31 +146,36 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             write_json_atomic(returned, staging / "comparison.json")
             table = comparison_table(returned)
         write_json_atomic(record, staging / EVAL_RECORD)
-        swap_in(staging, target)
+        try:
+            swap_in(staging, target)
+        except OSError as error:  # e.g. --out is a mount point, which cannot be renamed
+            keep = True
+            raise TsdkdError(f"--out {out}: cannot move the finished results in ({error.strerror}); "
+                             f"they are in {staging}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # an interrupted eval's partial results
+        if not keep:
+            shutil.rmtree(staging, ignore_errors=True)  # an interrupted eval's partial results
     print(table)
     return returned
 
 
-def make_empty_folder(folder: Path, out: Path) -> None:
-    """`folder` new and empty; a leftover of a killed eval is removed."""
-    shutil.rmtree(folder, ignore_errors=True)
+def staging_folder(target: Path, kind: str, out: Path) -> Path:
+    """A new, empty hidden folder beside `target`."""
     try:
-        folder.mkdir(parents=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{kind}-"))
     except OSError as error:
-        raise TsdkdError(f"--out {out}: cannot create {folder} to write the results in ({error.strerror})") from None
+        raise TsdkdError(f"--out {out}: cannot create a folder beside it to write the results in ({error.strerror})") from None
 
 
 def swap_in(staging: Path, out: Path) -> None:
     """`staging` becomes `out`. A previous eval there is moved aside first and removed after, so `out` never
     holds a mix of two."""
     if out.is_dir() and any(out.iterdir()):
-        previous = out.with_name(f".{out.name}.previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(out, previous)
+        previous = staging_folder(out, "previous", out)
+        os.replace(out, previous)  # onto the new, empty folder
         os.replace(staging, out)
-        shutil.rmtree(previous)
+        shutil.rmtree(previous, ignore_errors=True)
     else:
         os.replace(staging, out)  # onto an empty folder too
 

@@ -81,8 +81,6 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     settings = resolved_paths({k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")})
     settings["distill"] = {k: v for k, v in cfg.distill.items() if k not in RESUMABLE_DISTILL_CHANGES}
     path = out / RUN_MANIFEST
-    if out.exists() and not out.is_dir():
-        raise TsdkdError(f"--out {out} is a file; choose a folder")
     if path.is_file():
         manifest = read_run_manifest(path)
         wanted = json.loads(json.dumps(settings))
@@ -98,12 +96,8 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
             raise TsdkdError(f"--out {out} holds a run with other settings ({'; '.join(change for _, change in changes)}); "
                              "rerun with the run's settings to resume it, or choose a new --out")
         return manifest
-    if out.exists() and any(out.iterdir()):
+    if any(out.iterdir()):
         raise TsdkdError(f"--out {out} is not empty and holds no {RUN_MANIFEST}; choose a new folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
     manifest = {"settings": settings, "rounds": {}}
     write_json_atomic(manifest, path)
     return manifest
@@ -137,8 +131,15 @@ def run_rounds(cfg: RunConfig) -> Path:
         except TsdkdError as error:
             raise TsdkdError(f"{name} settings of the run: {error}") from None
     out = Path(cfg.out)
-    manifest = start_manifest(cfg, out)
+    if out.exists() and not out.is_dir():
+        raise TsdkdError(f"--out {out} is a file; choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TsdkdError(f"--out {out}: cannot create it ({error.strerror})") from None
+    # Locked before the manifest is read or written: a second job must not touch the first one's.
     with exclusive_use(out, "run"):
+        manifest = start_manifest(cfg, out)
         for round_index in range(1, cfg.rounds + 1):
             state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
             print(f"round {round_index} of {cfg.rounds}")
