@@ -90,6 +90,7 @@ def test_rerun_repairs_what_was_lost_and_takes_any_path_spelling(tmp_path, monke
     result = run_cli(*relative)
     assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
     assert "training it again" in result.stdout and "generating them again" in result.stdout
+    assert f"{out}: 1 round done" in result.stdout
     assert sha256_file(shard) == sha256_file(reference / shard.relative_to(out))
     repaired, original = load_file(out / "round-1" / "student" / "model.safetensors"), \
         load_file(reference / "round-1" / "student" / "model.safetensors")

@@ -152,7 +152,7 @@ def run_rounds(cfg: RunConfig) -> Path:
             state["student"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
     final = Path(student_of_round(cfg, cfg.rounds))
-    print(f"{out}: {cfg.rounds} rounds done; final student in {final}")
+    print(f"{out}: {cfg.rounds} round{'s' if cfg.rounds != 1 else ''} done; final student in {final}")
     return final
 
 
