@@ -42,7 +42,7 @@ from tsdkd.signals import (
     write_parquet_atomic,
 )
 from tsdkd.answers import answer_is_correct
-from tsdkd.validate import read_checked_manifest
+from tsdkd.validate import read_checked_manifest, shard_matches
 
 WORK_DIR = ".work"
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -166,11 +166,6 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
     return manifest
 
 
-def shard_is_done(out: Path, entry: dict[str, Any]) -> bool:
-    path = out / entry["file"]
-    return path.is_file() and sha256_file(path) == entry["sha256"]
-
-
 def generate(cfg: GenerateConfig) -> Path:
     """Run stage 1 as configured; returns the dataset folder."""
     cfg.check()
@@ -209,8 +204,10 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out)
     with exclusive_use(writable_folder(out), "generate"):
         manifest = prepare_output(out, settings, fingerprint)
+        # Each recorded shard hashed once: the ones to keep, and on a finished dataset the ones to redo.
+        done = {entry["index"] for entry in manifest["shards"] if shard_matches(out, entry)} if manifest else set()
         if manifest is not None and manifest.get("complete"):
-            damaged = [entry["file"] for entry in manifest["shards"] if not shard_is_done(out, entry)]
+            damaged = [entry["file"] for entry in manifest["shards"] if entry["index"] not in done]
             if not damaged:
                 print(f"{out}: already complete ({manifest['stats']['candidates']} candidates); nothing to do")
                 return out
@@ -224,7 +221,6 @@ def generate(cfg: GenerateConfig) -> Path:
             write_json_atomic(manifest, out / MANIFEST_NAME)
 
         mine = [j for j in range(total_shards) if j % cfg.num_shards == cfg.shard_index]
-        done = {entry["index"] for entry in manifest["shards"] if shard_is_done(out, entry)}
         manifest["shards"] = [entry for entry in manifest["shards"] if entry["index"] in done]
         pending = [j for j in mine if j not in done]
         shard_prompts = {j: prompts[j * cfg.prompts_per_shard : (j + 1) * cfg.prompts_per_shard] for j in pending}

@@ -140,12 +140,18 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def shard_matches(folder: Path, entry: dict[str, Any]) -> bool:
+    """Whether a manifest's shard entry has its file, the one the manifest hashed."""
+    path = folder / entry["file"]
+    return path.is_file() and sha256_file(path) == entry["sha256"]
+
+
 def checked_shard_file(folder: Path, entry: dict[str, Any]) -> Path:
     """The path of a manifest's shard entry, refused when the file is missing or not the one the manifest hashed."""
     path = folder / entry["file"]
     if not path.is_file():
         raise TsdkdError(f"{path}: shard missing; {REDO_SHARD}")
-    if sha256_file(path) != entry["sha256"]:
+    if not shard_matches(folder, entry):
         raise TsdkdError(f"{path}: checksum does not match the manifest (the file is corrupt or was changed); {REDO_SHARD}")
     return path
 
