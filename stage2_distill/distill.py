@@ -66,14 +66,10 @@ def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]]) -> Non
                   "the sampler's")
         num_parts = manifest["job"]["num_shards"]
         parts_given = {m["job"]["shard_index"] for m in manifests
-                       if m["job"]["num_shards"] == num_parts and not differing_settings(_job_free(manifest), _job_free(m))}
+                       if m["job"]["num_shards"] == num_parts and not differing_settings(manifest["settings"], m["settings"], ("job",))}
         if len(parts_given) < num_parts:
             print(f"note: --signals {folder} is part {manifest['job']['shard_index'] + 1} of {num_parts} of a split "
                   "`tsdkd generate` job; `tsdkd merge` the parts, or name them all, to train on the whole job")
-
-
-def _job_free(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in manifest["settings"].items() if key != "job"}
 
 
 def check_one_gpu_per_process(args: TrainingArguments) -> None:
@@ -191,9 +187,9 @@ def lost_student_files(out: Path, record: dict[str, Any]) -> list[str]:
             if not (out / name).is_file() or (digest is not None and sha256_file(out / name) != digest)]
 
 
-def check_same_signals(out: Path, checksum: str) -> None:
-    """`--resume` goes on with the data the run started with, not a dataset regenerated in place."""
-    recorded = read_run_info(out).get("signals_sha256")
+def check_same_signals(out: Path, record: dict[str, Any], checksum: str) -> None:
+    """A continued run goes on with the data it started with (its `record`), not a dataset regenerated in place."""
+    recorded = record.get("signals_sha256")
     if recorded is not None and recorded != checksum:  # None: a run started by an earlier tsdkd
         raise TsdkdError(f"--out {out}: the signal datasets' shards differ from those its run started with; "
                          "resume with the same data or start a new run in another --out")
@@ -307,15 +303,16 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
         note_data_origin(cfg, manifests)
         data_checksum = signals_checksum(manifests)
+        record = read_run_info(out) if continuing else {}
         if continuing:
-            check_same_signals(out, data_checksum)
+            check_same_signals(out, record, data_checksum)
         else:
             create_output_folder(out)
         held.enter_context(exclusive_use(out, "distill"))
-        if continuing and read_run_info(out).get("complete"):  # finished, but check_output found its student damaged
+        if record.get("complete"):  # finished, but check_output found its student damaged
             # From the start: from a final checkpoint (--keep-checkpoints) the Trainer would run a step past the end.
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-            write_json_atomic({**read_run_info(out), "complete": False}, out / DISTILL_RUN_INFO)
+            write_json_atomic({**record, "complete": False}, out / DISTILL_RUN_INFO)
     processes.wait_for_everyone()
     if (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete"):
         if processes.is_main_process and not cfg.keep_checkpoints:

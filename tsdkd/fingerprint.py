@@ -92,9 +92,9 @@ def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     return name(recorded) == name(current) and all(recorded.get(key) == current.get(key) for key in others)
 
 
-def differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The keys of a dataset's `settings` whose values differ, the models compared by `same_model`."""
-    keys = [*current, *(key for key in recorded if key not in current)]
+def differing_settings(recorded: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys of a dataset's `settings` (but `ignore`) whose values differ, the models compared by `same_model`."""
+    keys = [key for key in [*current, *(key for key in recorded if key not in current)] if key not in ignore]
     return [key for key in keys if not (same_model(recorded.get(key) or {}, current.get(key) or {}) if key in ("student", "teacher")
                                        else recorded.get(key) == current.get(key))]
 

@@ -20,7 +20,7 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
     first = manifests[0]
     for part, manifest in zip(parts[1:], manifests[1:]):
         # Each machine of a split job may keep the models under another path.
-        differing = [key for key in differing_settings(first["settings"], manifest["settings"]) if key != "job"]
+        differing = differing_settings(first["settings"], manifest["settings"], ignore=("job",))
         if differing:
             raise TsdkdError(f"{part}: made with other settings than {parts[0]} (differs in: {', '.join(differing)})")
         if manifest["tokenizer"] != first["tokenizer"]:
