@@ -23,7 +23,7 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import differing_settings, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint
+from tsdkd.fingerprint import differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint
 from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
@@ -138,16 +138,11 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
     )
 
 
-def resolved_model(path_or_id: str) -> str:
-    """A local model folder's absolute path (the same folder however it was named); a hub id as it is."""
-    return str(Path(path_or_id).resolve()) if Path(path_or_id).is_dir() else path_or_id
-
-
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     """What continuing a run must repeat (the signal folders and student wherever they were named from)."""
     settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
     settings["signals"] = resolved(cfg.signals)
-    settings["student"] = resolved_model(cfg.student)
+    settings["student"] = local_path(cfg.student)
     return settings
 
 
@@ -166,7 +161,7 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
     record = read_run_info(out)
     earlier = record.get("settings", {})
     # Runs recorded their signal folders and student as given before they were resolved.
-    earlier = {**earlier, "signals": resolved(earlier.get("signals", [])), "student": resolved_model(earlier.get("student", ""))}
+    earlier = {**earlier, "signals": resolved(earlier.get("signals", [])), "student": local_path(earlier.get("student", ""))}
     settings = run_settings(cfg)
     differing = sorted(k for k in settings if earlier.get(k) != settings[k])
     if differing:

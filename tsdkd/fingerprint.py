@@ -78,6 +78,12 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
     return identity
 
 
+def local_path(path_or_id: str) -> str:
+    """A local file or folder's absolute real path (the same one however it is named); anything else, such as a
+    hub id, as it is."""
+    return os.path.realpath(path_or_id) if path_or_id and Path(path_or_id).exists() else path_or_id
+
+
 def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether two `model_identity` records are one model. Where both hashed their weights, the name does not
     count (a folder moved, or named by a relative path or a link, is the same model); otherwise a local folder
@@ -85,8 +91,7 @@ def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     def name(identity: dict[str, Any]) -> str | None:
         if recorded.get("weights_sha256") and current.get("weights_sha256"):
             return None
-        path = identity.get("name_or_path")
-        return os.path.realpath(path) if path and Path(path).is_dir() else path
+        return local_path(identity.get("name_or_path"))
 
     others = (recorded.keys() | current.keys()) - {"name_or_path"}
     return name(recorded) == name(current) and all(recorded.get(key) == current.get(key) for key in others)

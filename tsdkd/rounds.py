@@ -19,6 +19,7 @@ from typing import Any
 from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RUN_SECTIONS, DistillConfig, GenerateConfig, RunConfig,
                           build_config)
 from tsdkd.errors import TsdkdError
+from tsdkd.fingerprint import local_path
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
@@ -72,8 +73,8 @@ def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path
 
 def resolved_paths(settings: dict[str, Any]) -> dict[str, Any]:
     """The prompt file and models as absolute paths where they are local: the same run however they are named."""
-    return {**settings, **{key: str(Path(settings[key]).resolve()) for key in ("prompts", "student", "teacher")
-                           if isinstance(settings.get(key), str) and Path(settings[key]).exists()}}
+    return {**settings, **{key: local_path(settings[key]) for key in ("prompts", "student", "teacher")
+                           if isinstance(settings.get(key), str)}}
 
 
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def round_configs(cfg: RunConfig, round_index: int) -> tuple[GenerateConfig, Dis
     })
     distill_cfg = build_config(DistillConfig, None, {
         **cfg.distill, "signals": [str(folder / "signals")], "student": student, "out": str(folder / "student"),
-        "seed": cfg.seed + round_index, "resume": student_run_started(Path(cfg.out), round_index),
+        "seed": cfg.seed + round_index,
     })
     return generate_cfg, distill_cfg
 
