@@ -189,11 +189,9 @@ def test_an_unreadable_config_file_is_one_line(tmp_path, monkeypatch):
 def test_run_takes_its_generate_and_distill_options_at_the_top_level_of_its_config(tmp_path):
     """As `tsdkd run --help` says: the options it shows are also top-level keys; each goes into its section,
     over the same key inside it; the command line wins over the file."""
-    from tsdkd.rounds import load_run_config
-
     path = tmp_path / "run.yaml"
     path.write_text("learning_rate: 1e-4\nnum-candidates: 2\nepochs: 2\ndistill:\n  learning_rate: 3e-4\n  warmup_ratio: 0.2\n")
-    cfg = load_run_config(str(path), {"epochs": 1.0, "top_k": None})
+    cfg = build_config(RunConfig, str(path), {"epochs": 1.0, "top_k": None})
     assert cfg.distill == {"learning_rate": 1e-4, "warmup_ratio": 0.2, "epochs": 1.0}
     assert cfg.generate == {"num_candidates": 2}
 

@@ -212,10 +212,11 @@ def run(
     distils into round r."""
     options = dict(locals())
     config_file = options.pop("config")
-    from tsdkd.rounds import load_run_config, run_rounds
+    from tsdkd.config import RunConfig, build_config
+    from tsdkd.rounds import run_rounds
 
     # The generate: and distill: options above go into their sections (config.RUN_SECTION_OPTIONS).
-    run_rounds(load_run_config(config_file, options))
+    run_rounds(build_config(RunConfig, config_file, options))
 
 
 @app.command(name="eval")

@@ -340,10 +340,6 @@ class RunConfig:
             raise TsdkdError("--rounds must be at least 1")
         if not 0 <= self.seed <= MAX_SEED - self.rounds:
             raise TsdkdError(f"--seed must be in [0, {MAX_SEED - self.rounds}]: round r uses --seed + r, at most {MAX_SEED}")
-        for section, keys in ROUND_KEYS.items():
-            clash = sorted(set(getattr(self, section)) & keys)
-            if clash:
-                raise TsdkdError(f"run config: {section}.{clash[0]} is set by `tsdkd run` itself for each round; remove it")
 
 
 # The sections of a `tsdkd run` config and the command each configures.
@@ -408,7 +404,8 @@ def run_top_level_keys() -> list[str]:
 
 def nest_run_options(values: dict[str, Any], where: str) -> dict[str, Any]:
     """A `tsdkd run` config's values with RUN_SECTION_OPTIONS moved into their sections, and each section's
-    keys checked: one line for a key the run sets itself or one its command does not know."""
+    keys checked (one line for a key the run sets itself or one its command does not know) and typed by its
+    command (YAML's `1e-4` is a string to PyYAML), as the run records and compares them."""
     values = dict(values)
     for section, section_cls in RUN_SECTIONS.items():
         inside = values.get(section) or {}
@@ -422,7 +419,8 @@ def nest_run_options(values: dict[str, Any], where: str) -> dict[str, Any]:
                 raise TsdkdError(f"{where}: {section}.{key} is set by `tsdkd run` itself for each round; remove it")
             if key not in settable:
                 raise TsdkdError(f"{where}, {section} section: unknown key {key!r}; known keys: {', '.join(sorted(settable))}")
-        values[section] = inside
+        typed = build_config(section_cls, None, inside, f"{where}, {section} section")
+        values[section] = {key: getattr(typed, key) for key in inside}
     return values
 
 

@@ -155,16 +155,3 @@ def run_rounds(cfg: RunConfig) -> Path:
     final = Path(student_of_round(cfg, cfg.rounds))
     print(f"{out}: {cfg.rounds} round{'s' if cfg.rounds != 1 else ''} done; final student in {final}")
     return final
-
-
-def load_run_config(config_file: str | None, cli_values: dict[str, Any]) -> RunConfig:
-    """Top-level keys and the `generate`/`distill` sections (`build_config` nests the run's section options and
-    checks the sections' keys), each section typed by its command."""
-    cfg = build_config(RunConfig, config_file, cli_values)
-    for section, cls in RUN_SECTIONS.items():
-        values = getattr(cfg, section)
-        where = f"config file {config_file}, {section} section" if config_file else f"{section} options"
-        built = build_config(cls, None, values, where)  # type check, one line on error
-        # The typed values (YAML's `1e-4` is a string to PyYAML), as the run records and compares them.
-        setattr(cfg, section, {key: getattr(built, key) for key in values})
-    return cfg
