@@ -136,11 +136,10 @@ def distill_setup(signals: Path, student: str, out: Path, **overrides: Any):
     return cfg, tokenizer, objective, batches
 
 
-def setup(args: argparse.Namespace, folder: Path, **overrides: Any):
+def setup(args: argparse.Namespace, folder: Path):
     """distill_setup for the bench's signals and student, at --batch-size when given (else the default)."""
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
-    return distill_setup(Path(args.signals), args.student, folder / "run", **overrides)
+    batch_size = {"batch_size": args.batch_size} if args.batch_size else {}
+    return distill_setup(Path(args.signals), args.student, folder / "run", **batch_size)
 
 
 def load_student(path: str) -> torch.nn.Module:
