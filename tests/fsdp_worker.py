@@ -13,6 +13,7 @@ wrap policy makes of a large vocabulary), which FSDP reshards right after the he
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,10 +127,13 @@ def main(signals: str, out: str, engine: str, head_unit: str) -> None:
         save_file(grads, f"{out}/grads.safetensors")
         result = {"loss": loss_sum.item(), "local_numel": local_numel, "full_numel": sum(g.numel() for g in grads.values())}
         Path(out, "result.json").write_text(json.dumps(result))
-    # A process that exits with its gloo group alive can abort (SIGABRT, "terminate called without an
-    # active exception"; pytorch issue 190489): CI saw it once on one rank.
+    # Tearing down the gloo group can abort a process (SIGABRT, "terminate called without an active exception";
+    # pytorch issue 190489): CI saw it twice on one rank, once with destroy_process_group. Once every rank is past
+    # the barrier the results are written, so each leaves without running the group's C++ destructors.
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
