@@ -55,10 +55,10 @@ def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[
     return manifests
 
 
-def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]]) -> None:
+def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]], student: dict[str, Any]) -> None:
     """Says (without refusing: shared data is meant for other students too) when a dataset was sampled by
-    another model than --student, or is one part of a split `tsdkd generate` job whose other parts are not given."""
-    student = model_identity(cfg.student, cfg.trust_remote_code)
+    another model than --student (`student`: its model_identity), or is one part of a split `tsdkd generate`
+    job whose other parts are not given."""
     for folder, manifest in zip(cfg.signals, manifests):
         if not same_model(manifest["student"], student):
             print(f"note: --signals {folder} was sampled by {manifest['student']['name_or_path']}, not by --student "
@@ -146,9 +146,10 @@ def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     return settings
 
 
-def check_output(cfg: DistillConfig, out: Path) -> bool:
-    """Read-only: a new run needs an empty folder; a folder holding a run is continued, with the same settings.
-    Returns True when that run already finished and its saved student is as it was saved."""
+def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any]) -> bool:
+    """Read-only: a new run needs an empty folder; a folder holding a run is continued, with the same settings
+    and the same student (`student`: its model_identity). Returns True when that run already finished and its
+    saved student is as it was saved."""
     info_path = out / DISTILL_RUN_INFO
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
@@ -163,11 +164,16 @@ def check_output(cfg: DistillConfig, out: Path) -> bool:
     # Runs recorded their signal folders and student as given before they were resolved.
     earlier = {**earlier, "signals": resolved(earlier.get("signals", [])), "student": local_path(earlier.get("student", ""))}
     settings = run_settings(cfg)
-    differing = sorted(k for k in settings if earlier.get(k) != settings[k])
-    if differing:
-        changes = "; ".join(f"{k}: {earlier.get(k)!r} in the run, {settings[k]!r} now" for k in differing)
-        raise TsdkdError(f"--out {out} holds a run with other settings ({changes}); rerun with its settings to continue "
-                         "it, or choose a new --out")
+    # Where the record has them, the data and the student count by content (the data is checked once validated):
+    # the same whatever their paths, as in a moved `tsdkd run` folder, whose rounds read and write inside it.
+    by_content = {key for key, recorded in (("signals", "signals_sha256"), ("student", "student_identity")) if record.get(recorded)}
+    changes = [f"{k}: {earlier.get(k)!r} in the run, {settings[k]!r} now"
+               for k in sorted(settings) if k not in by_content and earlier.get(k) != settings[k]]
+    if "student" in by_content and not same_model(record["student_identity"], student):
+        changes.append(f"student: {cfg.student} is not the model the run started from ({earlier['student']}: weights or config differ)")
+    if changes:
+        raise TsdkdError(f"--out {out} holds a run with other settings ({'; '.join(changes)}); rerun with its settings to "
+                         "continue it, or choose a new --out")
     if not record.get("complete"):
         return False
     lost = lost_student_files(out, record)
@@ -203,10 +209,10 @@ def create_output_folder(out: Path) -> None:
         raise TsdkdError(f"--out {out}: cannot write there ({error.strerror}); choose a writable folder") from None
 
 
-def create_output(cfg: DistillConfig, out: Path, signals_sha256: str) -> None:
+def create_output(cfg: DistillConfig, out: Path, signals_sha256: str, student: dict[str, Any]) -> None:
     """The run record in the folder `create_output_folder` made: from now on --out holds this run."""
     write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "signals_sha256": signals_sha256,
-                       "complete": False}, out / DISTILL_RUN_INFO)
+                       "student_identity": student, "complete": False}, out / DISTILL_RUN_INFO)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -292,11 +298,12 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     # A rerun of the same command continues the run in --out. Every process looks before the main one
     # writes the run record (after the next barrier), so all agree.
     continuing = (out / DISTILL_RUN_INFO).is_file()
-    start = processes.is_main_process and not check_output(cfg, out)
+    student = model_identity(cfg.student, cfg.trust_remote_code) if processes.is_main_process else {}
+    start = processes.is_main_process and not check_output(cfg, out, student)
     data_checksum = ""
     if start:
         manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
-        note_data_origin(cfg, manifests)
+        note_data_origin(cfg, manifests, student)
         data_checksum = signals_checksum(manifests)
         record = read_run_info(out) if continuing else {}
         if continuing:
@@ -325,7 +332,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     model = load_student(cfg)
     # Written only now: a start that fails on the student or the data leaves --out empty.
     if start and not continuing:
-        create_output(cfg, out, data_checksum)
+        create_output(cfg, out, data_checksum, student)
     processes.wait_for_everyone()
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=batches, data_collator=collate_single,

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
@@ -30,6 +30,7 @@ from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
 from tsdkd.errors import TsdkdError
+from tsdkd.fingerprint import model_identity
 
 FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
 
@@ -377,6 +378,34 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     assert_one_line_error(run_cli(*distill_args("signals", out, "--max-steps", "1", "--resume")), "not a tsdkd run record")
 
 
+def test_moved_data_and_student_continue_the_run_and_a_changed_student_is_refused(small_dataset, tmp_path):
+    """The data counts by its shards and the student by its weights (as in a moved `tsdkd run` folder), not by
+    their paths; a student whose weights changed under the same path is not the run's."""
+    signals, student, out = tmp_path / "signals", tmp_path / "student", tmp_path / "run"
+    shutil.copytree(small_dataset, signals)
+    shutil.copytree(TOY_STUDENT, student)
+    def args(signals, student):
+        return [str(student) if a == str(TOY_STUDENT) else a for a in distill_args(signals, out, "--max-steps", "2")]
+
+    assert run_cli(*args(signals, student)).exit_code == 0
+    info = json.loads((out / "tsdkd_distill.json").read_text())
+
+    def interrupted() -> None:  # as a kill before the end leaves the record
+        (out / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
+
+    interrupted()
+    signals.rename(tmp_path / "signals-moved")
+    student.rename(tmp_path / "student-moved")
+    result = run_cli(*args(tmp_path / "signals-moved", tmp_path / "student-moved"))
+    assert result.exit_code == 0 and "student saved after 2 steps" in result.stdout, (result.stderr[-2000:], result.exception)
+    interrupted()
+    weights = load_file(tmp_path / "student-moved" / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, tmp_path / "student-moved" / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(run_cli(*args(tmp_path / "signals-moved", tmp_path / "student-moved")), "is not the model the run started from")
+
+
 def test_a_finished_run_needs_its_data_no_more(small_dataset, tmp_path):
     """Rerunning a finished run (as `tsdkd run` does) reports it done without validating the signals again."""
     signals, out = tmp_path / "signals", tmp_path / "run"
@@ -501,7 +530,7 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
 
     def notes(student, *manifests):
         cfg = DistillConfig(signals=[f"part{i}" for i in range(len(manifests))], student=str(student), out="x")
-        note_data_origin(cfg, list(manifests))
+        note_data_origin(cfg, list(manifests), model_identity(str(student)))
         return capsys.readouterr().out
 
     assert notes(TOY_STUDENT, manifest) == ""
@@ -677,10 +706,11 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
     # A run that ran out of memory may resume with it switched on; other settings must still match.
     started = DistillConfig(signals=[str(small_dataset)], student=str(TOY_STUDENT), out=str(tmp_path / "run"), max_steps=2)
     create_output_folder(tmp_path / "run")
-    create_output(started, tmp_path / "run", "checksum")
-    assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run") is False
+    student = model_identity(str(TOY_STUDENT))
+    create_output(started, tmp_path / "run", "checksum", student)
+    assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run", student) is False
     with pytest.raises(TsdkdError, match="other settings"):
-        check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run")
+        check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run", student)
 
 
 def test_gradient_checkpointing_refused_for_a_model_without_it(small_dataset, tmp_path, monkeypatch):

@@ -98,6 +98,20 @@ def test_rerun_repairs_what_was_lost_and_takes_any_path_spelling(tmp_path, monke
         torch.testing.assert_close(repaired[name], original[name], rtol=1e-6, atol=1e-6)
 
 
+def test_a_moved_run_folder_continues(finished_run, tmp_path):
+    """Each round's data and students live inside --out and count by content: the folder may move (to
+    another disk, another machine) and its run goes on from there."""
+    config, out = finished_run
+    shutil.copytree(out, tmp_path / "copy")
+    moved = (tmp_path / "copy").rename(tmp_path / "moved")
+    result = run_cli(*run_args(config, moved, "--rounds", "3"))
+    assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
+    assert result.stdout.count("already trained") == 2 and result.stdout.count("already complete") == 2
+    third = json.loads((moved / "round-3" / "signals" / "tsdkd.json").read_text())
+    assert third["student"]["name_or_path"] == str(moved / "round-2" / "student")
+    assert (moved / "round-3" / "student" / "model.safetensors").is_file()
+
+
 def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
     config, _ = finished_run
     out = tmp_path / "run"
