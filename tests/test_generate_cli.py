@@ -189,16 +189,20 @@ def test_split_job_merges_into_the_single_job_dataset(small_dataset, tmp_path):
 
 
 def test_a_folder_in_use_is_refused(tmp_path):
-    """A rerun continues what is in --out, so a job submitted twice must not write twice into one folder."""
+    """A rerun continues what is in --out, so a job submitted twice must not write twice into one folder. The
+    refusal names the process that holds it."""
     out = tmp_path / "out"
     out.mkdir()
-    first = os.open(out, os.O_RDONLY)  # as the first job holds it
-    fcntl.flock(first, fcntl.LOCK_EX)
+    holds = "import fcntl, os, sys, time; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX); print(flush=True); time.sleep(60)"
+    first = subprocess.Popen([sys.executable, "-c", holds, str(out)], stdout=subprocess.PIPE)  # as the first job
     try:
-        assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", out), "in use by another running tsdkd command", "`tsdkd generate`")
+        first.stdout.readline()
+        assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", out), "in use by another running tsdkd command",
+                              f"(pid {first.pid}: {sys.executable} -c import fcntl", "`tsdkd generate`")
         assert not any(out.iterdir())
     finally:
-        os.close(first)
+        first.kill()
+        first.wait()
 
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):

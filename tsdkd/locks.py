@@ -36,11 +36,30 @@ def exclusive_use(folder: Path, command: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise TsdkdError(f"--out {folder} is in use by another running tsdkd command (this one: `tsdkd {command}`); "
-                             "wait for it to end, or choose another --out") from None
+            holder = lock_holder(folder)
+            raise TsdkdError(f"--out {folder} is in use by another running tsdkd command ({holder or 'not found'}; this one: "
+                             f"`tsdkd {command}`); wait for it to end, or choose another --out") from None
         except OSError as error:  # a filesystem without locks
             print(f"note: cannot lock --out {folder} ({error.strerror}); do not run two commands into it at once")
         yield
     finally:
         _held.discard(handle)
         os.close(handle)
+
+
+def lock_holder(folder: Path) -> str | None:
+    """"pid N: its command line" of the process holding an flock on `folder`, read from Linux's /proc/locks
+    (the lock's own machine only); None where that cannot be read."""
+    try:
+        status = os.stat(folder)
+        wanted = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+        with open("/proc/locks") as locks:
+            # "1: FLOCK  ADVISORY  WRITE 2520 fe:00:2162958 0 EOF"
+            pids = [fields[4] for fields in map(str.split, locks) if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == wanted]
+        if not pids:
+            return None
+        with open(f"/proc/{pids[0]}/cmdline", "rb") as cmdline:
+            words = cmdline.read().rstrip(b"\0").decode(errors="replace").split("\0")
+        return f"pid {pids[0]}: {' '.join(words)}"
+    except (OSError, IndexError):
+        return None
