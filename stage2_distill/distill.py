@@ -364,6 +364,11 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(staging)
+    # transformers also writes how this session loaded the tokenizer (offline, from a folder): not the student's.
+    tokenizer_config = json.loads((staging / "tokenizer_config.json").read_text())
+    for session_key in ("is_local", "local_files_only"):
+        tokenizer_config.pop(session_key, None)
+    write_json_atomic(tokenizer_config, staging / "tokenizer_config.json")
     # The Trainer also pickles its arguments; the student folder holds no pickle files.
     (staging / "training_args.bin").unlink(missing_ok=True)
     generation = GenerationConfig.from_model_config(trainer.model.config)
@@ -371,7 +376,11 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generation.save_pretrained(staging)
     saved = {}
+    umask = os.umask(0)
+    os.umask(umask)
     for item in staging.iterdir():
+        # safetensors writes the weights readable by their owner only; the student is shared like any other file.
+        os.chmod(item, 0o666 & ~umask)
         # The weights by hash, the small files by name: a rerun checks them before it calls the run done.
         saved[item.name] = sha256_file(item) if item.suffix == ".safetensors" else None
         os.replace(item, out / item.name)

@@ -49,8 +49,17 @@ def step_records(folder):
 
 def test_output_is_a_hub_style_student(small_dataset, tmp_path):
     out = tmp_path / "student"
-    result = run_cli(*distill_args(small_dataset, out, "--max-steps", "3"))
+    umask = os.umask(0o022)
+    try:
+        result = run_cli(*distill_args(small_dataset, out, "--max-steps", "3"))
+    finally:
+        os.umask(umask)
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    # Shared like any file the umask lets others read (safetensors alone would write the weights 0600).
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == \
+        {p.name: "0o644" for p in out.iterdir() if p.is_file()}
+    # No record of how this session loaded the tokenizer (transformers adds them).
+    assert not {"is_local", "local_files_only"} & json.loads((out / "tokenizer_config.json").read_text()).keys()
     model = AutoModelForCausalLM.from_pretrained(out)
     before = AutoModelForCausalLM.from_pretrained(TOY_STUDENT)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
