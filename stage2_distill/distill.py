@@ -23,7 +23,8 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint
+from tsdkd.fingerprint import (differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint,
+                               with_real_paths)
 from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
@@ -35,7 +36,7 @@ METRICS = "metrics.jsonl"
 
 def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     """Every dataset valid, made for this student's tokenizer, and usable together."""
-    manifests, absolute = [], resolved(cfg.signals)
+    manifests, absolute = [], [local_path(folder) for folder in cfg.signals]
     for index, folder in enumerate(cfg.signals):
         if Path(folder).is_file():
             raise TsdkdError(f"--signals {folder} is a file; name the dataset folder (the --out of `tsdkd generate`)")
@@ -79,11 +80,6 @@ def check_one_gpu_per_process(args: TrainingArguments) -> None:
         raise TsdkdError(f"{args.n_gpu} GPUs are visible to one process: launch one process per GPU "
                          f"(`torchrun --nproc_per_node {args.n_gpu} -m tsdkd -- distill ...` or `accelerate launch`), "
                          "or pick one GPU with CUDA_VISIBLE_DEVICES=0")
-
-
-def resolved(folders: list[str]) -> list[str]:
-    """Absolute paths: the same folder however it was named."""
-    return [str(Path(folder).resolve()) for folder in folders]
 
 
 def signals_checksum(manifests: list[dict[str, Any]]) -> str:
@@ -141,9 +137,7 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     """What continuing a run must repeat (the signal folders and student wherever they were named from)."""
     settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
-    settings["signals"] = resolved(cfg.signals)
-    settings["student"] = local_path(cfg.student)
-    return settings
+    return with_real_paths(settings, ("signals", "student"))
 
 
 def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any]) -> bool:
@@ -162,7 +156,7 @@ def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any]) -> bool
     record = read_run_info(out)
     earlier = record.get("settings", {})
     # Runs recorded their signal folders and student as given before they were resolved.
-    earlier = {**earlier, "signals": resolved(earlier.get("signals", [])), "student": local_path(earlier.get("student", ""))}
+    earlier = with_real_paths(earlier, ("signals", "student"))
     settings = run_settings(cfg)
     # Where the record has them, the data and the student count by content (the data is checked once validated):
     # the same whatever their paths, as in a moved `tsdkd run` folder, whose rounds read and write inside it.

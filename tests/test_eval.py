@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -144,8 +145,9 @@ def eval_files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_path):
-    """Same settings: evaluated again and swapped in whole (nothing of the old set is left beside it)."""
+def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_path, monkeypatch):
+    """Same settings: evaluated again and swapped in whole (nothing of the old set is left beside it). The models
+    and data may be named by other paths."""
     bench = write_jsonl(tmp_path / "b.jsonl", toy_items(4))
     out = tmp_path / "ev"
     args = ["eval", "--model", TOY_STUDENT, "--model", TOY_TEACHER, "--data", bench, "--out", out, "--limit", "3", *EVAL]
@@ -163,6 +165,10 @@ def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_pat
     assert list(eval_files(out)) == list(before)  # greedy: the same results, and the stale file gone
     assert eval_files(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(a, tmp_path) if isinstance(a, Path) else a for a in args]
+    result = run_cli(*relative)
+    assert result.exit_code == 0 and "replaced" in result.stdout, result.stderr
 
 
 def test_an_out_holding_something_else_or_another_eval_is_refused_untouched(tmp_path):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tsdkd.answers import answer_is_correct, extract_answer, gold_final_answer
 from tsdkd.config import EvalConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import model_identity, sha256_json, source_fingerprint
+from tsdkd.fingerprint import model_identity, sha256_json, source_fingerprint, with_real_paths
 from tsdkd.loading import context_length, load_tokenizer
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import read_json_object, write_json_atomic
@@ -86,8 +86,9 @@ def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | N
 
 
 def eval_settings(cfg: EvalConfig) -> dict[str, Any]:
-    """What decides the results: every setting but --out, the temperature as used. As JSON reads it back."""
-    settings = {key: value for key, value in vars(cfg).items() if key != "out"}
+    """What decides the results: every setting but --out, the temperature as used, the models and data files
+    as real paths. As JSON reads it back."""
+    settings = with_real_paths({key: value for key, value in vars(cfg).items() if key != "out"}, ("model", "data"))
     settings["temperature"] = cfg.sampling_temperature
     return json.loads(json.dumps(settings))
 
@@ -103,6 +104,7 @@ def check_output(out: Path, settings: dict[str, Any]) -> None:
     recorded = read_json_object(out / EVAL_RECORD, "a tsdkd eval record").get("settings")
     if not isinstance(recorded, dict):
         raise TsdkdError(f"{out / EVAL_RECORD}: not a tsdkd eval record; choose a new or empty --out")
+    recorded = with_real_paths(recorded, ("model", "data"))  # evals recorded the paths as typed before they were resolved
     changes = [f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in settings.items() if recorded.get(key) != value]
     if changes:
         raise TsdkdError(f"--out {out} holds an eval with other settings ({'; '.join(changes)}); "

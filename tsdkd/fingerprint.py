@@ -84,6 +84,17 @@ def local_path(path_or_id: str) -> str:
     return os.path.realpath(path_or_id) if path_or_id and Path(path_or_id).exists() else path_or_id
 
 
+def with_real_paths(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """`settings` with the values at `keys` (a path, or a list of paths) as `local_path`s: the same settings
+    however the files are named."""
+    def real(value: Any) -> Any:
+        if isinstance(value, list):
+            return [local_path(item) if isinstance(item, str) else item for item in value]
+        return local_path(value) if isinstance(value, str) else value
+
+    return {**settings, **{key: real(settings[key]) for key in keys if key in settings}}
+
+
 def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether two `model_identity` records are one model. Where both hashed their weights, the name does not
     count (a folder moved, or named by a relative path or a link, is the same model); otherwise a local folder

@@ -19,7 +19,7 @@ from typing import Any
 from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RUN_SECTIONS, DistillConfig, GenerateConfig, RunConfig,
                           build_config)
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import local_path
+from tsdkd.fingerprint import with_real_paths
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
@@ -73,8 +73,7 @@ def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path
 
 def resolved_paths(settings: dict[str, Any]) -> dict[str, Any]:
     """The prompt file and models as absolute paths where they are local: the same run however they are named."""
-    return {**settings, **{key: local_path(settings[key]) for key in ("prompts", "student", "teacher")
-                           if isinstance(settings.get(key), str)}}
+    return with_real_paths(settings, ("prompts", "student", "teacher"))
 
 
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
