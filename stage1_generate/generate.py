@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stage1_generate.ranking import sequence_score, teacher_ranks
+from tsdkd.ranking import sequence_score, teacher_ranks
 from stage1_generate.types import SampledCandidate, SamplingSettings, StudentSampler, TeacherScorer
 from tsdkd import __version__
 from tsdkd.config import GenerateConfig

@@ -45,12 +45,17 @@ def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[
         if absolute[index] in absolute[:index]:
             raise TsdkdError(f"--signals {folder} is given twice; every row would be trained on twice")
         manifests.append(validate_dataset(Path(folder), fingerprint, deep=True))
+    first_seen: dict[str, tuple[str, str]] = {}
+    for folder, manifest in zip(cfg.signals, manifests):
+        for entry in manifest["shards"]:
+            seen_in, seen_file = first_seen.setdefault(entry["sha256"], (folder, entry["file"]))
+            if seen_in != folder:  # a copy, or a split job's part beside its merged dataset
+                raise TsdkdError(f"--signals {folder}: its {entry['file']} is the same shard as {seen_file} of --signals {seen_in}; "
+                                 "every row of it would be trained on twice (name each dataset once; a merged dataset replaces its parts)")
     for key in ("top_k", "teacher_entropy"):
         values = {str(m[key]) for m in manifests}
         if len(values) > 1:
             raise TsdkdError(f"--signals: the datasets differ in {key} ({', '.join(sorted(values))}); distil from one kind at a time")
-    if manifests[0]["top_k"] < 1:
-        raise TsdkdError(f"--signals {cfg.signals[0]}: top_k {manifests[0]['top_k']} leaves nothing to distil")
     if sum(m["stats"]["candidates"] for m in manifests) == 0:
         raise TsdkdError("--signals: the datasets hold no candidates")
     return manifests

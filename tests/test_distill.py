@@ -288,14 +288,19 @@ def test_bad_input(small_dataset, tmp_path):
     empty = tmp_path / "empty"
     shutil.copytree(small_dataset, empty)
     manifest = json.loads((empty / "tsdkd.json").read_text())
-    manifest["shards"], manifest["stats"]["candidates"] = [], 0
+    manifest["shards"] = []
+    manifest["stats"].update(prompts=0, candidates=0, completion_tokens=0, bytes=0)
     (empty / "tsdkd.json").write_text(json.dumps(manifest))
     shutil.rmtree(empty / "data")
     assert_one_line_error(run_cli(*distill_args(empty, tmp_path / "o4")), "no candidates")
+    copy = tmp_path / "copy"  # the same data under another name
+    shutil.copytree(small_dataset, copy)
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o8", "--signals", copy)), f"--signals {copy}: its data/train-",
+                          f"is the same shard as data/train-00000-of-00003.parquet of --signals {small_dataset}", "trained on twice")
     assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o5", "--jsd-beta", "2")), "--jsd-beta")
     assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o6", "--loss", "dpo")), "--loss must be one of")
     assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o7", "--resume")), "holds no earlier run")
-    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"):
         assert not (tmp_path / name).exists()
 
 

@@ -183,6 +183,8 @@ def test_split_job_merges_into_the_single_job_dataset(small_dataset, tmp_path):
     assert run_cli("validate", merged).exit_code == 0
     assert_one_line_error(run_cli("merge", parts[0], "--out", tmp_path / "half"), "exactly once")
     assert_one_line_error(run_cli("merge", parts[0], parts[0], "--out", tmp_path / "twice"), "exactly once")
+    assert_one_line_error(run_cli("merge", small_dataset, parts[1], "--out", tmp_path / "mixed"), "split in different ways",
+                          f"{small_dataset}: part 1 of 1; {parts[1]}: part 2 of 2")
     assert_one_line_error(run_cli("merge", *parts, "--out", merged), "already exists")
     assert_one_line_error(run_cli("merge", *parts, "--out", merged / "tsdkd.json" / "x"), "cannot write the merged dataset there")
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import SMALL_JOB, TOY_STUDENT, TOY_TEACHER, run_cli
 from stage1_generate.hf_backend import HFTeacherScorer, resolve_device_dtype
-from stage1_generate.ranking import teacher_ranks
+from tsdkd.ranking import teacher_ranks
 from tsdkd.validate import validate_dataset
 
 # float16 storage keeps 11 significant bits: a relative error of at most 2**-11.

@@ -95,8 +95,20 @@ def test_inspect_refuses_a_damaged_shard(small_dataset, tmp_path, how, problem):
     assert_one_line_error(run_cli("validate", folder), shard, problem)
 
 
-def test_inspect_of_a_missing_folder(tmp_path):
-    assert_one_line_error(run_cli("inspect", tmp_path / "nowhere"), "nowhere: no such folder")
+def test_a_missing_folder_or_a_file_for_a_dataset(small_dataset, tmp_path):
+    for command in ("inspect", "validate"):
+        assert_one_line_error(run_cli(command, tmp_path / "nowhere"), "nowhere: no such folder")
+        assert_one_line_error(run_cli(command, small_dataset / "tsdkd.json"), "tsdkd.json is a file; name the signal dataset's folder")
+
+
+def test_inspect_notes_a_shard_the_manifest_does_not_list(small_dataset, tmp_path):
+    """`load_dataset` would read it (validate refuses it); inspect, which only summarises, says so."""
+    folder = tmp_path / "copy"
+    shutil.copytree(small_dataset, folder)
+    shutil.copy(folder / "data" / "train-00000-of-00003.parquet", folder / "data" / "train-00003-of-00003.parquet")
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 0, result.stderr
+    assert "1 shard file(s) not in the manifest (data/train-00003-of-00003.parquet)" in result.stdout
 
 
 def test_inspect_prints_lengths_as_integers(small_dataset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 from tsdkd.signals import CandidateSignal, signal_schema, signals_to_table, write_parquet_atomic
-from tsdkd.validate import usable_cores, validate_dataset
+from tsdkd.validate import check_rows, usable_cores, validate_dataset
 
 
 def random_signal(rng, vocab_size, k, length, index=0):
@@ -84,8 +85,8 @@ def copy_of(dataset, tmp_path):
 
 
 def rewrite_shard(folder, change, index=0):
-    """Apply `change` to a shard's rows (the first by default) and fix the manifest's checksum, as a careless
-    tool would."""
+    """Apply `change` to a shard's rows (the first by default) and fix the manifest's checksum and sizes, as a
+    tool that knows the manifest but not what the values mean would: only the checks of the rows can tell."""
     manifest = json.loads((folder / "tsdkd.json").read_text())
     entry = manifest["shards"][index]
     path = folder / entry["file"]
@@ -93,9 +94,24 @@ def rewrite_shard(folder, change, index=0):
     rows = table.to_pylist()
     change(rows)
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
-    entry["sha256"] = sha256_file(path)
+    manifest["stats"]["bytes"] += path.stat().st_size - entry["bytes"]
+    entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
     (folder / "tsdkd.json").write_text(json.dumps(manifest))
     return entry["file"]
+
+
+def set_all(rows, column, value):
+    for row in rows:
+        row[column] = value
+
+
+def swap_ranks(rows):
+    rows[0]["teacher_rank"], rows[1]["teacher_rank"] = rows[1]["teacher_rank"], rows[0]["teacher_rank"]
+
+
+def flat_topk(rows):
+    """Every top-k log-prob of row 2 at -0.01: sorted and in range, but 20 probabilities of 0.99 each."""
+    rows[2]["teacher_topk_logprobs"] = [[-0.01] * len(position) for position in rows[2]["teacher_topk_logprobs"]]
 
 
 def expect_invalid(folder, *fragments):
@@ -123,19 +139,29 @@ def test_corrupt_shard_is_caught_by_checksum(small_dataset, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "what, change, fragment",
+    "what, change, fragments",
     [
         ("unsorted", lambda rows: rows[1]["teacher_topk_logprobs"][2].reverse(), "not sorted"),
         ("out of vocab", lambda rows: rows[2]["teacher_topk_ids"][0].__setitem__(0, 60000), "outside the vocabulary"),
         ("not finite", lambda rows: rows[3]["teacher_logprobs"].__setitem__(0, float("nan")), "non-finite"),
         ("ragged", lambda rows: rows[4]["teacher_entropy"].pop(), "teacher_entropy has"),
         ("ranks", lambda rows: rows[0].__setitem__("teacher_rank", rows[1]["teacher_rank"]), "permutation"),
+        ("ranks in another order", swap_ranks, ("row 0: teacher ranks of prompt", "the format's order of its verdicts and scores")),
+        ("null id", lambda rows: rows[3]["completion_token_ids"].__setitem__(1, None), "row 3: completion_token_ids is or holds a null"),
+        ("null top-k id", lambda rows: rows[2]["teacher_topk_ids"][1].__setitem__(3, None), "row 2: teacher_topk_ids is or holds a null"),
+        ("null count", lambda rows: rows[1].__setitem__("num_candidates", None), "row 1: num_candidates is or holds a null"),
+        ("null prompt id", lambda rows: rows[4].__setitem__("prompt_id", None), "row 4: prompt_id is or holds a null"),
+        ("top-k not a distribution", flat_topk, ("row 2: teacher top-k probabilities and tail mass sum to", "not 1")),
+        ("entropy too large", lambda rows: rows[1]["teacher_entropy"].__setitem__(0, 60000.0), "row 1: teacher_entropy 6e+04 exceeds 5.784"),
+        ("entropy of another kind", lambda rows: set_all(rows, "teacher_entropy_exact", False),
+         "row 0: teacher_entropy_exact is False while the manifest's teacher_entropy is exact"),
+        ("score", lambda rows: rows[3].__setitem__("teacher_score", rows[3]["teacher_score"] - 1), ("row 3: teacher_score", "not the mean")),
     ],
 )
-def test_damaged_rows_are_named(small_dataset, tmp_path, what, change, fragment):
+def test_damaged_rows_are_named(small_dataset, tmp_path, what, change, fragments):
     folder = copy_of(small_dataset, tmp_path)
     changed = rewrite_shard(folder, change)
-    expect_invalid(folder, changed, fragment, "row ")
+    expect_invalid(folder, changed, *((fragments,) if isinstance(fragments, str) else fragments), "row ")
 
 
 def test_shards_checked_side_by_side_report_in_manifest_order(small_dataset, tmp_path):
@@ -213,6 +239,9 @@ def rewrite_manifest(folder, change):
         (lambda m: m["shards"][0].pop("sha256"), "shards.0.sha256 is missing"),
         (lambda m: m["shards"][0].pop("file"), "shards.0.file is missing"),
         (lambda m: m["shards"][0].pop("rows"), "shards.0.rows is missing"),
+        # Stage 2 measures the student's entropy to match this: another value would change the token weights.
+        (lambda m: m.update(teacher_entropy="bogus"), "teacher_entropy is 'bogus', expected one of exact, estimated_topk_buckets"),
+        (lambda m: m.update(top_k=0), "top_k is 0, expected at least 1"),
     ],
 )
 def test_manifest_fields_are_checked(small_dataset, tmp_path, change, fragment):
@@ -258,10 +287,52 @@ def test_stats_must_match_the_shards(small_dataset, tmp_path, what):
     folder = copy_of(small_dataset, tmp_path)
     if what == "shard emptied":
         rewrite_shard(folder, lambda rows: rows.clear())
-        rewrite_manifest(folder, lambda m: m["shards"][0].update(rows=0))
+        rewrite_manifest(folder, lambda m: m["shards"][0].update(rows=0, prompts=0, completion_tokens=0))
     else:
         rewrite_manifest(folder, lambda m: m["stats"].update(candidates=m["stats"]["candidates"] + 3))
     expect_invalid(folder, "tsdkd.json", "stats.candidates is", "the shards hold")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda m: m["stats"].update(prompts=m["stats"]["prompts"] + 1), "stats.prompts is"),
+    (lambda m: m["stats"].update(completion_tokens=5), "stats.completion_tokens is 5, the shards hold"),
+    (lambda m: m["stats"].update(bytes=m["stats"]["bytes"] - 1), "stats.bytes is"),
+    (lambda m: m["shards"][1].update(prompts=77), "the entry of data/train-00001-of-00003.parquet says prompts 77, the shard holds"),
+    (lambda m: m["shards"][0].update(completion_tokens=-3), "says completion_tokens -3"),
+    (lambda m: m["shards"][2].update(bytes=10), "says bytes 10, the file has"),
+])
+def test_every_count_of_the_manifest_must_match_the_shards(small_dataset, tmp_path, change, fragment):
+    """`merge` adds these up into a merged dataset's card and manifest: an edited one would spread."""
+    folder = copy_of(small_dataset, tmp_path)
+    rewrite_manifest(folder, change)
+    expect_invalid(folder, "tsdkd.json", fragment)
+
+
+def test_shards_must_be_named_as_the_hub_finds_them(small_dataset, tmp_path):
+    """The card's glob (and `load_dataset`) reads data/train-*.parquet: a renamed shard would be left out by every
+    loader but tsdkd, one outside the folder not found."""
+    folder = copy_of(small_dataset, tmp_path)
+    (folder / "data" / "train-00001-of-00003.parquet").rename(folder / "data" / "shard1.parquet")
+    rewrite_manifest(folder, lambda m: m["shards"][1].update(file="data/shard1.parquet"))
+    expect_invalid(folder, "shard 1 is named 'data/shard1.parquet', not data/train-00001-of-NNNNN.parquet")
+    folder = copy_of(small_dataset, tmp_path / "outside")
+    rewrite_manifest(folder, lambda m: m["shards"][0].update(file="data/../../elsewhere/train-00000-of-00003.parquet"))
+    expect_invalid(folder, "shard 0 is named 'data/../../elsewhere/")
+
+
+def test_a_negative_id_is_outside_the_vocabulary(small_dataset):
+    """int32 ids (vocabularies over 65,536 tokens) can be negative, which uint16 ones cannot."""
+    manifest = json.loads((small_dataset / "tsdkd.json").read_text())
+    path = small_dataset / manifest["shards"][0]["file"]
+    rows = pq.read_table(path).to_pylist()
+    manifest["tokenizer"]["vocab_size"] = 70000
+    assert check_rows(pa.Table.from_pylist(rows, schema=signal_schema(70000)), path, manifest).completion_tokens > 0
+    for column, change in (("completion_token_ids", lambda row: row["completion_token_ids"].__setitem__(0, -7)),
+                           ("teacher top-k", lambda row: row["teacher_topk_ids"][0].__setitem__(3, -5))):
+        damaged = copy.deepcopy(rows)
+        change(damaged[1])
+        with pytest.raises(TsdkdError, match=f"row 1: {column} holds an id outside the vocabulary"):
+            check_rows(pa.Table.from_pylist(damaged, schema=signal_schema(70000)), path, manifest)
 
 
 def test_validation_threads_without_sched_getaffinity(small_dataset, monkeypatch):

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tsdkd.errors import TsdkdError
 from tsdkd.validate import checked_shard_file, read_checked_manifest, read_parquet
 
 COLUMNS = ["completion_token_ids", "teacher_score", "teacher_rank", "teacher_entropy", "finish_reason", "verified"]
@@ -34,8 +33,6 @@ def _read_shard(folder: Path, entry: dict[str, Any]) -> pa.Table:
 
 def summarize(folder: Path) -> str:
     """The numbers `tsdkd inspect` prints, one line each; refuses a dataset whose shards differ from its manifest."""
-    if not folder.exists():  # else the manifest reader reports only that tsdkd.json is missing
-        raise TsdkdError(f"{folder}: no such folder; pass the --out folder of `tsdkd generate`")
     manifest = read_checked_manifest(folder)
     files = [folder / entry["file"] for entry in manifest["shards"]]
     tables = [_read_shard(folder, entry) for entry in manifest["shards"]]
@@ -68,4 +65,9 @@ def summarize(folder: Path) -> str:
     ]
     if verdicts:
         lines.append(f"verified       {sum(verdicts)} of {len(verdicts)} candidates correct ({100 * sum(verdicts) / len(verdicts):.1f}%)")
+    strays = sorted({str(p.relative_to(folder)) for p in (folder / "data").glob("*.parquet")} - {e["file"] for e in manifest["shards"]})
+    if strays:
+        # `load_dataset` reads every shard the card's glob finds, these too; `tsdkd validate` refuses them.
+        lines.append(f"NOTE           {len(strays)} shard file(s) not in the manifest ({', '.join(strays)}): left out here, "
+                     "read by `load_dataset`; remove them")
     return "\n".join(lines)

@@ -26,8 +26,11 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
         if manifest["tokenizer"] != first["tokenizer"]:
             raise TsdkdError(f"{part}: tokenizer differs from {parts[0]}'s")
     num_shards = first["job"]["num_shards"]
+    if any(m["job"]["num_shards"] != num_shards for m in manifests):
+        jobs = "; ".join(f"{part}: part {m['job']['shard_index'] + 1} of {m['job']['num_shards']}" for part, m in zip(parts, manifests))
+        raise TsdkdError(f"the datasets come from jobs split in different ways ({jobs}); merge the parts of one split job")
     indices = sorted(m["job"]["shard_index"] for m in manifests)
-    if any(m["job"]["num_shards"] != num_shards for m in manifests) or indices != list(range(num_shards)):
+    if indices != list(range(num_shards)):
         raise TsdkdError(
             f"the parts cover job shards {indices} of {num_shards}; merge needs each of 0..{num_shards - 1} exactly once"
         )

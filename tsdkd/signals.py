@@ -29,6 +29,8 @@ CARD_NAME = "README.md"
 # Rows per Parquet row group: small enough for stage 2 to stream, large enough to compress well.
 ROW_GROUP_ROWS = 256
 FLOAT_SUFFIXES = ("logprobs", "tail_mass", "entropy", "score")
+# The manifest's `teacher_entropy`: from the full logits, or over the top-k and one tail bucket (vLLM).
+TEACHER_ENTROPY_KINDS = ("exact", "estimated_topk_buckets")
 MANIFEST_KEYS = ("complete", "round", "student", "teacher", "tokenizer", "sampling", "top_k", "teacher_entropy",
                  "backend", "settings", "job", "shards")
 
@@ -175,6 +177,10 @@ def shard_path(folder: Path, index: int, count: int) -> Path:
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
+    if folder.is_file():
+        raise TsdkdError(f"{folder} is a file; name the signal dataset's folder (the --out of `tsdkd generate`)")
+    if not folder.exists():
+        raise TsdkdError(f"{folder}: no such folder; name the --out folder of `tsdkd generate`")
     if not path.is_file():
         raise TsdkdError(f"{folder}: no {MANIFEST_NAME}; not a tsdkd signal dataset (make one with `tsdkd generate`)")
     try:

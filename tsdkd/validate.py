@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import reprlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -15,12 +17,19 @@ import pyarrow.parquet as pq
 
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
-from tsdkd.signals import MANIFEST_NAME, read_manifest, signal_schema
+from tsdkd.ranking import teacher_ranks
+from tsdkd.signals import MANIFEST_NAME, TEACHER_ENTROPY_KINDS, read_manifest, signal_schema
 
 T = TypeVar("T")
 
 # float16 storage rounds a log-prob of 0 to at most this much above 0.
 LOGPROB_SLACK = 1e-3
+# How far the top-k probabilities plus the tail mass may sum from 1: float16 rounding moves each log-prob by a
+# relative 2^-11, the sum by at most 2^-11 (sum_i p_i |log p_i| + 1) < 2e-3 for k <= 64.
+MASS_SLACK = 1e-2
+# Columns that may hold nulls (no gold answer; no verdict).
+NULLABLE_COLUMNS = ("gold_answer", "verified")
+SHARD_FILE = re.compile(r"data/train-(\d{5})-of-(\d{5})\.parquet")
 # Shards checked at once (each holds its whole table in memory while it is checked).
 VALIDATION_THREADS = 8
 # A rerun of the command that made a complete dataset checks every shard and redoes the bad ones.
@@ -54,8 +63,16 @@ def _check_types(manifest: dict[str, Any], fields: Sequence[tuple[str, type]], p
 
 
 def check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
-    """Every field tsdkd reads from the manifest at `path` is there, with its type."""
+    """Every field tsdkd reads from the manifest at `path` is there, with its type (and the enumerations' values)."""
     _check_types(manifest, MANIFEST_FIELDS, path)
+    for name, value in (("top_k", manifest["top_k"]), ("sampling.num_candidates", manifest["sampling"]["num_candidates"])):
+        if value < 1:
+            raise TsdkdError(f"{path}: {name} is {value}, expected at least 1; the manifest was edited, restore it or "
+                             "regenerate the dataset")
+    if manifest["teacher_entropy"] not in TEACHER_ENTROPY_KINDS:
+        # Stage 2 measures the student's entropy to match: a wrong value changes the token weights without a word.
+        raise TsdkdError(f"{path}: teacher_entropy is {manifest['teacher_entropy']!r}, expected one of "
+                         f"{', '.join(TEACHER_ENTROPY_KINDS)}; the manifest was edited, restore it or regenerate the dataset")
     # Only now is `shards` known to be a list whose entries can be named.
     later = [(name.format(i=i), kind) for i in range(len(manifest["shards"])) for name, kind in SHARD_FIELDS]
     if manifest["complete"]:  # `tsdkd generate` writes the stats together with `complete`
@@ -95,43 +112,88 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
         check_tokenizer(manifest, tokenizer_fingerprint, folder, "the student")
     if not manifest.get("complete"):
         raise TsdkdError(f"{folder}: the dataset is incomplete (generation did not finish); rerun the same `tsdkd generate` command")
+    check_shard_names(manifest, folder)
     listed = {entry["file"] for entry in manifest["shards"]}
     on_disk = {str(p.relative_to(folder)) for p in (folder / "data").glob("*.parquet")}
     if on_disk - listed:
         raise TsdkdError(f"{folder}: shard {sorted(on_disk - listed)[0]} is not in the manifest; remove it")
     schema = signal_schema(manifest["tokenizer"]["vocab_size"])
 
-    def check_shard(entry: dict[str, Any]) -> list[tuple[int, str]]:
+    def check_shard(entry: dict[str, Any]) -> ShardContents:
         path = checked_shard_file(folder, entry)
         rows = read_parquet(path, lambda p: pq.ParquetFile(p).metadata.num_rows)
         if rows != entry["rows"]:
             raise TsdkdError(f"{path}: {rows} rows, the manifest says {entry['rows']}")
+        if path.stat().st_size != entry["bytes"]:
+            _edited(folder, f"the entry of {entry['file']} says bytes {entry['bytes']}, the file has {path.stat().st_size}")
         if not deep:
-            return []
+            return ShardContents([], 0)
         table = read_parquet(path, pq.read_table)
-        if not table.schema.equals(schema):
-            raise TsdkdError(f"{path}: columns or types differ from format v{manifest['format_version']}")
-        return check_rows(table, path, manifest)
+        check_schema(table.schema, schema, path, manifest["format_version"])
+        contents = check_rows(table, path, manifest)
+        for key, found in (("prompts", len(contents.groups)), ("completion_tokens", contents.completion_tokens)):
+            if entry[key] != found:
+                _edited(folder, f"the entry of {entry['file']} says {key} {entry[key]}, the shard holds {found}")
+        return contents
 
     # Shards are checked side by side (reading, hashing and numpy release the GIL). map yields them in
     # manifest order and each is checked against the earlier ones' prompts before the next is taken, so the
     # first bad shard in that order is the one reported.
     seen_prompts: set[str] = set()
     with ThreadPoolExecutor(max_workers=min(VALIDATION_THREADS, usable_cores())) as pool:
-        for entry, shard_groups in zip(manifest["shards"], pool.map(check_shard, manifest["shards"])):
-            for row, prompt_id in shard_groups:
+        for entry, contents in zip(manifest["shards"], pool.map(check_shard, manifest["shards"])):
+            for row, prompt_id in contents.groups:
                 if prompt_id in seen_prompts:
                     raise TsdkdError(f"{folder / entry['file']} row {row}: prompt {prompt_id} appears in more than one "
                                      "group or shard; the shard is damaged, regenerate it")
                 seen_prompts.add(prompt_id)
-    # Each shard's rows were checked against its file above, so this catches edited stats or shard entries.
-    candidates = sum(entry["rows"] for entry in manifest["shards"])
-    if candidates != manifest["stats"]["candidates"]:
-        raise TsdkdError(
-            f"{folder / MANIFEST_NAME}: stats.candidates is {manifest['stats']['candidates']}, the shards hold {candidates} rows; "
-            "the manifest or a shard was edited, restore it or regenerate the dataset"
-        )
+    # Each shard was checked against its entry above, so this catches edited stats.
+    for key in ("candidates", "prompts", "completion_tokens", "bytes") if deep else ("candidates", "bytes"):
+        total = sum(entry["rows" if key == "candidates" else key] for entry in manifest["shards"])
+        if total != manifest["stats"][key]:
+            _edited(folder, f"stats.{key} is {manifest['stats'][key]}, the shards hold {total}")
     return manifest
+
+
+class ShardContents(NamedTuple):
+    groups: list[tuple[int, str]]  # each prompt group's first row and prompt id
+    completion_tokens: int
+
+
+def _edited(folder: Path, what: str) -> None:
+    raise TsdkdError(f"{folder / MANIFEST_NAME}: {what}; the manifest or a shard was edited, restore it or regenerate the dataset")
+
+
+def check_shard_names(manifest: dict[str, Any], folder: Path) -> None:
+    """Shard i of a job of n is data/train-i-of-n.parquet, the Hub's split naming that the dataset card's glob and
+    `load_dataset` find (another name would be left out, one outside the folder not found)."""
+    counts = set()
+    for entry in manifest["shards"]:
+        match = SHARD_FILE.fullmatch(entry["file"])
+        if not match or int(match[1]) != entry["index"] or int(match[1]) >= int(match[2]):
+            _edited(folder, f"shard {entry['index']} is named {entry['file']!r}, not data/train-{entry['index']:05d}-of-NNNNN.parquet")
+        counts.add(match[2])
+    if len(counts) > 1:
+        _edited(folder, f"the shard names count different totals ({', '.join(sorted(counts))})")
+
+
+def check_schema(found: pa.Schema, expected: pa.Schema, path: Path, version: int) -> None:
+    """The shard's columns, in order and with their types, are format v`version`'s; else names the first difference."""
+    if found.equals(expected):
+        return
+    expected_types = {field.name: field.type for field in expected}
+    for field in found:
+        if field.name not in expected_types:
+            problem = f"column {field.name!r} is not in the format"
+            break
+        if field.type != expected_types[field.name]:
+            problem = f"column {field.name} is {field.type}, expected {expected_types[field.name]}"
+            break
+    else:
+        missing = [name for name in expected_types if name not in found.names]
+        problem = f"column {missing[0]} is missing" if missing else f"columns are in another order (expected {', '.join(expected.names)})"
+    raise TsdkdError(f"{path}: {problem} (format v{version}); regenerate the shard, or cast it to the format's schema "
+                     "(`tsdkd.signals.signal_schema`) and update its sha256 and bytes in the manifest")
 
 
 def usable_cores() -> int:
@@ -173,13 +235,31 @@ def _first_bad_row(list_column: pa.ChunkedArray, bad_values: np.ndarray) -> int 
     return int(np.searchsorted(np.cumsum(lengths), np.argmax(bad_values), side="right"))
 
 
-def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> list[tuple[int, str]]:
-    """Shapes, value ranges, sortedness and the integrity of each prompt's candidate group; returns each
-    group's first row and prompt id (for the check across shards)."""
+def _first_null(array: pa.Array) -> int | None:
+    """The index of the first element of `array` that is null or holds a null at any depth (lists, structs)."""
+    if array.null_count:
+        return int(np.argmax(array.is_null().to_numpy(zero_copy_only=False)))
+    if pa.types.is_list(array.type):
+        inner = _first_null(array.flatten())  # flatten respects a sliced array's offsets
+        return None if inner is None else int(pc.list_parent_indices(array)[inner].as_py())
+    if pa.types.is_struct(array.type):
+        found = [index for index in map(_first_null, array.flatten()) if index is not None]
+        return min(found, default=None)
+    return None
+
+
+def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardContents:
+    """No nulls (but where the format allows them), shapes, value ranges, sortedness, the teacher's probabilities
+    summing to 1, scores and ranks as the format defines them, and the integrity of each prompt's candidate group.
+    Returns each group's first row and prompt id (for the check across shards) and the completion tokens."""
 
     def fail(row: int, what: str) -> None:
         raise TsdkdError(f"{path} row {row}: {what}; the shard is damaged, regenerate it")
 
+    for name in table.column_names:
+        row = None if name in NULLABLE_COLUMNS else _first_null(table[name].combine_chunks())
+        if row is not None:
+            fail(row, f"{name} is or holds a null")
     vocab_size = manifest["tokenizer"]["vocab_size"]
     k = manifest["top_k"]
     lengths = pc.list_value_length(table["completion_token_ids"]).to_numpy(zero_copy_only=False)
@@ -203,9 +283,10 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> list[tu
 
     flat = lambda name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False)  # noqa: E731
     for name in ("completion_token_ids", "prompt_token_ids"):
-        row = _first_bad_row(table[name], flat(name) >= vocab_size)
+        ids = flat(name).astype(np.int64)
+        row = _first_bad_row(table[name], (ids < 0) | (ids >= vocab_size))
         if row is not None:
-            fail(row, f"{name} holds an id outside the vocabulary (size {vocab_size})")
+            fail(row, f"{name} holds an id outside the vocabulary (0..{vocab_size - 1})")
     for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_tail_mass", "teacher_entropy"):
         values = flat(name).astype(np.float32)
         bad = ~np.isfinite(values)
@@ -219,11 +300,12 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> list[tu
         if row is not None:
             fail(row, f"{name} holds a non-finite or out-of-range value")
 
-    topk_ids = pc.list_flatten(pc.list_flatten(table["teacher_topk_ids"])).to_numpy(zero_copy_only=False).reshape(-1, k)
+    topk_ids = pc.list_flatten(pc.list_flatten(table["teacher_topk_ids"])).to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k)
     topk_logprobs = pc.list_flatten(pc.list_flatten(table["teacher_topk_logprobs"])).to_numpy(zero_copy_only=False)
     topk_logprobs = topk_logprobs.astype(np.float32).reshape(-1, k)
     position_rows = np.repeat(np.arange(len(lengths)), lengths)
-    bad_position = (topk_ids >= vocab_size).any(1) | ~np.isfinite(topk_logprobs).all(1) | (topk_logprobs > LOGPROB_SLACK).any(1)
+    bad_position = ((topk_ids < 0) | (topk_ids >= vocab_size)).any(1) | ~np.isfinite(topk_logprobs).all(1) | \
+        (topk_logprobs > LOGPROB_SLACK).any(1)
     if bad_position.any():
         fail(int(position_rows[np.argmax(bad_position)]), "teacher top-k holds an id outside the vocabulary or a non-finite log-prob")
     unsorted = (np.diff(topk_logprobs, axis=1) > 0).any(1)
@@ -232,8 +314,40 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> list[tu
     duplicate = (np.diff(np.sort(topk_ids, axis=1), axis=1) == 0).any(1) if k > 1 else np.zeros(len(topk_ids), bool)
     if duplicate.any():
         fail(int(position_rows[np.argmax(duplicate)]), "teacher top-k repeats a token id")
+    # The distillation targets are these k probabilities and the tail: a set that is no distribution (top-k
+    # renormalised while a tail is kept, log-probs at another temperature) would train on wrong targets.
+    mass = np.exp(topk_logprobs.astype(np.float64)).sum(1) + flat("teacher_tail_mass").astype(np.float64)
+    off = np.flatnonzero(np.abs(mass - 1) > MASS_SLACK)
+    if off.size:
+        fail(int(position_rows[off[0]]), f"teacher top-k probabilities and tail mass sum to {mass[off[0]]:.4f} at a position, not 1")
+    _check_teacher_entropy(table, fail, manifest, flat("teacher_entropy").astype(np.float64), position_rows)
+    _check_scores(table, fail, flat("teacher_logprobs").astype(np.float64), lengths)
+    return ShardContents(_check_candidate_groups(table, fail, manifest["sampling"]["num_candidates"]), int(lengths.sum()))
 
-    return _check_candidate_groups(table, fail, manifest["sampling"]["num_candidates"])
+
+def _check_teacher_entropy(table: pa.Table, fail: Any, manifest: dict[str, Any], entropy: np.ndarray, position_rows: np.ndarray) -> None:
+    """Each row's kind of entropy is the manifest's, and no entropy exceeds the largest that kind can take."""
+    exact = table["teacher_entropy_exact"].to_numpy(zero_copy_only=False)
+    other_kind = np.flatnonzero(exact != (manifest["teacher_entropy"] == "exact"))
+    if other_kind.size:
+        fail(int(other_kind[0]), f"teacher_entropy_exact is {bool(exact[other_kind[0]])} while the manifest's teacher_entropy "
+             f"is {manifest['teacher_entropy']}")
+    # Exact: over the vocabulary, at most log V; estimated: over k + 1 buckets, at most log(k + 1).
+    most = math.log(manifest["tokenizer"]["vocab_size"] if manifest["teacher_entropy"] == "exact" else manifest["top_k"] + 1)
+    too_large = entropy > most * (1 + 2**-10) + LOGPROB_SLACK  # float16 rounding
+    if too_large.any():
+        fail(int(position_rows[np.argmax(too_large)]), f"teacher_entropy {entropy[np.argmax(too_large)]:.4g} exceeds "
+             f"{most:.4g} nats, the most an entropy of kind {manifest['teacher_entropy']} can be")
+
+
+def _check_scores(table: pa.Table, fail: Any, teacher_logprobs: np.ndarray, lengths: np.ndarray) -> None:
+    """teacher_score is the mean of the row's teacher_logprobs (float32 rounding allowed)."""
+    scores = table["teacher_score"].to_numpy(zero_copy_only=False).astype(np.float64)
+    means = np.add.reduceat(teacher_logprobs, np.cumsum(lengths) - lengths) / lengths if len(lengths) else scores
+    wrong = ~np.isfinite(scores) | (np.abs(scores - means) > 1e-4 * np.abs(means) + 1e-5)
+    if wrong.any():
+        row = int(np.argmax(wrong))
+        fail(row, f"teacher_score {scores[row]:.6g} is not the mean of its teacher_logprobs ({means[row]:.6g})")
 
 
 def _check_candidate_groups(table: pa.Table, fail: Any, num_candidates: int) -> list[tuple[int, str]]:
@@ -241,6 +355,8 @@ def _check_candidate_groups(table: pa.Table, fail: Any, num_candidates: int) -> 
     candidate_index = table["candidate_index"].to_numpy()
     counts = table["num_candidates"].to_numpy()
     ranks = table["teacher_rank"].to_numpy()
+    scores = table["teacher_score"].to_numpy().astype(np.float64)
+    verified = table["verified"].to_pylist()
     groups: list[tuple[int, str]] = []
     seen_prompts: set[str] = set()
     start = 0
@@ -257,5 +373,9 @@ def _check_candidate_groups(table: pa.Table, fail: Any, num_candidates: int) -> 
             fail(start, f"candidate indices of prompt {prompt_id} are not 0..{end - start - 1}")
         if sorted(ranks[start:end]) != list(range(end - start)):
             fail(start, f"teacher ranks of prompt {prompt_id} are not a permutation of 0..{end - start - 1}")
+        expected = teacher_ranks(list(scores[start:end]), verified[start:end])
+        if list(ranks[start:end]) != expected:
+            fail(start, f"teacher ranks of prompt {prompt_id} are {ranks[start:end].tolist()}, the format's order of its verdicts "
+                 f"and scores gives {expected}")
         start = end
     return groups

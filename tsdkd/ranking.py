@@ -1,4 +1,4 @@
-"""The teacher's ranking of a prompt's candidates (rank 0 = best)."""
+"""The teacher's ranking of a prompt's candidates (rank 0 = best): part of the signal format, which `tsdkd validate` checks."""
 
 from __future__ import annotations
 
