@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from transformers.training_args import ParallelMode
 
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.objective import Objective
-from stage2_distill.trainer import DistillTrainer, MetricsFile
+from stage2_distill.trainer import DistillTrainer, MetricsFile, TrainingComplete
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
@@ -341,11 +342,29 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     resume_from = last_complete_checkpoint(out / CHECKPOINTS) if continuing else None
     if processes.is_main_process and continuing:
         drop_metrics_after(out / METRICS, resume_from)
-    trainer.train(resume_from_checkpoint=resume_from)
+        print(f"{out}: continuing from {Path(resume_from).name}" if resume_from else f"{out}: no checkpoint yet; starting over")
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except TrainingComplete:  # stopped while saving the student: save it from the last step's checkpoint
+        print(f"{out}: {Path(resume_from).name} is the last step's; saving the student from it")
     if batches.num_dropped:
         print(f"note: {batches.num_dropped} candidates whose prompt alone exceeds --max-length {max_length} were left out")
     save_student(trainer, tokenizer, out, manifests, objective, cfg.keep_checkpoints)
     return out
+
+
+def student_generation_config(loaded: GenerationConfig, tokenizer: Any) -> GenerationConfig:
+    """The student's own generation config (its sampling defaults, every stop id), stopping at the tokenizer's EOS
+    too: the EOS the candidates were sampled to end with."""
+    generation = copy.deepcopy(loaded)
+    stop_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else \
+        [] if generation.eos_token_id is None else [generation.eos_token_id]
+    if tokenizer.eos_token_id not in stop_ids:
+        stop_ids = [*stop_ids, tokenizer.eos_token_id]
+    generation.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return generation
 
 
 def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: list[dict[str, Any]], objective: Objective,
@@ -370,9 +389,7 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     write_json_atomic(tokenizer_config, staging / "tokenizer_config.json")
     # The Trainer also pickles its arguments; the student folder holds no pickle files.
     (staging / "training_args.bin").unlink(missing_ok=True)
-    generation = GenerationConfig.from_model_config(trainer.model.config)
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generation = student_generation_config(trainer.accelerator.unwrap_model(trainer.model).generation_config, tokenizer)
     generation.save_pretrained(staging)
     saved = {}
     umask = os.umask(0)

@@ -40,12 +40,13 @@ class DistillTrainer(Trainer):
         self._head: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (wrapped model, its output head)
         self._flops_per_token: int | None = None  # 6 x non-embedding parameters
         # The loss terms and completion tokens summed over the micro-batches since the last log, one tensor
-        # (one add per micro-batch, not one per term).
+        # (one add per micro-batch, not one per term), and the optimizer step the window started after.
         self._metric_names: list[str] = []
         self._metric_sums: torch.Tensor | None = None
-        self._micro_batches = 0
+        self._window_start_step = 0
         self._window_start = time.perf_counter()
         self.add_callback(LogLastStep())
+        self.add_callback(NoStepPastTheEnd())
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         # The dataset already shuffles (by epoch) and buckets whole batches; keep its order so that
@@ -82,10 +83,13 @@ class DistillTrainer(Trainer):
                 f"step {self.state.global_step + 1}: the loss is not finite ({bad}); lower --learning-rate "
                 "or check the signal data with `tsdkd validate`"
             )
-        self._metric_names = [*metrics, "completion_tokens"]
-        values = torch.stack([*metrics.values(), inputs["completion_mask"].sum()]).float()
-        self._metric_sums = values if self._metric_sums is None else self._metric_sums + values
-        self._micro_batches += 1
+        # The Trainer logs the loss itself (as "loss").
+        self._metric_names = [*(name for name in metrics if name != "loss"), "completion_tokens"]
+        values = torch.stack([*(value for name, value in metrics.items() if name != "loss"), inputs["completion_mask"].sum()]).float()
+        if self._metric_sums is None:
+            self._metric_sums, self._window_start_step = values, self.state.global_step
+        else:
+            self._metric_sums = self._metric_sums + values
         # DDP averages gradients over processes; each process's loss is its share of the sum.
         return loss * self.accelerator.num_processes
 
@@ -140,19 +144,21 @@ class DistillTrainer(Trainer):
         return inputs["input_ids"].numel() * self._flops_per_token
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the loss terms (per optimizer step, summed over processes) and tokens/s."""
-        if self._micro_batches and "loss" in logs:
+        """Adds the loss terms (per optimizer step, summed over processes) and tokens/s. Their names carry no
+        `train/` prefix, like the Trainer's own: its TensorBoard and W&B callbacks add one."""
+        if self._metric_sums is not None and "loss" in logs:
             sums = self._metric_sums.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
-            steps = self._micro_batches / self.args.gradient_accumulation_steps
+            # Steps, not micro-batches / accumulation: an epoch's last step may have fewer micro-batches.
+            steps = max(self.state.global_step - self._window_start_step, 1)
             elapsed = time.perf_counter() - self._window_start
             for name, value in zip(self._metric_names, sums.tolist()):
                 if name == "completion_tokens":
                     logs["tokens_per_s"] = round(value / max(elapsed, 1e-9), 1)
                 else:
-                    logs[f"train/{name}"] = value / steps
-            self._metric_sums, self._micro_batches, self._window_start = None, 0, time.perf_counter()
+                    logs[name] = value / steps
+            self._metric_sums, self._window_start = None, time.perf_counter()
         super().log(logs, start_time)
 
 
@@ -202,6 +208,20 @@ class LogLastStep(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step >= state.max_steps:
             control.should_log = True
+
+
+class TrainingComplete(Exception):
+    """Raised at the start of training when the checkpoint resumed from is the last step's."""
+
+
+class NoStepPastTheEnd(TrainerCallback):
+    """A rerun after a kill during the final save resumes from the last step's checkpoint. The Trainer checks its
+    step limit only after a step, so it would train one step past the end (with --max-steps inside an epoch):
+    stop before, with the checkpoint's weights loaded."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if 0 < state.max_steps <= state.global_step:
+            raise TrainingComplete
 
 
 class MetricsFile(TrainerCallback):

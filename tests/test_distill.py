@@ -68,25 +68,40 @@ def test_output_is_a_hub_style_student(small_dataset, tmp_path):
     assert not [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
     records = step_records(out)
     assert len(records) == 3
-    for key in ("train/direct", "train/indirect_token", "train/indirect_sequence", "train/entropy", "train/token_weight_mean",
-                "train/selected_fraction", "train/student_entropy", "tokens_per_s", "loss"):
+    for key in ("direct", "indirect_token", "indirect_sequence", "entropy", "token_weight_mean",
+                "selected_fraction", "student_entropy", "tokens_per_s", "loss"):
         assert all(key in r for r in records), key
-    weighted = records[0]["train/direct"] + 0.1 * (records[0]["train/indirect_token"] + records[0]["train/indirect_sequence"]) + records[0]["train/entropy"]
+    weighted = records[0]["direct"] + 0.1 * (records[0]["indirect_token"] + records[0]["indirect_sequence"]) + records[0]["entropy"]
     assert records[0]["loss"] == pytest.approx(weighted, rel=1e-5)
     info = json.loads((out / "tsdkd_distill.json").read_text())
     assert info["complete"] and info["token_weight_entropy"] == "exact"
 
 
+def test_the_students_generation_config_is_kept(small_dataset, tmp_path):
+    """Its sampling defaults and stop ids (Qwen2.5-Instruct has two) carry over; the tokenizer's EOS is added."""
+    student, out = tmp_path / "student", tmp_path / "run"
+    shutil.copytree(TOY_STUDENT, student)
+    generation = json.loads((student / "generation_config.json").read_text())
+    generation.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, eos_token_id=[5, 6])
+    (student / "generation_config.json").write_text(json.dumps(generation))
+    args = [str(student) if a == str(TOY_STUDENT) else a for a in distill_args(small_dataset, out, "--max-steps", "1")]
+    assert run_cli(*args).exit_code == 0
+    saved = json.loads((out / "generation_config.json").read_text())
+    eos = AutoTokenizer.from_pretrained(TOY_STUDENT).eos_token_id
+    assert {key: saved[key] for key in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "eos_token_id")} == \
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "eos_token_id": [5, 6, eos]}
+
+
 @pytest.mark.parametrize(
     "extra, present, absent",
     [
-        (["--loss", "sft"], ["train/sft"], ["train/direct", "train/entropy", "train/indirect_token"]),
-        (["--loss", "kd"], ["train/direct"], ["train/sft", "train/entropy", "train/indirect_token", "train/indirect_sequence"]),
-        (["--loss", "gkd"], ["train/direct"], ["train/entropy", "train/indirect_token"]),
-        (["--no-indirect"], ["train/direct", "train/entropy"], ["train/indirect_token", "train/indirect_sequence"]),
-        (["--no-entropy", "--indirect", "token"], ["train/direct", "train/indirect_token"], ["train/entropy", "train/indirect_sequence"]),
-        (["--no-selection", "--indirect", "sequence"], ["train/indirect_sequence"], ["train/indirect_token"]),
-        (["--selection-fraction", "0.25"], ["train/direct"], []),
+        (["--loss", "sft"], ["sft"], ["direct", "entropy", "indirect_token"]),
+        (["--loss", "kd"], ["direct"], ["sft", "entropy", "indirect_token", "indirect_sequence"]),
+        (["--loss", "gkd"], ["direct"], ["entropy", "indirect_token"]),
+        (["--no-indirect"], ["direct", "entropy"], ["indirect_token", "indirect_sequence"]),
+        (["--no-entropy", "--indirect", "token"], ["direct", "indirect_token"], ["entropy", "indirect_sequence"]),
+        (["--no-selection", "--indirect", "sequence"], ["indirect_sequence"], ["indirect_token"]),
+        (["--selection-fraction", "0.25"], ["direct"], []),
     ],
 )
 def test_presets_and_ablations(small_dataset, tmp_path, extra, present, absent):
@@ -96,9 +111,9 @@ def test_presets_and_ablations(small_dataset, tmp_path, extra, present, absent):
     record = step_records(out)[0]
     assert all(k in record for k in present) and not any(k in record for k in absent), record
     if "--no-selection" in extra or "kd" in extra or "gkd" in extra:
-        assert record["train/token_weight_mean"] == pytest.approx(1.0)
+        assert record["token_weight_mean"] == pytest.approx(1.0)
     if "--selection-fraction" in extra:
-        assert record["train/token_weight_mean"] == pytest.approx(0.25, abs=0.02)
+        assert record["token_weight_mean"] == pytest.approx(0.25, abs=0.02)
 
 
 def one_step_parameters(batches, accumulation, loss_options=None):
@@ -147,7 +162,7 @@ def test_two_processes_equal_one(small_dataset, tmp_path):
     two, one = step_records(tmp_path / "ddp"), step_records(tmp_path / "single")
     assert len(two) == len(one) == 3
     for a, b in zip(two, one):
-        for key in ("loss", "train/direct", "train/indirect_token", "train/indirect_sequence", "train/entropy", "grad_norm"):
+        for key in ("loss", "direct", "indirect_token", "indirect_sequence", "entropy", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     final_two = load_file(tmp_path / "ddp" / "model.safetensors")
     final_one = load_file(tmp_path / "single" / "model.safetensors")
@@ -208,7 +223,7 @@ def test_bf16_autocast_on_the_cpu(small_dataset, tmp_path):
         out = tmp_path / mode
         result = run_cli(*distill_args(small_dataset, out, "--max-steps", "3", "--bf16", mode))
         assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
-        runs[mode] = [r["train/loss"] for r in step_records(out)]
+        runs[mode] = [r["loss"] for r in step_records(out)]
         assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
     assert runs["on"] != runs["off"]
     # bf16 keeps 8 bits of mantissa: relative rounding 2^-8 = 0.4% per operation.
@@ -235,7 +250,7 @@ def test_dataloader_workers_train_the_same_student(small_dataset, tmp_path, monk
         assert (readers == {str(os.getpid())}) if workers == "0" else (str(os.getpid()) not in readers and len(readers) >= 2)
         records = step_records(out)
         assert records[-1]["epoch"] == 2
-        students.append((load_file(out / "model.safetensors"), [r["train/loss"] for r in records]))
+        students.append((load_file(out / "model.safetensors"), [r["loss"] for r in records]))
     (weights, losses), (weights_workers, losses_workers) = students
     assert losses_workers == losses
     assert weights_workers.keys() == weights.keys() and all(weights_workers[k].equal(weights[k]) for k in weights)
@@ -420,6 +435,28 @@ def test_moved_data_and_student_continue_the_run_and_a_changed_student_is_refuse
     assert_one_line_error(run_cli(*args(tmp_path / "signals-moved", tmp_path / "student-moved")), "is not the model the run started from")
 
 
+def test_a_kill_while_saving_the_student_saves_it_from_the_last_checkpoint(small_dataset, tmp_path):
+    """The rerun must not train a step past --max-steps (the Trainer would, resuming from the last step's
+    checkpoint inside an epoch): the student is the uninterrupted run's, saved after the same steps."""
+    out = tmp_path / "run"
+    args = distill_args(small_dataset, out, "--max-steps", "3", "--batch-size", "2", "--lr-scheduler", "constant",
+                        "--warmup-ratio", "0", "--keep-checkpoints")
+    assert run_cli(*args).exit_code == 0
+    saved = load_file(out / "model.safetensors")
+    # What a kill during the save leaves: the last step's checkpoint, the student not (all) written, the run open.
+    info = json.loads((out / "tsdkd_distill.json").read_text())
+    (out / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
+    for name in ("model.safetensors", "config.json"):
+        (out / name).unlink()
+    result = run_cli(*args)
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    assert "checkpoint-3 is the last step's; saving the student from it" in result.stdout
+    assert "student saved after 3 steps" in result.stdout
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[name], saved[name]) for name in saved)
+    assert json.loads((out / "tsdkd_distill.json").read_text())["global_step"] == 3
+
+
 def test_a_finished_run_needs_its_data_no_more(small_dataset, tmp_path):
     """Rerunning a finished run (as `tsdkd run` does) reports it done without validating the signals again."""
     signals, out = tmp_path / "signals", tmp_path / "run"
@@ -476,7 +513,13 @@ def test_interrupted_distill_says_how_to_continue(small_dataset, tmp_path, monke
 def test_tensorboard_when_asked(small_dataset, tmp_path):
     out = tmp_path / "run"
     assert run_cli(*distill_args(small_dataset, out, "--max-steps", "2", "--tensorboard")).exit_code == 0
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    # One train/ prefix, as the Trainer's own tags have.
+    assert {"train/loss", "train/direct", "train/token_weight_mean", "train/tokens_per_s"} <= set(tags), tags
+    assert not [tag for tag in tags if tag.startswith("train/train/")], tags
 
 
 def test_existing_run_is_never_overwritten(small_dataset, tmp_path):

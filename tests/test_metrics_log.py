@@ -8,8 +8,8 @@ import pytest
 
 from conftest import TOY_STUDENT, run_cli
 
-LOSS_TERMS = ("loss", "train/direct", "train/indirect_token", "train/indirect_sequence", "train/entropy",
-              "train/token_weight_mean", "train/selected_fraction", "train/student_entropy", "tokens_per_s")
+LOSS_TERMS = ("loss", "direct", "indirect_token", "indirect_sequence", "entropy",
+              "token_weight_mean", "selected_fraction", "student_entropy", "tokens_per_s")
 
 
 @pytest.mark.parametrize("logging, logged_steps", [
@@ -28,3 +28,17 @@ def test_the_last_step_is_logged_with_every_loss_term(small_dataset, tmp_path, l
     missing = [term for term in LOSS_TERMS if term not in steps[-1]]
     assert not missing, missing
     assert "train_runtime" in records[-1]  # the Trainer's summary still closes the file
+
+
+def test_a_step_with_fewer_micro_batches_logs_its_own_terms(small_dataset, tmp_path):
+    """Accumulation over more micro-batches than the epoch holds: its one step has fewer, and its terms are still
+    that step's (they add up to the loss, and fractions stay fractions)."""
+    out = tmp_path / "student"
+    result = run_cli("distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", out, "--batch-size", "6",
+                     "--epochs", "1", "--gradient-accumulation-steps", "50", "--logging-steps", "1")
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert record["step"] == 1
+    weighted = record["direct"] + 0.1 * (record["indirect_token"] + record["indirect_sequence"]) + record["entropy"]
+    assert record["loss"] == pytest.approx(weighted, rel=1e-5)
+    assert 0 < record["token_weight_mean"] <= 1 and 0 <= record["selected_fraction"] <= 1
