@@ -25,6 +25,8 @@ SEED_RULE = r"--seed must be in \[0, 4294967295\]"
     (["--max-steps", "-2"], "--max-steps must be at least 1"),
     (["--loss", "kd", "--no-entropy"], "--no-entropy has no effect with --loss kd; leave it out"),
     (["--no-indirect", "--alpha", "0.5"], "--alpha has no effect with --loss tsdkd --no-indirect; leave it out"),
+    (["--indirect", "sequence", "--rank-items", "5"], "--rank-items has no effect with --loss tsdkd --indirect sequence; leave it out"),
+    (["--indirect", "token", "--beta-p", "2"], "--beta-p has no effect with --loss tsdkd --indirect token; leave it out"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),
@@ -187,13 +189,17 @@ def test_an_unreadable_config_file_is_one_line(tmp_path, monkeypatch):
 
 
 def test_run_takes_its_generate_and_distill_options_at_the_top_level_of_its_config(tmp_path):
-    """As `tsdkd run --help` says: the options it shows are also top-level keys; each goes into its section,
-    over the same key inside it; the command line wins over the file."""
+    """As `tsdkd run --help` says: the options it shows are also top-level keys, each going into its section; the
+    command line wins over the file; a key given both at the top level and in its section (with another value)
+    is refused, since which one counts would be a guess."""
     path = tmp_path / "run.yaml"
-    path.write_text("learning_rate: 1e-4\nnum-candidates: 2\nepochs: 2\ndistill:\n  learning_rate: 3e-4\n  warmup_ratio: 0.2\n")
+    path.write_text("learning_rate: 1e-4\nnum-candidates: 2\nepochs: 2\ndistill:\n  learning-rate: 0.0001\n  warmup_ratio: 0.2\n")
     cfg = build_config(RunConfig, str(path), {"epochs": 1.0, "top_k": None})
     assert cfg.distill == {"learning_rate": 1e-4, "warmup_ratio": 0.2, "epochs": 1.0}
     assert cfg.generate == {"num_candidates": 2}
+    path.write_text("learning_rate: 1e-4\ndistill:\n  learning_rate: 3e-4\n")
+    with pytest.raises(TsdkdError, match="learning_rate is '1e-4' at the top level and '3e-4' in the `distill:` section; give it once"):
+        build_config(RunConfig, str(path), {})
 
 
 def test_run_section_options_are_the_run_command_options():

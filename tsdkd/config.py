@@ -306,6 +306,8 @@ class DistillConfig:
                 # The other switches in use, which may be what turned the term off (not the option itself).
                 switches = "".join(f" --{flag.replace('_', '-')}" for flag in ("no_indirect", "no_entropy", "no_selection")
                                    if getattr(self, flag) and flag != name)
+                if self.loss == "tsdkd" and not self.no_indirect and self.indirect != DistillConfig.indirect:
+                    switches += f" --indirect {self.indirect}"  # which ranking is on decides what ranking options mean
                 raise TsdkdError(f"--{name.replace('_', '-')} has no effect with --loss {self.loss}{switches}; leave it out")
 
 
@@ -374,6 +376,8 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
     values: dict[str, Any] = {}
     if config_file:
         values.update(read_config_file(Path(config_file)))
+        if cls is RunConfig:
+            check_run_config_file(values, where)
     values.update({key: value for key, value in cli_values.items() if value is not None})
     if cls is RunConfig:
         values = nest_run_options(values, where)
@@ -400,6 +404,22 @@ def unknown_key_message(cls: type, key: str, where: str) -> str:
 def run_top_level_keys() -> list[str]:
     """What a `tsdkd run` config file takes at the top level: the run's own keys and RUN_SECTION_OPTIONS."""
     return sorted({field.name for field in dataclasses.fields(RunConfig)} | {k for keys in RUN_SECTION_OPTIONS.values() for k in keys})
+
+
+def check_run_config_file(values: dict[str, Any], where: str) -> None:
+    """A `tsdkd run` config file gives each option once: at the top level or in its section, not both (the command
+    line, in turn, wins over either)."""
+    for section, section_cls in RUN_SECTIONS.items():
+        inside = values.get(section)
+        if not isinstance(inside, dict):
+            continue  # nest_run_options names the problem
+        inside = {str(key).replace("-", "_"): value for key, value in inside.items()}
+        hints = typing.get_type_hints(section_cls)
+        for key in RUN_SECTION_OPTIONS[section]:
+            if key in values and key in inside and \
+                    _checked_value(key, values[key], hints[key], where) != _checked_value(key, inside[key], hints[key], where):
+                raise TsdkdError(f"{where}: {key} is {values[key]!r} at the top level and {inside[key]!r} in the `{section}:` "
+                                 "section; give it once")
 
 
 def nest_run_options(values: dict[str, Any], where: str) -> dict[str, Any]:
