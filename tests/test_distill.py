@@ -766,6 +766,8 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
     student = model_identity(str(TOY_STUDENT))
     create_output(started, tmp_path / "run", "checksum", student)
     assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run", student) is False
+    assert check_output(dataclasses.replace(started, logit_chunk_tokens=64, tensorboard=True, logging_steps=3, save_steps=7,
+                                            save_total_limit=5, keep_checkpoints=True), tmp_path / "run", student) is False
     with pytest.raises(TsdkdError, match="other settings"):
         check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run", student)
 

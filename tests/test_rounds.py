@@ -164,11 +164,13 @@ def test_kill_and_rerun_ends_like_an_uninterrupted_run(finished_run, tmp_path, k
 
 
 def test_rerun_may_switch_gradient_checkpointing_on(finished_run, tmp_path):
-    """As after running out of memory: the same run with gradient checkpointing goes on (here: finds
-    nothing left to do), while any other changed distill setting is refused."""
+    """As after running out of memory: the same run with gradient checkpointing (or smaller logit chunks, other
+    logging or checkpoint settings) goes on (here: finds nothing left to do), while any other changed distill
+    setting is refused."""
     config, out = finished_run
     with_checkpointing = tmp_path / "run.yaml"
-    with_checkpointing.write_text(config.read_text() + "  gradient-checkpointing: true\n")
+    with_checkpointing.write_text(config.read_text().replace("logging-steps: 1", "logging-steps: 3") +
+                                  "  gradient-checkpointing: true\n  logit-chunk-tokens: 64\n  keep-checkpoints: true\n")
     result = run_cli(*run_args(with_checkpointing, out))
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
     other = tmp_path / "other.yaml"
@@ -200,6 +202,21 @@ def test_other_settings_are_refused(finished_run, tmp_path):
         assert_one_line_error(run_cli(*run_args(config, tmp_path / "damaged")), "tsdkd_run.json", "another folder")
     assert_one_line_error(run_cli(*run_args(config, tmp_path / "o2", "--rounds", "0")), "--rounds")
     assert (out / "tsdkd_run.json").read_text() == before
+
+
+def test_any_setting_may_change_until_a_round_makes_something(tmp_path):
+    """Round 1's generate refuses an option only it can check (the teacher's vocabulary bounds top-k): the run
+    recorded its settings, but nothing was made, so the corrected command starts the run."""
+    config, out = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text(CONFIG.replace("rounds: 2", "rounds: 1").replace("top-k: 8", "top-k: 100000"))
+    failed = run_cli(*run_args(config, out))
+    assert failed.exit_code == 2 and "--top-k 100000 is above" in failed.stderr
+    assert (out / "tsdkd_run.json").is_file()
+    config.write_text(CONFIG.replace("rounds: 2", "rounds: 1"))
+    result = run_cli(*run_args(config, out))
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    assert "no round has made anything yet; the new settings replace the recorded ones" in result.stdout
+    assert json.loads((out / "tsdkd_run.json").read_text())["settings"]["generate"]["top_k"] == 8
 
 
 def test_distill_settings_may_change_until_a_round_distils(tmp_path):

@@ -110,9 +110,10 @@ class GenerateConfig:
             raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
 
 
-# Distill settings that change memory, not results: a continued run (a rerun of `tsdkd distill` or
-# `tsdkd run`) may change them, e.g. after running out of memory.
-RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "ddp_timeout", "dataloader_workers")
+# Distill settings that change memory, speed, logs or checkpoints, not results (beyond float rounding): a continued
+# run (a rerun of `tsdkd distill` or `tsdkd run`) may change them, e.g. after running out of memory.
+RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "logit_chunk_tokens", "ddp_timeout", "dataloader_workers", "logging_steps",
+                             "save_steps", "save_total_limit", "keep_checkpoints", "tensorboard")
 # The run record `tsdkd distill` keeps in its --out (written once the run has started).
 DISTILL_RUN_INFO = "tsdkd_distill.json"
 
@@ -220,16 +221,16 @@ class DistillConfig:
     logit_chunk_tokens: int = 2048
     bf16: str = "auto"
     # Recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute.
-    gradient_checkpointing: bool = False  # in RESUMABLE_DISTILL_CHANGES
+    gradient_checkpointing: bool = False
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2
     # Seconds a process waits for the others in a collective; the first wait is for the main process
     # validating the signal data (torch's NCCL default would be 10 minutes).
-    ddp_timeout: int = 1800  # in RESUMABLE_DISTILL_CHANGES
+    ddp_timeout: int = 1800
     # Processes that read and collate the next micro-batches from the shards while the step runs (0: the
     # training process reads them between steps). On a CPU-only machine they compete with training for cores.
-    dataloader_workers: int = 0  # in RESUMABLE_DISTILL_CHANGES
+    dataloader_workers: int = 0
     resume: bool = False
     keep_checkpoints: bool = False
     tensorboard: bool = False

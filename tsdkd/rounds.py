@@ -86,7 +86,12 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
         wanted = json.loads(json.dumps(settings))
         # Runs recorded the paths as given before they were resolved.
         changes = setting_changes(resolved_paths(manifest["settings"]), wanted, path)
-        if changes and {section for section, _ in changes} == {"distill"} and not distillation_started(out, manifest):
+        if changes and not any(item.is_file() for item in out.glob("round-*/**/*")):
+            # The last start stopped before making anything (say on an option its generate refused): nothing to keep.
+            print(f"{out}: no round has made anything yet; the new settings replace the recorded ones")
+            manifest["settings"] = wanted
+            write_json_atomic(manifest, path)
+        elif changes and {section for section, _ in changes} == {"distill"} and not distillation_started(out, manifest):
             # Round 1's signals were made but its distillation never started (say it stopped on a setting):
             # the distill settings are still free, and the hours of sampling are kept.
             print(f"{out}: no round has started distilling; the new distill settings replace the recorded ones")
