@@ -171,6 +171,11 @@ def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any]) -> bool
                for k in sorted(settings) if k not in by_content and earlier.get(k) != settings[k]]
     if "student" in by_content and not same_model(record["student_identity"], student):
         changes.append(f"student: {cfg.student} is not the model the run started from ({earlier['student']}: weights or config differ)")
+    if "signals" in by_content and record.get("complete") and earlier["signals"] != settings["signals"] and \
+            readable_signals_checksum(cfg.signals) not in (None, record["signals_sha256"]):
+        # (An unfinished run checks its data once validated. A finished one reads no data unless the folders
+        # changed: a shard regenerated in place need not be bit-identical, and its student is done.)
+        changes.append(f"signals: {earlier['signals']} in the run, {settings['signals']} now, holding other data")
     if changes:
         raise TsdkdError(f"--out {out} holds a run with other settings ({'; '.join(changes)}); rerun with its settings to "
                          "continue it, or choose a new --out")
@@ -186,6 +191,14 @@ def lost_student_files(out: Path, record: dict[str, Any]) -> list[str]:
     """The files of a finished run's student that are gone or (weights) no longer the saved ones."""
     return [name for name, digest in record.get("student_files", {}).items()
             if not (out / name).is_file() or (digest is not None and sha256_file(out / name) != digest)]
+
+
+def readable_signals_checksum(folders: list[str]) -> str | None:
+    """`signals_checksum` of the folders' manifests, None where one cannot be read."""
+    try:
+        return signals_checksum([read_manifest(Path(folder)) for folder in folders])
+    except (TsdkdError, KeyError, TypeError):
+        return None
 
 
 def check_same_signals(out: Path, record: dict[str, Any], checksum: str) -> None:
@@ -298,7 +311,9 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     # A rerun of the same command continues the run in --out. Every process looks before the main one
     # writes the run record (after the next barrier), so all agree.
     continuing = (out / DISTILL_RUN_INFO).is_file()
-    student = model_identity(cfg.student, cfg.trust_remote_code) if processes.is_main_process else {}
+    # By real path: a student too large to hash is known by it, whatever the rerun's working directory.
+    student = {**model_identity(cfg.student, cfg.trust_remote_code), "name_or_path": local_path(cfg.student)} \
+        if processes.is_main_process else {}
     start = processes.is_main_process and not check_output(cfg, out, student)
     data_checksum = ""
     if start:
@@ -346,7 +361,8 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except TrainingComplete:  # stopped while saving the student: save it from the last step's checkpoint
-        print(f"{out}: {Path(resume_from).name} is the last step's; saving the student from it")
+        if processes.is_main_process:
+            print(f"{out}: {Path(resume_from).name} is the last step's; saving the student from it")
     if batches.num_dropped:
         print(f"note: {batches.num_dropped} candidates whose prompt alone exceeds --max-length {max_length} were left out")
     save_student(trainer, tokenizer, out, manifests, objective, cfg.keep_checkpoints)

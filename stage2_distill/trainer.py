@@ -46,7 +46,7 @@ class DistillTrainer(Trainer):
         self._window_start_step = 0
         self._window_start = time.perf_counter()
         self.add_callback(LogLastStep())
-        self.add_callback(NoStepPastTheEnd())
+        self.add_callback(ResumeAsAsked())
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         # The dataset already shuffles (by epoch) and buckets whole batches; keep its order so that
@@ -214,12 +214,16 @@ class TrainingComplete(Exception):
     """Raised at the start of training when the checkpoint resumed from is the last step's."""
 
 
-class NoStepPastTheEnd(TrainerCallback):
-    """A rerun after a kill during the final save resumes from the last step's checkpoint. The Trainer checks its
-    step limit only after a step, so it would train one step past the end (with --max-steps inside an epoch):
-    stop before, with the checkpoint's weights loaded."""
+class ResumeAsAsked(TrainerCallback):
+    """Two fixes to how the Trainer resumes from a checkpoint:
+    - its logging and saving intervals come back from the checkpoint's state, over the rerun's arguments, which a
+      continued run may change: the arguments';
+    - a rerun after a kill during the final save resumes from the last step's checkpoint, and the Trainer checks its
+      step limit only after a step, so it would train one step past the end (with --max-steps inside an epoch):
+      stop before, with the checkpoint's weights loaded."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        state.logging_steps, state.save_steps = args.logging_steps, args.save_steps
         if 0 < state.max_steps <= state.global_step:
             raise TrainingComplete
 

@@ -27,6 +27,7 @@ SEED_RULE = r"--seed must be in \[0, 4294967295\]"
     (["--no-indirect", "--alpha", "0.5"], "--alpha has no effect with --loss tsdkd --no-indirect; leave it out"),
     (["--indirect", "sequence", "--rank-items", "5"], "--rank-items has no effect with --loss tsdkd --indirect sequence; leave it out"),
     (["--indirect", "token", "--beta-p", "2"], "--beta-p has no effect with --loss tsdkd --indirect token; leave it out"),
+    (["--no-selection", "--indirect", "token", "--tau-w", "2"], "--tau-w has no effect with --loss tsdkd --no-selection; leave it out"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),

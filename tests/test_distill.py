@@ -25,7 +25,7 @@ from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import (check_output, create_output, create_output_folder, drop_metrics_after, note_data_origin,
-                                    training_arguments, use_bf16)
+                                    signals_checksum, training_arguments, use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
@@ -457,6 +457,21 @@ def test_a_kill_while_saving_the_student_saves_it_from_the_last_checkpoint(small
     assert json.loads((out / "tsdkd_distill.json").read_text())["global_step"] == 3
 
 
+def test_a_continued_run_logs_and_saves_at_the_intervals_given_now(small_dataset, tmp_path):
+    """The Trainer would take the intervals back from the checkpoint's state."""
+    out = tmp_path / "run"
+    assert run_cli(*distill_args(small_dataset, out, "--max-steps", "4", "--batch-size", "2", "--save-steps", "1",
+                                 "--save-total-limit", "10", "--keep-checkpoints")).exit_code == 0
+    info = json.loads((out / "tsdkd_distill.json").read_text())
+    (out / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
+    for step in (3, 4):
+        shutil.rmtree(out / "checkpoints" / f"checkpoint-{step}")
+    result = run_cli(*distill_args(small_dataset, out, "--max-steps", "4", "--batch-size", "2", "--save-steps", "100",
+                                   "--save-total-limit", "10", "--keep-checkpoints"))
+    assert result.exit_code == 0 and "continuing from checkpoint-2" in result.stdout, (result.stderr[-2000:], result.exception)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-4"]
+
+
 def test_a_finished_run_needs_its_data_no_more(small_dataset, tmp_path):
     """Rerunning a finished run (as `tsdkd run` does) reports it done without validating the signals again."""
     signals, out = tmp_path / "signals", tmp_path / "run"
@@ -764,10 +779,21 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
     started = DistillConfig(signals=[str(small_dataset)], student=str(TOY_STUDENT), out=str(tmp_path / "run"), max_steps=2)
     create_output_folder(tmp_path / "run")
     student = model_identity(str(TOY_STUDENT))
-    create_output(started, tmp_path / "run", "checksum", student)
+    create_output(started, tmp_path / "run", signals_checksum([json.loads((small_dataset / "tsdkd.json").read_text())]), student)
     assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run", student) is False
     assert check_output(dataclasses.replace(started, logit_chunk_tokens=64, tensorboard=True, logging_steps=3, save_steps=7,
                                             save_total_limit=5, keep_checkpoints=True), tmp_path / "run", student) is False
+    # Finished: other signal folders must hold the same data (the same folder may have been regenerated in place).
+    record = json.loads((tmp_path / "run" / "tsdkd_distill.json").read_text())
+    (tmp_path / "run" / "tsdkd_distill.json").write_text(json.dumps({**record, "complete": True, "student_files": {}}))
+    other = tmp_path / "other"
+    shutil.copytree(small_dataset, other)
+    assert check_output(dataclasses.replace(started, signals=[str(other)]), tmp_path / "run", student) is True
+    manifest = json.loads((other / "tsdkd.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (other / "tsdkd.json").write_text(json.dumps(manifest))
+    with pytest.raises(TsdkdError, match="holding other data"):
+        check_output(dataclasses.replace(started, signals=[str(other)]), tmp_path / "run", student)
     with pytest.raises(TsdkdError, match="other settings"):
         check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run", student)
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.fingerprint import sha256_file
+from tsdkd.rounds import setting_changes
 
 CONFIG = """
 rounds: 2
@@ -202,6 +203,17 @@ def test_other_settings_are_refused(finished_run, tmp_path):
         assert_one_line_error(run_cli(*run_args(config, tmp_path / "damaged")), "tsdkd_run.json", "another folder")
     assert_one_line_error(run_cli(*run_args(config, tmp_path / "o2", "--rounds", "0")), "--rounds")
     assert (out / "tsdkd_run.json").read_text() == before
+
+
+def test_memory_and_speed_settings_are_free_in_a_continued_run(tmp_path):
+    """Neither section's memory, speed, logging or checkpoint settings count as a change, also where a run
+    recorded them (as runs did before they were free); a content setting does."""
+    recorded = {"generate": {"top_k": 8, "gpu_memory_utilization": 0.9, "enforce_eager": False},
+                "distill": {"learning_rate": 1e-3, "logging_steps": 5, "save_steps": 50, "logit_chunk_tokens": 64}}
+    wanted = {"generate": {"top_k": 8, "gpu_memory_utilization": 0.7, "enforce_eager": True}, "distill": {"learning_rate": 1e-3}}
+    assert setting_changes(recorded, wanted, tmp_path / "tsdkd_run.json") == []
+    wanted["generate"]["top_k"] = 5
+    assert setting_changes(recorded, wanted, tmp_path / "tsdkd_run.json") == [("generate", "generate.top_k: 8 in the run, 5 now")]
 
 
 def test_any_setting_may_change_until_a_round_makes_something(tmp_path):

@@ -308,6 +308,19 @@ def test_every_count_of_the_manifest_must_match_the_shards(small_dataset, tmp_pa
     expect_invalid(folder, "tsdkd.json", fragment)
 
 
+def test_a_shard_written_with_required_fields_is_valid(small_dataset, tmp_path):
+    """Another writer may mark fields non-nullable: nulls are checked value by value, so only names and types count."""
+    folder = copy_of(small_dataset, tmp_path)
+    entry = json.loads((folder / "tsdkd.json").read_text())["shards"][0]
+    table = pq.read_table(folder / entry["file"])
+    required = pa.schema([field.with_nullable(field.name not in ("gold_answer", "verified")) for field in table.schema])
+    pq.write_table(table.cast(required), folder / entry["file"])
+    rewrite_manifest(folder, lambda m: m["shards"][0].update(sha256=sha256_file(folder / entry["file"]),
+                                                              bytes=(folder / entry["file"]).stat().st_size))
+    rewrite_manifest(folder, lambda m: m["stats"].update(bytes=sum(e["bytes"] for e in m["shards"])))
+    validate_dataset(folder)
+
+
 def test_shards_must_be_named_as_the_hub_finds_them(small_dataset, tmp_path):
     """The card's glob (and `load_dataset`) reads data/train-*.parquet: a renamed shard would be left out by every
     loader but tsdkd, one outside the folder not found."""

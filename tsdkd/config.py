@@ -114,6 +114,10 @@ class GenerateConfig:
 # run (a rerun of `tsdkd distill` or `tsdkd run`) may change them, e.g. after running out of memory.
 RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "logit_chunk_tokens", "ddp_timeout", "dataloader_workers", "logging_steps",
                              "save_steps", "save_total_limit", "keep_checkpoints", "tensorboard")
+# Generate settings that change memory or speed, not the dataset (`tsdkd generate` leaves them out of the settings a
+# rerun must repeat): a continued `tsdkd run` may change them, e.g. after the engine ran out of memory.
+RESUMABLE_GENERATE_CHANGES = ("score_batch_tokens", "logit_chunk_tokens", "tensor_parallel_size", "gpu_memory_utilization",
+                              "max_num_batched_tokens", "kv_cache_memory_bytes", "enforce_eager")
 # The run record `tsdkd distill` keeps in its --out (written once the run has started).
 DISTILL_RUN_INFO = "tsdkd_distill.json"
 
@@ -307,8 +311,8 @@ class DistillConfig:
                 # The other switches in use, which may be what turned the term off (not the option itself).
                 switches = "".join(f" --{flag.replace('_', '-')}" for flag in ("no_indirect", "no_entropy", "no_selection")
                                    if getattr(self, flag) and flag != name)
-                if self.loss == "tsdkd" and not self.no_indirect and self.indirect != DistillConfig.indirect:
-                    switches += f" --indirect {self.indirect}"  # which ranking is on decides what ranking options mean
+                if term in ("token ranking", "sequence ranking") and not self.no_indirect and self.indirect != DistillConfig.indirect:
+                    switches += f" --indirect {self.indirect}"  # which ranking is on decides what its options mean
                 raise TsdkdError(f"--{name.replace('_', '-')} has no effect with --loss {self.loss}{switches}; leave it out")
 
 

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RUN_SECTIONS, DistillConfig, GenerateConfig, RunConfig,
-                          build_config)
+from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RESUMABLE_GENERATE_CHANGES, RUN_SECTIONS, DistillConfig,
+                          GenerateConfig, RunConfig, build_config)
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import with_real_paths
 from tsdkd.locks import exclusive_use
@@ -64,8 +64,10 @@ def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path
         if key in RUN_SECTIONS and isinstance(recorded.get(key), dict):
             old = effective_section(key, recorded[key], f"{path}, {key} settings")
             new = effective_section(key, wanted[key], f"{key} settings")
+            # Memory and speed settings, free to change (runs recorded the distill ones before they were free).
+            free = {"distill": RESUMABLE_DISTILL_CHANGES, "generate": RESUMABLE_GENERATE_CHANGES}[key]
             changes += [(key, f"{key}.{name}: {old[name]!r} in the run, {new[name]!r} now")
-                        for name in old if old[name] != new[name]]
+                        for name in old if old[name] != new[name] and name not in free]
         elif recorded.get(key) != wanted.get(key):
             changes.append(("", f"{key}: {recorded.get(key)!r} in the run, {wanted.get(key)!r} now"))
     return changes
