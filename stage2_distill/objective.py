@@ -130,7 +130,6 @@ class Objective:
         if self.entropy:
             metrics["entropy"] = entropy_regularization(stats.entropy, None, self.entropy_quantile) * len(rows) / tokens
             loss = loss + self.lambda_ent * metrics["entropy"]
-        metrics["loss"] = loss
         return loss, {name: value.detach() for name, value in metrics.items()}
 
     def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor) -> torch.Tensor:

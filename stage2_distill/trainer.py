@@ -83,9 +83,8 @@ class DistillTrainer(Trainer):
                 f"step {self.state.global_step + 1}: the loss is not finite ({bad}); lower --learning-rate "
                 "or check the signal data with `tsdkd validate`"
             )
-        # The Trainer logs the loss itself (as "loss").
-        self._metric_names = [*(name for name in metrics if name != "loss"), "completion_tokens"]
-        values = torch.stack([*(value for name, value in metrics.items() if name != "loss"), inputs["completion_mask"].sum()]).float()
+        self._metric_names = [*metrics, "completion_tokens"]
+        values = torch.stack([*metrics.values(), inputs["completion_mask"].sum()]).float()
         if self._metric_sums is None:
             self._metric_sums, self._window_start_step = values, self.state.global_step
         else:
