@@ -146,20 +146,18 @@ def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     return with_real_paths(settings, ("signals", "student"))
 
 
-def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any]) -> bool:
-    """Read-only: a new run needs an empty folder; a folder holding a run is continued, with the same settings
-    and the same student (`student`: its model_identity). Returns True when that run already finished and its
-    saved student is as it was saved."""
-    info_path = out / DISTILL_RUN_INFO
+def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Read-only: a new run (`record` {}) needs an empty folder; a folder holding a run (its run record) is
+    continued, with the same settings and the same student (`student`: its model_identity). Returns True when
+    that run already finished and its saved student is as it was saved."""
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
-    if not info_path.is_file():
+    if not record:
         if cfg.resume:
             raise TsdkdError(f"--resume: {out} holds no earlier run ({DISTILL_RUN_INFO} missing); drop --resume to start one")
         if out.exists() and any(out.iterdir()):
             raise TsdkdError(f"--out {out} is not empty and holds no tsdkd run; choose a new folder")
         return False
-    record = read_run_info(out)
     earlier = record.get("settings", {})
     # Runs recorded their signal folders and student as given before they were resolved.
     earlier = with_real_paths(earlier, ("signals", "student"))
@@ -314,29 +312,31 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     # By real path: a student too large to hash is known by it, whatever the rerun's working directory.
     student = {**model_identity(cfg.student, cfg.trust_remote_code), "name_or_path": local_path(cfg.student)} \
         if processes.is_main_process else {}
-    start = processes.is_main_process and not check_output(cfg, out, student)
+    record = read_run_info(out) if continuing and processes.is_main_process else {}
+    finished = processes.is_main_process and check_output(cfg, out, student, record)
+    start = processes.is_main_process and not finished
     data_checksum = ""
     if start:
         manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
         note_data_origin(cfg, manifests, student)
         data_checksum = signals_checksum(manifests)
-        record = read_run_info(out) if continuing else {}
         if continuing:
             check_same_signals(out, record, data_checksum)
         else:
             create_output_folder(out)
         held.enter_context(exclusive_use(out, "distill"))
         if record.get("complete"):  # finished, but check_output found its student damaged
-            # From the start: from a final checkpoint (--keep-checkpoints) the Trainer would run a step past the end.
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             write_json_atomic({**record, "complete": False}, out / DISTILL_RUN_INFO)
     processes.wait_for_everyone()
-    if (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete"):
+    # The main process knows; the others read what it found.
+    done = finished if processes.is_main_process else (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete")
+    if done:
         if processes.is_main_process and not cfg.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a kill may have come between marking and removing
         print(f"{out}: already trained; nothing to do")
         return out
-    manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
+    if not start:  # the other processes (the main one has validated them)
+        manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
     max_length = cfg.max_length or context_length(cfg.student, cfg.trust_remote_code)
     objective = Objective.from_config(cfg, manifests[0]["teacher_entropy"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

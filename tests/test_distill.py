@@ -25,7 +25,7 @@ from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import (check_output, create_output, create_output_folder, drop_metrics_after, note_data_origin,
-                                    signals_checksum, training_arguments, use_bf16)
+                                    read_run_info, signals_checksum, training_arguments, use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
@@ -780,22 +780,22 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
     create_output_folder(tmp_path / "run")
     student = model_identity(str(TOY_STUDENT))
     create_output(started, tmp_path / "run", signals_checksum([json.loads((small_dataset / "tsdkd.json").read_text())]), student)
-    assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run", student) is False
+    assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run", student, read_run_info(tmp_path / "run")) is False
     assert check_output(dataclasses.replace(started, logit_chunk_tokens=64, tensorboard=True, logging_steps=3, save_steps=7,
-                                            save_total_limit=5, keep_checkpoints=True), tmp_path / "run", student) is False
+                                            save_total_limit=5, keep_checkpoints=True), tmp_path / "run", student, read_run_info(tmp_path / "run")) is False
     # Finished: other signal folders must hold the same data (the same folder may have been regenerated in place).
     record = json.loads((tmp_path / "run" / "tsdkd_distill.json").read_text())
     (tmp_path / "run" / "tsdkd_distill.json").write_text(json.dumps({**record, "complete": True, "student_files": {}}))
     other = tmp_path / "other"
     shutil.copytree(small_dataset, other)
-    assert check_output(dataclasses.replace(started, signals=[str(other)]), tmp_path / "run", student) is True
+    assert check_output(dataclasses.replace(started, signals=[str(other)]), tmp_path / "run", student, read_run_info(tmp_path / "run")) is True
     manifest = json.loads((other / "tsdkd.json").read_text())
     manifest["shards"][0]["sha256"] = "0" * 64
     (other / "tsdkd.json").write_text(json.dumps(manifest))
     with pytest.raises(TsdkdError, match="holding other data"):
-        check_output(dataclasses.replace(started, signals=[str(other)]), tmp_path / "run", student)
+        check_output(dataclasses.replace(started, signals=[str(other)]), tmp_path / "run", student, read_run_info(tmp_path / "run"))
     with pytest.raises(TsdkdError, match="other settings"):
-        check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run", student)
+        check_output(dataclasses.replace(started, resume=True, max_steps=3), tmp_path / "run", student, read_run_info(tmp_path / "run"))
 
 
 def test_gradient_checkpointing_refused_for_a_model_without_it(small_dataset, tmp_path, monkeypatch):
