@@ -397,12 +397,9 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return
+    for session_key in ("is_local", "local_files_only"):  # how this session loaded it, not the student's
+        tokenizer.init_kwargs.pop(session_key, None)
     tokenizer.save_pretrained(staging)
-    # transformers also writes how this session loaded the tokenizer (offline, from a folder): not the student's.
-    tokenizer_config = json.loads((staging / "tokenizer_config.json").read_text())
-    for session_key in ("is_local", "local_files_only"):
-        tokenizer_config.pop(session_key, None)
-    write_json_atomic(tokenizer_config, staging / "tokenizer_config.json")
     # The Trainer also pickles its arguments; the student folder holds no pickle files.
     (staging / "training_args.bin").unlink(missing_ok=True)
     generation = student_generation_config(trainer.accelerator.unwrap_model(trainer.model).generation_config, tokenizer)

@@ -222,7 +222,7 @@ class ResumeAsAsked(TrainerCallback):
       stop before, with the checkpoint's weights loaded."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        state.logging_steps, state.save_steps = args.logging_steps, args.save_steps
+        state.compute_steps(args, state.max_steps)
         if 0 < state.max_steps <= state.global_step:
             raise TrainingComplete
 

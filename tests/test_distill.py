@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -31,12 +30,13 @@ from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_
 from tsdkd.config import DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity
+from tsdkd.locks import exclusive_use
 
 FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
 
 
-def distill_args(signals, out, *extra):
-    return ["distill", "--signals", str(signals), "--student", str(TOY_STUDENT), "--out", str(out), *FAST, *extra]
+def distill_args(signals, out, *extra, student=TOY_STUDENT):
+    return ["distill", "--signals", str(signals), "--student", str(student), "--out", str(out), *FAST, *extra]
 
 
 def metrics(folder):
@@ -84,7 +84,7 @@ def test_the_students_generation_config_is_kept(small_dataset, tmp_path):
     generation = json.loads((student / "generation_config.json").read_text())
     generation.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, eos_token_id=[5, 6])
     (student / "generation_config.json").write_text(json.dumps(generation))
-    args = [str(student) if a == str(TOY_STUDENT) else a for a in distill_args(small_dataset, out, "--max-steps", "1")]
+    args = distill_args(small_dataset, out, "--max-steps", "1", student=student)
     assert run_cli(*args).exit_code == 0
     saved = json.loads((out / "generation_config.json").read_text())
     eos = AutoTokenizer.from_pretrained(TOY_STUDENT).eos_token_id
@@ -388,7 +388,7 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     assert not (out / "checkpoints").exists()
     # The student named through a link, without --resume: the same run.
     (tmp_path / "models").symlink_to(TOY_STUDENT.parent)
-    linked = [f"models/{TOY_STUDENT.name}" if a == str(TOY_STUDENT) else a for a in distill_args(signals, out, "--max-steps", "1")]
+    linked = distill_args(signals, out, "--max-steps", "1", student=f"models/{TOY_STUDENT.name}")
     result = run_cli(*linked)
     assert result.exit_code == 0 and "already trained" in result.stdout, (result.stderr, result.exception)
     # The same folder regenerated with other data is not the data the run started with.
@@ -414,7 +414,7 @@ def test_moved_data_and_student_continue_the_run_and_a_changed_student_is_refuse
     shutil.copytree(small_dataset, signals)
     shutil.copytree(TOY_STUDENT, student)
     def args(signals, student):
-        return [str(student) if a == str(TOY_STUDENT) else a for a in distill_args(signals, out, "--max-steps", "2")]
+        return distill_args(signals, out, "--max-steps", "2", student=student)
 
     assert run_cli(*args(signals, student)).exit_code == 0
     info = json.loads((out / "tsdkd_distill.json").read_text())
@@ -584,13 +584,9 @@ def test_a_second_run_into_a_folder_in_use_is_refused(small_dataset, tmp_path):
     """Rerunning a command continues its run, so a job submitted twice must not train twice into one folder."""
     out = tmp_path / "run"
     out.mkdir()
-    first = os.open(out, os.O_RDONLY)  # as the first run holds it
-    fcntl.flock(first, fcntl.LOCK_EX)
-    try:
+    with exclusive_use(out, "distill"):  # as the first run holds it
         assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "1")), "in use by another running")
         assert not any(out.iterdir())
-    finally:
-        os.close(first)
     assert run_cli(*distill_args(small_dataset, out, "--max-steps", "1")).exit_code == 0
 
 

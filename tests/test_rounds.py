@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.fingerprint import sha256_file
+from tsdkd.locks import exclusive_use
 from tsdkd.rounds import setting_changes
 
 CONFIG = """
@@ -117,12 +117,8 @@ def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
     config, _ = finished_run
     out = tmp_path / "run"
     out.mkdir()
-    first = os.open(out, os.O_RDONLY)  # as the first job holds it
-    fcntl.flock(first, fcntl.LOCK_EX)
-    try:
+    with exclusive_use(out, "run"):  # as the first job holds it
         assert_one_line_error(run_cli(*run_args(config, out)), "in use by another running tsdkd command", "`tsdkd run`")
-    finally:
-        os.close(first)
 
 
 @pytest.mark.parametrize("kill_when", ["round-1/student/checkpoints/checkpoint-2/trainer_state.json", "round-2/signals/tsdkd.json"])

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tsdkd.validate import checked_shard_file, read_checked_manifest, read_parquet
+from tsdkd.validate import checked_shard_file, read_checked_manifest, read_parquet, stray_shards
 
 COLUMNS = ["completion_token_ids", "teacher_score", "teacher_rank", "teacher_entropy", "finish_reason", "verified"]
 
@@ -65,7 +65,7 @@ def summarize(folder: Path) -> str:
     ]
     if verdicts:
         lines.append(f"verified       {sum(verdicts)} of {len(verdicts)} candidates correct ({100 * sum(verdicts) / len(verdicts):.1f}%)")
-    strays = sorted({str(p.relative_to(folder)) for p in (folder / "data").glob("*.parquet")} - {e["file"] for e in manifest["shards"]})
+    strays = stray_shards(folder, manifest)
     if strays:
         # `load_dataset` reads every shard the card's glob finds, these too; `tsdkd validate` refuses them.
         lines.append(f"NOTE           {len(strays)} shard file(s) not in the manifest ({', '.join(strays)}): left out here, "

@@ -60,6 +60,6 @@ def lock_holder(folder: Path) -> str | None:
             return None
         with open(f"/proc/{pids[0]}/cmdline", "rb") as cmdline:
             words = cmdline.read().rstrip(b"\0").decode(errors="replace").split("\0")
-        return f"pid {pids[0]}: {' '.join(words)}"
+        return f"pid {pids[0]}: {' '.join(' '.join(words).split())}"  # one line, even for a `python -c` script
     except (OSError, IndexError):
         return None

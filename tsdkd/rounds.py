@@ -64,7 +64,7 @@ def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path
         if key in RUN_SECTIONS and isinstance(recorded.get(key), dict):
             old = effective_section(key, recorded[key], f"{path}, {key} settings")
             new = effective_section(key, wanted[key], f"{key} settings")
-            # Memory and speed settings, free to change (runs recorded the distill ones before they were free).
+            # Memory and speed settings, free to change.
             free = {"distill": RESUMABLE_DISTILL_CHANGES, "generate": RESUMABLE_GENERATE_CHANGES}[key]
             changes += [(key, f"{key}.{name}: {old[name]!r} in the run, {new[name]!r} now")
                         for name in old if old[name] != new[name] and name not in free]
@@ -80,8 +80,8 @@ def resolved_paths(settings: dict[str, Any]) -> dict[str, Any]:
 
 def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # What a rerun must repeat: not the number of rounds (it may grow).
+    # (setting_changes leaves out the memory and speed settings, which may change.)
     settings = resolved_paths({k: v for k, v in vars(cfg).items() if k not in ("out", "rounds")})
-    settings["distill"] = {k: v for k, v in cfg.distill.items() if k not in RESUMABLE_DISTILL_CHANGES}
     path = out / RUN_MANIFEST
     if path.is_file():
         manifest = read_run_manifest(path)

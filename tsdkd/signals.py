@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,12 @@ def write_json_atomic(value: Any, path: Path) -> None:
 
 
 def shard_path(folder: Path, index: int, count: int) -> Path:
-    """The Hub's split naming, so `load_dataset(folder)` finds the shards by itself."""
+    """The Hub's split naming, so `load_dataset(folder)` finds the shards by itself (`SHARD_FILE_NAME`)."""
     return folder / "data" / f"train-{index:05d}-of-{count:05d}.parquet"
+
+
+# shard_path's names relative to the dataset folder: (index, count).
+SHARD_FILE_NAME = re.compile(r"data/train-(\d{5,})-of-(\d{5,})\.parquet")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

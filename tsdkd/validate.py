@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import reprlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 from tsdkd.ranking import teacher_ranks
-from tsdkd.signals import MANIFEST_NAME, TEACHER_ENTROPY_KINDS, read_manifest, signal_schema
+from tsdkd.signals import MANIFEST_NAME, SHARD_FILE_NAME, TEACHER_ENTROPY_KINDS, read_manifest, signal_schema
 
 T = TypeVar("T")
 
@@ -30,7 +29,6 @@ LOGPROB_SLACK = 1e-3
 MASS_SLACK = 1e-2
 # Columns that may hold nulls (no gold answer; no verdict).
 NULLABLE_COLUMNS = ("gold_answer", "verified")
-SHARD_FILE = re.compile(r"data/train-(\d{5,})-of-(\d{5,})\.parquet")
 # Shards checked at once (each holds its whole table in memory while it is checked).
 VALIDATION_THREADS = 8
 # A rerun of the command that made a complete dataset checks every shard and redoes the bad ones.
@@ -114,10 +112,9 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
     if not manifest.get("complete"):
         raise TsdkdError(f"{folder}: the dataset is incomplete (generation did not finish); rerun the same `tsdkd generate` command")
     check_shard_names(manifest, folder)
-    listed = {entry["file"] for entry in manifest["shards"]}
-    on_disk = {str(p.relative_to(folder)) for p in (folder / "data").glob("*.parquet")}
-    if on_disk - listed:
-        raise TsdkdError(f"{folder}: shard {sorted(on_disk - listed)[0]} is not in the manifest; remove it")
+    strays = stray_shards(folder, manifest)
+    if strays:
+        raise TsdkdError(f"{folder}: shard {strays[0]} is not in the manifest; remove it")
     schema = signal_schema(manifest["tokenizer"]["vocab_size"])
 
     def check_shard(entry: dict[str, Any]) -> ShardContents:
@@ -165,12 +162,18 @@ def _edited(folder: Path, what: str) -> None:
     raise TsdkdError(f"{folder / MANIFEST_NAME}: {what}; the manifest or a shard was edited, restore it or regenerate the dataset")
 
 
+def stray_shards(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """The shard files in the dataset's data/ that its manifest does not list (`load_dataset` would read them)."""
+    on_disk = {str(path.relative_to(folder)) for path in (folder / "data").glob("*.parquet")}
+    return sorted(on_disk - {entry["file"] for entry in manifest["shards"]})
+
+
 def check_shard_names(manifest: dict[str, Any], folder: Path) -> None:
     """Shard i of a job of n is data/train-i-of-n.parquet, the Hub's split naming that the dataset card's glob and
     `load_dataset` find (another name would be left out, one outside the folder not found)."""
     counts = set()
     for entry in manifest["shards"]:
-        match = SHARD_FILE.fullmatch(entry["file"])
+        match = SHARD_FILE_NAME.fullmatch(entry["file"])
         if not match or int(match[1]) != entry["index"] or int(match[1]) >= int(match[2]):
             _edited(folder, f"shard {entry['index']} is named {entry['file']!r}, not data/train-{entry['index']:05d}-of-NNNNN.parquet")
         counts.add(match[2])
@@ -291,8 +294,9 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardCo
         row = _first_bad_row(table[name], (ids < 0) | (ids >= vocab_size))
         if row is not None:
             fail(row, f"{name} holds an id outside the vocabulary (0..{vocab_size - 1})")
-    for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_tail_mass", "teacher_entropy"):
-        values = flat(name).astype(np.float32)
+    per_token = {name: flat(name) for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_tail_mass", "teacher_entropy")}
+    for name, stored in per_token.items():
+        values = stored.astype(np.float32)
         bad = ~np.isfinite(values)
         if name.endswith("logprobs"):
             bad |= values > LOGPROB_SLACK
@@ -320,12 +324,12 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardCo
         fail(int(position_rows[np.argmax(duplicate)]), "teacher top-k repeats a token id")
     # The distillation targets are these k probabilities and the tail: a set that is no distribution (top-k
     # renormalised while a tail is kept, log-probs at another temperature) would train on wrong targets.
-    mass = np.exp(topk_logprobs.astype(np.float64)).sum(1) + flat("teacher_tail_mass").astype(np.float64)
+    mass = np.exp(topk_logprobs.astype(np.float64)).sum(1) + per_token["teacher_tail_mass"].astype(np.float64)
     off = np.flatnonzero(np.abs(mass - 1) > MASS_SLACK)
     if off.size:
         fail(int(position_rows[off[0]]), f"teacher top-k probabilities and tail mass sum to {mass[off[0]]:.4f} at a position, not 1")
-    _check_teacher_entropy(table, fail, manifest, flat("teacher_entropy").astype(np.float64), position_rows)
-    _check_scores(table, fail, flat("teacher_logprobs").astype(np.float64), lengths)
+    _check_teacher_entropy(table, fail, manifest, per_token["teacher_entropy"].astype(np.float64), position_rows)
+    _check_scores(table, fail, per_token["teacher_logprobs"].astype(np.float64), lengths)
     return ShardContents(_check_candidate_groups(table, fail, manifest["sampling"]["num_candidates"]), int(lengths.sum()))
 
 
