@@ -28,7 +28,7 @@ from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
-from tsdkd.locks import exclusive_use
+from tsdkd.locks import exclusive_use, writable_folder
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
     FORMAT_NAME,
@@ -131,20 +131,6 @@ def settings_of(cfg: GenerateConfig, backend: str, prompts_sha: str, student: di
         "prompts_per_shard": cfg.prompts_per_shard,
         "job": {"shard_index": cfg.shard_index, "num_shards": cfg.num_shards},
     }
-
-
-def writable_folder(out: Path) -> Path:
-    """--out, created if need be, once it is known to take files."""
-    if out.exists() and not out.is_dir():
-        raise TsdkdError(f"--out {out} is a file; choose a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{time.time_ns()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise TsdkdError(f"--out {out}: cannot write there ({error.strerror}); choose a writable folder") from None
-    return out
 
 
 def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint,
                                with_real_paths)
 from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
-from tsdkd.locks import exclusive_use
+from tsdkd.locks import exclusive_use, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -211,17 +210,8 @@ def read_run_info(out: Path) -> dict[str, Any]:
     return read_json_object(out / DISTILL_RUN_INFO, "a tsdkd run record")
 
 
-def create_output_folder(out: Path) -> None:
-    """--out exists and takes files, before hours go into loading (an empty folder is a new run's too)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as error:
-        raise TsdkdError(f"--out {out}: cannot write there ({error.strerror}); choose a writable folder") from None
-
-
 def create_output(cfg: DistillConfig, out: Path, signals_sha256: str, student: dict[str, Any]) -> None:
-    """The run record in the folder `create_output_folder` made: from now on --out holds this run."""
+    """The run record in the folder `writable_folder` made: from now on --out holds this run."""
     write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "signals_sha256": signals_sha256,
                        "student_identity": student, "complete": False}, out / DISTILL_RUN_INFO)
 
@@ -323,7 +313,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         if continuing:
             check_same_signals(out, record, data_checksum)
         else:
-            create_output_folder(out)
+            writable_folder(out)  # an empty folder is a new run's too
         held.enter_context(exclusive_use(out, "distill"))
         if record.get("complete"):  # finished, but check_output found its student damaged
             write_json_atomic({**record, "complete": False}, out / DISTILL_RUN_INFO)

@@ -23,14 +23,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
-from stage2_distill.distill import (check_output, create_output, create_output_folder, drop_metrics_after, note_data_origin,
+from stage2_distill.distill import (check_output, create_output, drop_metrics_after, note_data_origin,
                                     read_run_info, signals_checksum, training_arguments, use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity
-from tsdkd.locks import exclusive_use
+from tsdkd.locks import exclusive_use, writable_folder
 
 FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
 
@@ -773,7 +773,7 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(small_data
         torch.testing.assert_close(runs[True][1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
     # A run that ran out of memory may resume with it switched on; other settings must still match.
     started = DistillConfig(signals=[str(small_dataset)], student=str(TOY_STUDENT), out=str(tmp_path / "run"), max_steps=2)
-    create_output_folder(tmp_path / "run")
+    writable_folder(tmp_path / "run")
     student = model_identity(str(TOY_STUDENT))
     create_output(started, tmp_path / "run", signals_checksum([json.loads((small_dataset / "tsdkd.json").read_text())]), student)
     assert check_output(dataclasses.replace(started, resume=True, gradient_checkpointing=True), tmp_path / "run", student, read_run_info(tmp_path / "run")) is False

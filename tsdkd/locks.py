@@ -1,10 +1,11 @@
-"""An exclusive lock on an output folder while a command writes into it."""
+"""A command's output folder: made and checked to take files, and locked while the command writes into it."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,18 @@ def _close_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_in_child)
+
+
+def writable_folder(out: Path) -> Path:
+    """--out, created if need be, once it is known to take files (before hours go into loading or sampling)."""
+    if out.exists() and not out.is_dir():
+        raise TsdkdError(f"--out {out} is a file; choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise TsdkdError(f"--out {out}: cannot write there ({error.strerror}); choose a writable folder") from None
+    return out
 
 
 @contextlib.contextmanager
