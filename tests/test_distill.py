@@ -580,6 +580,19 @@ def test_a_finished_run_whose_student_was_lost_trains_it_again(small_dataset, tm
     assert "already trained" in run_cli(*args).stdout
 
 
+def test_a_lost_student_with_kept_checkpoints_is_saved_again_from_the_last(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = distill_args(small_dataset, out, "--max-steps", "3", "--keep-checkpoints")
+    assert run_cli(*args).exit_code == 0
+    saved = {name: tensor.clone() for name, tensor in load_file(out / "model.safetensors").items()}
+    (out / "model.safetensors").unlink()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "checkpoint-3 is the last step's; saving the student from it" in result.stdout
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[name], saved[name]) for name in saved)
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(small_dataset, tmp_path):
     """Rerunning a command continues its run, so a job submitted twice must not train twice into one folder."""
     out = tmp_path / "run"
