@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
+import sys
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import typer
 
 from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, run_cli
+from tsdkd.cli import Terminated, one_line_errors
 
 
 def generate_with(prompts, tmp_path):
@@ -121,3 +125,26 @@ def test_inspect_prints_lengths_as_integers(small_dataset):
                for path in sorted((small_dataset / "data").glob("*.parquet"))]
     flat = [n for shard in lengths for n in shard]
     assert (int(found[1]), int(found[2])) == (min(flat), max(flat))
+
+
+@pytest.mark.parametrize("interrupt, line", [(KeyboardInterrupt, "interrupted; "), (Terminated, "terminated (SIGTERM); ")])
+def test_an_interrupt_inside_a_library_call_still_ends_in_one_line(capfd, monkeypatch, interrupt, line):
+    """Ctrl-C or SIGTERM may land in a library's constructor (seen in CI: a tqdm bar, whose __del__ then failed and
+    printed a traceback after the line). Nothing follows the line."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's, which prints; pytest's after the test
+
+    class HalfBuilt:
+        def __init__(self):
+            raise interrupt
+
+        def __del__(self):
+            self.never_set  # noqa: B018, the attribute __init__ did not get to set
+
+    @one_line_errors
+    def command():
+        HalfBuilt()
+
+    with pytest.raises(typer.Exit):
+        command()
+    gc.collect()
+    assert capfd.readouterr().err == f"{line}rerun the same command to continue\n"

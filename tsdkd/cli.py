@@ -60,6 +60,13 @@ def sigterm_like_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def quiet_teardown() -> None:
+    """An interrupt can land inside any library call and leave a half-built object behind (a tqdm bar stopped in
+    its __init__), whose __del__ then fails as it is collected, after the one line. The process is ending: such
+    failures are not reported."""
+    sys.unraisablehook = lambda unraisable: None
+
+
 def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the same command to continue") -> Callable[..., Any]:
     """Bad input ends in one line on stderr and exit code 2, never a traceback; Ctrl-C (exit 130) and
     SIGTERM (exit 143, 128 + 15 as if killed) say `next_step`."""
@@ -73,9 +80,11 @@ def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the sam
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
+            quiet_teardown()
             typer.echo(f"interrupted; {next_step}", err=True)
             raise typer.Exit(130) from None
         except Terminated:
+            quiet_teardown()
             typer.echo(f"terminated (SIGTERM); {next_step}", err=True)
             raise typer.Exit(143) from None
 
