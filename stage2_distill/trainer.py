@@ -92,6 +92,19 @@ class DistillTrainer(Trainer):
         # DDP averages gradients over processes; each process's loss is its share of the sum.
         return loss * self.accelerator.num_processes
 
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | float | None = None) -> torch.Tensor | float:
+        """The Trainer's norm of the step's gradient (over all processes), checked before the optimizer applies it.
+        A finite loss can still give a non-finite gradient; applied, it would make every weight NaN, and the
+        checkpoints saved after it too, while the stop would come one step later, at the first NaN loss."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if not math.isfinite(float(grad_norm)):
+            raise TsdkdError(
+                f"step {self.state.global_step + 1}: the gradient is not finite (norm {float(grad_norm)}) although the "
+                "loss was; the weights were left as they were; lower --learning-rate or check the signal data with "
+                "`tsdkd validate`"
+            )
+        return grad_norm
+
     def _student_statistics(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                             completion_positions: tuple[torch.Tensor, torch.Tensor]) -> TokenStatistics:
         """The (wrapped) model's forward, its output head returning the statistics of the completion positions."""
