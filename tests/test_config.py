@@ -12,7 +12,7 @@ import yaml
 from conftest import assert_one_line_error, run_cli
 from tsdkd.cli import app
 from tsdkd.config import (ROUND_KEYS, RUN_SECTION_OPTIONS, DistillConfig, EvalConfig, GenerateConfig, RunConfig,
-                          build_config)
+                          build_config, read_config_file)
 from tsdkd.errors import TsdkdError
 
 SEED_RULE = r"--seed must be in \[0, 4294967295\]"
@@ -187,6 +187,32 @@ def test_an_unreadable_config_file_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(path), "read_text", denied)  # root, as in CI, reads whatever chmod forbids
     assert_one_line_error(run_cli("distill", "--config", path), f"config file {path}: cannot read it (Permission denied)")
+
+
+@pytest.mark.parametrize("name, text, command, message", [
+    ("distill.yaml", "learning_rate: 1e-4\nepochs: 2\nlearning_rate: 3e-4\n", "distill",
+     " is not valid YAML: 'learning_rate' is given twice (lines 1 and 3); keep one"),
+    ("distill.yaml", "learning-rate: 1e-4\nlearning_rate: 3e-4\n", "distill",
+     ": 'learning-rate' and 'learning_rate' are the same option; keep one"),
+    ("distill.toml", "learning-rate = 1e-4\nlearning_rate = 3e-4\n", "distill",
+     ": 'learning-rate' and 'learning_rate' are the same option; keep one"),
+    ("run.yaml", "distill:\n  epochs: 1\n  epochs: 2\n", "run",
+     " is not valid YAML: 'epochs' is given twice (lines 2 and 3); keep one"),
+    ("run.yaml", "distill:\n  warmup-ratio: 0.1\n  warmup_ratio: 0.2\n", "run",
+     ", distill section: 'warmup-ratio' and 'warmup_ratio' are the same option; keep one"),
+])
+def test_an_option_given_twice_in_a_config_file_is_refused(tmp_path, name, text, command, message):
+    """PyYAML keeps the last of two equal keys silently, and dashes and underscores spell one option."""
+    path = tmp_path / name
+    path.write_text(text)
+    required = ["--prompts", "p", "--student", "s", "--teacher", "t"] if command == "run" else ["--signals", "d", "--student", "s"]
+    assert_one_line_error(run_cli(command, "--config", path, *required, "--out", tmp_path / "o"), f"config file {path}{message}")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "distill.yaml"
+    path.write_text("base: &base\n  learning_rate: 1e-4\n  epochs: 2\njob:\n  <<: *base\n  epochs: 3\n")
+    assert read_config_file(path)["job"] == {"learning_rate": "1e-4", "epochs": 3}
 
 
 def test_run_takes_its_generate_and_distill_options_at_the_top_level_of_its_config(tmp_path):

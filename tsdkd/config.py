@@ -354,6 +354,38 @@ RUN_SECTIONS = {"generate": GenerateConfig, "distill": DistillConfig}
 ConfigT = TypeVar("ConfigT")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one silently (YAML
+    requires unique keys). Keys a `<<` merge brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (lines {lines[key]} and {line}); keep one", key_node.start_mark)
+                lines[key] = line
+            except TypeError:  # an unhashable key: the base constructor names it
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def option_keys(values: dict[Any, Any], where: str) -> dict[str, Any]:
+    """A mapping's keys as option names, dashes as underscores; two spellings of one option are refused."""
+    options: dict[str, Any] = {}
+    spellings: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in options:
+            raise TsdkdError(f"{where}: {spellings[name]!r} and {key!r} are the same option; keep one")
+        options[name], spellings[name] = value, key
+    return options
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Keys of a YAML or TOML file, dashes normalised to underscores."""
     if path.is_dir():
@@ -362,7 +394,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise TsdkdError(f"config file {path} not found")
     try:
         text = path.read_text(encoding="utf-8")
-        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as error:
         raise TsdkdError(f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     except OSError as error:
@@ -371,7 +403,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise TsdkdError(f"config file {path} is not valid {path.suffix[1:].upper()}: {error}".splitlines()[0]) from None
     if not isinstance(values, dict):
         raise TsdkdError(f"config file {path} must hold a mapping of option names to values")
-    return {str(key).replace("-", "_"): value for key, value in values.items()}
+    return option_keys(values, f"config file {path}")
 
 
 def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[str, Any], where: str | None = None) -> ConfigT:
@@ -418,7 +450,7 @@ def check_run_config_file(values: dict[str, Any], where: str) -> None:
         inside = values.get(section)
         if not isinstance(inside, dict):
             continue  # nest_run_options names the problem
-        inside = {str(key).replace("-", "_"): value for key, value in inside.items()}
+        inside = option_keys(inside, f"{where}, {section} section")
         hints = typing.get_type_hints(section_cls)
         for key in RUN_SECTION_OPTIONS[section]:
             if key in values and key in inside and \
@@ -436,7 +468,7 @@ def nest_run_options(values: dict[str, Any], where: str) -> dict[str, Any]:
         inside = values.get(section) or {}
         if not isinstance(inside, dict):
             raise TsdkdError(f"{where}: {section} must be a mapping of {section} options")
-        inside = {str(key).replace("-", "_"): value for key, value in inside.items()}
+        inside = option_keys(inside, f"{where}, {section} section")
         inside.update({key: values.pop(key) for key in RUN_SECTION_OPTIONS[section] if key in values})
         settable = {field.name for field in dataclasses.fields(section_cls)} - ROUND_KEYS[section]
         for key in sorted(inside):
