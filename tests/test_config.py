@@ -256,3 +256,18 @@ def test_run_section_known_keys_leave_out_those_the_run_sets(tmp_path):
         build_config(RunConfig, str(path), {})
     known = str(error.value).split("known keys: ")[1].split(", ")
     assert "top_k" in known and not set(known) & ROUND_KEYS["generate"]
+
+
+def test_switches_set_in_a_config_file_can_be_turned_off_on_the_command_line(tmp_path, monkeypatch):
+    path = tmp_path / "distill.yaml"
+    switches = ["no_indirect", "no_entropy", "no_selection", "gradient_checkpointing", "resume", "keep_checkpoints",
+                "tensorboard", "renormalize_topk", "trust_remote_code"]
+    path.write_text("".join(f"{name}: true\n" for name in switches))
+    seen = []
+    monkeypatch.setattr("stage2_distill.distill.distill", seen.append)
+    off = ["--with-indirect", "--with-entropy", "--with-selection", "--no-gradient-checkpointing", "--no-resume",
+           "--no-keep-checkpoints", "--no-tensorboard", "--no-renormalize-topk", "--no-trust-remote-code"]
+    for given, expected in (([], True), (off, False)):
+        result = run_cli("distill", "--config", path, "--signals", "d", "--student", "s", "--out", "o", *given)
+        assert result.exit_code == 0, result.stderr
+        assert {name: getattr(seen[-1], name) for name in switches} == dict.fromkeys(switches, expected)
