@@ -348,6 +348,10 @@ def test_bad_input(small_dataset, tmp_path):
     (["--indirect", "token", "--beta-p", "2"], "--beta-p"),
     (["--indirect", "sequence", "--rank-items", "5"], "--rank-items"),
     (["--no-entropy", "--entropy-quantile", "0.2"], "--entropy-quantile"),
+    # given on the command line at their default values
+    (["--no-indirect", "--indirect", "both"], "--indirect"),
+    (["--loss", "kd", "--jsd-beta", "0.9"], "--jsd-beta"),
+    (["--loss", "sft", "--alpha", "0.1"], "--alpha"),
 ])
 def test_a_setting_no_loss_term_reads_is_refused(small_dataset, tmp_path, extra, named):
     """An ablation with a setting its preset or switches leave unused would silently train something else."""
@@ -355,6 +359,18 @@ def test_a_setting_no_loss_term_reads_is_refused(small_dataset, tmp_path, extra,
     result = run_cli(*distill_args(small_dataset, out, *extra))
     assert_one_line_error(result, f"{named} has no effect with --loss", "leave it out")
     assert not out.exists()
+
+
+def test_a_config_files_default_loss_settings_pass_with_any_preset(small_dataset, tmp_path, monkeypatch):
+    """A shared base config may spell out every default; the preset on the command line leaves them unused."""
+    base = tmp_path / "base.yaml"
+    base.write_text("jsd_beta: 0.9\nalpha: 0.1\nindirect: both\nlambda_ent: 1.0\n")
+    seen = []
+    monkeypatch.setattr("stage2_distill.distill.distill", seen.append)
+    for extra in (["--loss", "sft"], ["--loss", "kd", "--with-entropy"], ["--no-indirect"]):
+        result = run_cli(*distill_args(small_dataset, tmp_path / "run", "--config", base, *extra))
+        assert result.exit_code == 0, result.stderr
+    assert [cfg.loss for cfg in seen] == ["sft", "kd", "tsdkd"]
 
 
 def test_several_gpus_in_one_process_are_refused(small_dataset, tmp_path, monkeypatch):

@@ -186,7 +186,11 @@ def distill(
     from stage2_distill.distill import distill as run_distill
     from tsdkd.config import DistillConfig, build_config
 
-    run_distill(build_config(DistillConfig, config_file, options))
+    cfg = build_config(DistillConfig, config_file, options)
+    # Given on the command line, a loss setting counts even at its default value (`--no-indirect --indirect both`);
+    # a config file may hold a shared base of defaults. A switch's off form (False) turns nothing on.
+    cfg.check_loss_settings(given={name for name, value in options.items() if value is not None and value is not False})
+    run_distill(cfg)
     import torch.distributed
 
     # Under torchrun: a process that exits with its gloo group alive can abort (SIGABRT, "terminate

@@ -8,7 +8,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Collection, TypeVar
 
 import yaml
 
@@ -302,12 +302,12 @@ class DistillConfig:
                 terms.add("sequence ranking")
         return terms
 
-    def check_loss_settings(self) -> None:
-        """A loss setting changed from its default but read by no term in use is a mistake (an ablation
-        that silently runs as something else): one line naming it."""
+    def check_loss_settings(self, given: Collection[str] = ()) -> None:
+        """A loss setting changed from its default, or named in `given` (the command line's options), but read by no
+        term in use is a mistake (an ablation that silently runs as something else): one line naming it."""
         terms, defaults = self.loss_terms(), DistillConfig()
         for name, term in LOSS_SETTING_TERMS.items():
-            if term not in terms and getattr(self, name) != getattr(defaults, name):
+            if term not in terms and (getattr(self, name) != getattr(defaults, name) or name in given):
                 # The other switches in use, which may be what turned the term off (not the option itself).
                 switches = "".join(f" --{flag.replace('_', '-')}" for flag in ("no_indirect", "no_entropy", "no_selection")
                                    if getattr(self, flag) and flag != name)
