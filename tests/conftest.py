@@ -9,6 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -42,6 +46,31 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.stderr + result.stdout
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def flip_byte(path: Path, index: int | None = None) -> None:
+    """Damage a file in place by inverting one byte (its middle one by default): it may still parse, with wrong numbers."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if index is None else index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def sigterm_when(args: list, appears: Path, stderr_path: Path, group: bool = False) -> tuple[int, str]:
+    """Run `python -m tsdkd *args` until `appears` exists (at most 300 s), then send SIGTERM, to its whole process
+    group when `group` (as `timeout` and cluster schedulers do): its exit code and stderr."""
+    command = [sys.executable, "-m", "tsdkd", *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(stderr_path, "w") as stderr:  # a pipe could fill up with progress bars
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=group)
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None and not appears.exists():
+            time.sleep(0.01)
+        if group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        process.wait()
+    return process.returncode, stderr_path.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, flip_byte, run_cli, sigterm_when
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import (check_output, create_output, drop_metrics_after, note_data_origin,
@@ -535,18 +535,9 @@ def test_sigterm_to_the_group_with_loader_workers_ends_in_one_line(small_dataset
     """`timeout` and cluster schedulers signal the whole process group, so the data loader workers die
     too: still one line and exit 143, no traceback about the dead workers."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "tsdkd", *distill_args(small_dataset, out, "--max-steps", "400", "--save-steps", "2",
-                                                             "--dataloader-workers", "1")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(tmp_path / "stderr.txt", "w") as stderr:  # a pipe could fill up with progress bars
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None and not (out / "checkpoints" / "checkpoint-2").is_dir():
-            time.sleep(0.01)
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait()
-    output = (tmp_path / "stderr.txt").read_text()
-    assert process.returncode == 143, (process.returncode, output[-3000:])
+    args = distill_args(small_dataset, out, "--max-steps", "400", "--save-steps", "2", "--dataloader-workers", "1")
+    returncode, output = sigterm_when(args, out / "checkpoints" / "checkpoint-2", tmp_path / "stderr.txt", group=True)
+    assert returncode == 143, (returncode, output[-3000:])
     assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
     assert re.findall(r"terminated \(SIGTERM\).*", output) == ["terminated (SIGTERM); rerun the same command to continue"]
 
@@ -601,9 +592,7 @@ def test_a_finished_run_whose_student_was_lost_trains_it_again(small_dataset, tm
     if damage == "deleted":
         (out / "model.safetensors").unlink()
     else:
-        data = bytearray((out / "model.safetensors").read_bytes())
-        data[-1] ^= 0xFF
-        (out / "model.safetensors").write_bytes(bytes(data))
+        flip_byte(out / "model.safetensors", -1)
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
     assert "model.safetensors missing or changed since the run finished; training it again" in result.stdout

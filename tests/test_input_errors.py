@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import typer
 
-from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, run_cli
+from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, flip_byte, run_cli
 from tsdkd.cli import Terminated, one_line_errors
 
 
@@ -82,10 +82,8 @@ def damage(path, how):
         path.write_bytes(b"")
     elif how == "missing":
         path.unlink()
-    else:  # one flipped byte: the file may still parse, with wrong numbers
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
+    else:
+        flip_byte(path)
 
 
 @pytest.mark.parametrize("how, problem", [("truncated", "checksum does not match"), ("empty", "checksum does not match"),

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
+from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli, sigterm_when
 from tsdkd.fingerprint import sha256_file
 from tsdkd.locks import exclusive_use
 from tsdkd.rounds import setting_changes
@@ -283,22 +283,13 @@ def test_sigterm_ends_in_one_line_and_the_rerun_finishes(tmp_path, stop_when):
     how to continue, exit code 143 (128 + 15, as if killed), no traceback; rerunning finishes the run."""
     config, out = tmp_path / "run.yaml", tmp_path / "run"
     config.write_text(CONFIG.replace("rounds: 2", "rounds: 1"))
-    command = [sys.executable, "-m", "tsdkd", *run_args(config, out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(tmp_path / "stderr.txt", "w") as stderr:  # a pipe could fill up with progress bars
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None and not (out / stop_when).exists():
-            time.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
-        process.wait()
-    output = (tmp_path / "stderr.txt").read_text()
-    assert process.returncode == 143, (process.returncode, output[-3000:])
+    returncode, output = sigterm_when(run_args(config, out), out / stop_when, tmp_path / "stderr.txt")
+    assert returncode == 143, (returncode, output[-3000:])
     assert "Traceback" not in output
     # Once, to the end of its line (which a progress bar left unfinished may have begun).
     assert re.findall(r"terminated \(SIGTERM\).*", output) == ["terminated (SIGTERM); rerun the same command to continue"], \
         output[-3000:]
     assert not (out / "round-1" / "student" / "model.safetensors").exists()
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = run_cli(*run_args(config, out))
+    assert rerun.exit_code == 0, rerun.stderr[-3000:]
     assert (out / "round-1" / "student" / "model.safetensors").is_file()

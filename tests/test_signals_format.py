@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, run_cli
+from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, flip_byte, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
 from tsdkd.signals import CandidateSignal, signal_schema, signals_to_table, write_parquet_atomic
@@ -132,9 +132,7 @@ def test_validate_passes_on_a_good_dataset(small_dataset):
 def test_corrupt_shard_is_caught_by_checksum(small_dataset, tmp_path):
     folder = copy_of(small_dataset, tmp_path)
     shard = sorted((folder / "data").glob("*.parquet"))[1]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_byte(shard)
     expect_invalid(folder, shard.name, "checksum")
 
 
@@ -171,9 +169,7 @@ def test_shards_checked_side_by_side_report_in_manifest_order(small_dataset, tmp
     files = [entry["file"] for entry in json.loads((folder / "tsdkd.json").read_text())["shards"]]
     assert len(files) >= 3
     for name in files[1:3]:
-        data = bytearray((folder / name).read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        (folder / name).write_bytes(bytes(data))
+        flip_byte(folder / name)
     expect_invalid(folder, files[1], "checksum")
 
     folder = copy_of(small_dataset, tmp_path / "again")
@@ -185,9 +181,7 @@ def test_shards_checked_side_by_side_report_in_manifest_order(small_dataset, tmp
             row["prompt_id"] = first_prompt
 
     changed = rewrite_shard(folder, repeat_first_prompt, index=1)
-    data = bytearray((folder / files[2]).read_bytes())  # a later shard is bad too
-    data[len(data) // 2] ^= 0xFF
-    (folder / files[2]).write_bytes(bytes(data))
+    flip_byte(folder / files[2])  # a later shard is bad too
     expect_invalid(folder, changed, "row 0", f"prompt {first_prompt} appears in more than one group or shard")
 
 
