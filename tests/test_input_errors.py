@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import typer
 
 from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, flip_byte, run_cli
 from tsdkd.cli import Terminated, one_line_errors
+from tsdkd.errors import TsdkdError
 
 
 def generate_with(prompts, tmp_path):
@@ -146,3 +148,22 @@ def test_an_interrupt_inside_a_library_call_still_ends_in_one_line(capfd, monkey
         command()
     gc.collect()
     assert capfd.readouterr().err == f"{line}rerun the same command to continue\n"
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_last_line_starts_a_line_of_its_own_after_an_open_progress_bar(capsys, monkeypatch, terminal):
+    """On a terminal a bar's line is unfinished while it runs (the Trainer's, updated by hand, stays open until the
+    end): an error raised meanwhile starts a new line."""
+    from tqdm import tqdm
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+
+    @one_line_errors
+    def command():
+        bar = tqdm(total=3, file=io.StringIO())
+        bar.update()
+        raise TsdkdError("row 2 is bad")
+
+    with pytest.raises(typer.Exit):
+        command()
+    assert capsys.readouterr().err == ("\n" if terminal else "") + "error: row 2 is bad\n"

@@ -67,6 +67,15 @@ def quiet_teardown() -> None:
     sys.unraisablehook = lambda unraisable: None
 
 
+def say_last(line: str) -> None:
+    """The command's last line, on stderr: on a line of its own on a terminal where a progress bar is still open
+    (its line unfinished)."""
+    from tqdm import tqdm
+
+    bar_open = any(not getattr(bar, "disable", True) for bar in list(getattr(tqdm, "_instances", ())))
+    typer.echo(("\n" if bar_open and sys.stderr.isatty() else "") + line, err=True)
+
+
 def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the same command to continue") -> Callable[..., Any]:
     """Bad input ends in one line on stderr and exit code 2, never a traceback; Ctrl-C (exit 130) and
     SIGTERM (exit 143, 128 + 15 as if killed) say `next_step`."""
@@ -77,15 +86,15 @@ def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the sam
             with sigterm_like_ctrl_c():
                 return command(*args, **kwargs)
         except TsdkdError as error:
-            typer.echo(f"error: {error}", err=True)
+            say_last(f"error: {error}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             quiet_teardown()
-            typer.echo(f"interrupted; {next_step}", err=True)
+            say_last(f"interrupted; {next_step}")
             raise typer.Exit(130) from None
         except Terminated:
             quiet_teardown()
-            typer.echo(f"terminated (SIGTERM); {next_step}", err=True)
+            say_last(f"terminated (SIGTERM); {next_step}")
             raise typer.Exit(143) from None
 
     return wrapper
