@@ -20,9 +20,9 @@ def resolve_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
-    """Safetensors weights only; the model's own generation defaults (penalties, min-p, extra stop
-    ids) are dropped, because transformers merges them into every generate() call and TSD-KD
-    samples the student raw."""
+    """Safetensors weights only; the model's own generation defaults (penalties, min-p, top-k) are
+    dropped, because transformers merges them into every generate() call and TSD-KD samples the
+    student raw. Its end ids are kept: they end a turn (stop_token_ids)."""
     device, torch_dtype = resolve_device_dtype(dtype)
     try:
         # device_map: the weights load straight onto the GPU, not through host memory first.
@@ -30,7 +30,7 @@ def load_model(path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Modul
                                                      use_safetensors=True, device_map=device)
     except (OSError, ValueError) as error:
         raise TsdkdError(f"{path}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
-    model.generation_config = GenerationConfig()
+    model.generation_config = GenerationConfig(eos_token_id=model.generation_config.eos_token_id)
     return model.eval()
 
 
@@ -73,12 +73,19 @@ class BehaviourLogprobRecorder(LogitsProcessor):
         return torch.stack(self.recorded, dim=1)
 
 
+def stop_token_ids(model: torch.nn.Module, eos_token_id: int) -> list[int]:
+    """The tokenizer's EOS and the model's own end ids (generation_config.json, else config.json): a chat model
+    may end its turn with another token than the tokenizer's EOS. vLLM stops at the same ids."""
+    own = model.generation_config.eos_token_id
+    return sorted({eos_token_id, *([] if own is None else [own] if isinstance(own, int) else own)})
+
+
 class HFStudentSampler:
     def __init__(self, path: str, settings: SamplingSettings, eos_token_id: int, pad_token_id: int, vocab_size: int,
                  batch_size: int, dtype: str, trust_remote_code: bool) -> None:
         self.model = load_model(path, dtype, trust_remote_code)
         self.settings = settings
-        self.eos_token_id = eos_token_id
+        self.stop_token_ids = stop_token_ids(self.model, eos_token_id)
         self.pad_token_id = pad_token_id
         self.vocab_size = vocab_size
         self.batch_size = batch_size
@@ -93,7 +100,7 @@ class HFStudentSampler:
             top_k=None if greedy else 0,
             max_new_tokens=self.settings.max_new_tokens,
             num_return_sequences=self.settings.num_candidates,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
         )
@@ -129,8 +136,8 @@ class HFStudentSampler:
         return [candidates[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def _trim(self, tokens: np.ndarray, logprobs: np.ndarray) -> SampledCandidate:
-        """Cut after the first EOS (kept, so the student learns to stop); the rest is padding."""
-        stops = np.flatnonzero(tokens == self.eos_token_id)
+        """Cut after the first stop id (kept, so the student learns to stop); the rest is padding."""
+        stops = np.flatnonzero(np.isin(tokens, self.stop_token_ids))
         end = int(stops[0]) + 1 if stops.size else len(tokens)
         return SampledCandidate(
             completion_token_ids=tokens[:end].astype(np.int64),

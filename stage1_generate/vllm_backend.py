@@ -35,8 +35,9 @@ def engine_dtype(dtype: str) -> str:
 def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args: dict[str, Any]) -> Any:
     from vllm import LLM
 
-    # generation_config="vllm": ignore the model's generation_config.json defaults (penalties,
-    # extra stop ids), as the hf backend does, so both sample the student raw.
+    # generation_config="vllm": ignore the model's generation_config.json sampling defaults (penalties,
+    # top-k), as the hf backend does, so both sample the student raw. Its end ids still stop generation, in
+    # both backends (hf_backend.stop_token_ids).
     return LLM(model=path, tokenizer=path, dtype=engine_dtype(dtype), seed=seed, max_logprobs=max_logprobs,
                generation_config="vllm", **engine_args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import SMALL_JOB, TOY_STUDENT, TOY_TEACHER, run_cli
-from stage1_generate.hf_backend import HFTeacherScorer, resolve_device_dtype
+from stage1_generate.hf_backend import HFStudentSampler, HFTeacherScorer, resolve_device_dtype
+from stage1_generate.types import SamplingSettings
+from tsdkd.loading import load_tokenizer
+from tsdkd.prompts import render_prompt
 from tsdkd.ranking import teacher_ranks
 from tsdkd.validate import validate_dataset
 
@@ -140,3 +144,27 @@ def test_auto_dtype_is_bf16_only_on_gpus_with_it_in_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_device_dtype("auto") == (torch.device("cuda"), torch.bfloat16)
     assert resolve_device_dtype("float16") == (torch.device("cuda"), torch.float16)
+
+
+def test_sampling_stops_at_the_models_own_end_ids(tmp_path):
+    """A chat model may end its turn with a token other than its tokenizer's EOS, listed in its generation config
+    (as vLLM reads it): a copy of the toy student whose tokenizer EOS is <|endoftext|> and whose generation config
+    lists <|im_end|> too samples the same completions as the original, which stops at <|im_end|>."""
+    copy = tmp_path / "chat-student"
+    shutil.copytree(TOY_STUDENT, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    generation = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 3]}))
+    prompts = [json.loads(line)["prompt"] for line in (TOY_STUDENT.parent / "toy" / "test_id.jsonl").read_text().splitlines()[:6]]
+    settings = SamplingSettings(num_candidates=1, temperature=0.0, top_p=1.0, max_new_tokens=48)
+    completions = {}
+    for path in (TOY_STUDENT, copy):
+        tokenizer = load_tokenizer(str(path), False, "student")
+        ids = [render_prompt(tokenizer, [{"role": "user", "content": p}], "test") for p in prompts]
+        sampler = HFStudentSampler(str(path), settings, tokenizer.eos_token_id, 0, len(tokenizer), 8, "float32", False)
+        completions[path] = [group[0] for group in sampler.sample(ids, list(range(len(ids))))]
+    original, chat = completions[TOY_STUDENT], completions[copy]
+    assert any(c.finish_reason == "stop" for c in original)
+    for a, b in zip(original, chat):
+        assert (a.finish_reason, a.completion_token_ids.tolist()) == (b.finish_reason, b.completion_token_ids.tolist())
