@@ -40,6 +40,9 @@ def test_extraction(text, expected):
         ("We find \\boxed{3}.", "so we get 3", True),
         ("52", "Answer: 52.0", True),
         ("52", "nothing", False),
+        ("6 + 12 = 18\n18 - 18 = 0\nAnswer: 0", "Answer: 0", True),  # a solution marked like the toy data's
+        ("6 + 12 = 18\n18 - 18 = 0\nThe answer is 0.", "so 0", True),
+        ("He answers 7 questions. #### 7", "7", True),
     ],
 )
 def test_equivalence(gold, response, correct):

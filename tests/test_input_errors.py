@@ -74,6 +74,12 @@ def test_eval_reports_bad_benchmark_files(tmp_path):
     unanswered = tmp_path / "unanswered.jsonl"
     unanswered.write_bytes(lines(GOOD, "", '{"prompt": "2 + 2?"}'))
     assert_one_line_error(eval_with(unanswered, tmp_path), "unanswered.jsonl line 3:", "no gold answer")
+    unmarked = tmp_path / "unmarked.jsonl"
+    unmarked.write_bytes(lines('{"prompt": "1 + 1?", "solution": "1 + 1 = 2\\nAnswer: 2"}',
+                               '{"prompt": "6 + 12 - 18?", "solution": "6 + 12 = 18\\n18 - 18 = 0"}'))
+    assert_one_line_error(eval_with(unmarked, tmp_path), "unmarked.jsonl line 2: field 'solution' is a solution of several",
+                          "no final answer marked", "--answer-field")
+    assert_one_line_error(generate_with(unmarked, tmp_path), "unmarked.jsonl line 2: field 'solution'")
     assert not (tmp_path / "eval").exists()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 _HASHES = re.compile(r"####\s*([^\n]+)")
-_ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
+_ANSWER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
@@ -26,8 +26,8 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a response (or of a gold solution), None when there is none."""
+def _marked_answer(text: str) -> str | None:
+    """The answer a text marks as final: the last \\boxed{}, else the last `#### N`, else the last `Answer: N`."""
     boxed = _last_boxed(text)
     if boxed:
         return boxed
@@ -35,6 +35,14 @@ def extract_answer(text: str) -> str | None:
         matches = pattern.findall(text)
         if matches:
             return matches[-1].strip().rstrip(".")
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response: the marked one, else its last number; None when there is none."""
+    marked = _marked_answer(text)
+    if marked:
+        return marked
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -51,9 +59,9 @@ def answers_match(gold: str, predicted: str) -> bool:
 
 
 def gold_final_answer(gold_answer: str) -> str:
-    """A gold field is a bare answer ("72", "\\frac{1}{2}") or a solution marked by \\boxed{} or ####."""
-    hashes = _HASHES.findall(gold_answer)
-    return _last_boxed(gold_answer) or (hashes[-1].strip() if hashes else gold_answer.strip())
+    """A gold field is a bare answer ("72", "\\frac{1}{2}") or a solution whose answer is marked (\\boxed{},
+    ####, `Answer:`); a solution with no mark is returned whole (load_prompts refuses one of several lines)."""
+    return _marked_answer(gold_answer) or gold_answer.strip()
 
 
 def answer_is_correct(gold_answer: str, response: str) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tsdkd.answers import gold_final_answer
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_json
 
@@ -176,6 +177,11 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
     records = []
     for row, item in enumerate(table):
         answer = item.get(answer_field) if answer_field else None
+        if answer is not None and "\n" in gold_final_answer(str(answer)):
+            # No response's answer could equal a whole solution: every one would silently count as wrong.
+            raise TsdkdError(f"{names[row]}: field {answer_field!r} is a solution of several lines with no final answer "
+                             "marked (\\boxed{}, ####, Answer:); mark it, or name a field holding the answer alone "
+                             "with --answer-field")
         records.append(
             PromptRecord(
                 row=row,
