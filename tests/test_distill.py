@@ -352,6 +352,9 @@ def test_bad_input(small_dataset, tmp_path):
     (["--no-indirect", "--indirect", "both"], "--indirect"),
     (["--loss", "kd", "--jsd-beta", "0.9"], "--jsd-beta"),
     (["--loss", "sft", "--alpha", "0.1"], "--alpha"),
+    (["--loss", "kd", "--with-indirect"], "--with-indirect"),  # reads like "KD plus ranking"
+    (["--loss", "sft", "--no-renormalize-topk"], "--no-renormalize-topk"),
+    (["--selection-fraction", "0.3", "--tau-w", "2"], "--tau-w"),  # hard selection has no temperature
 ])
 def test_a_setting_no_loss_term_reads_is_refused(small_dataset, tmp_path, extra, named):
     """An ablation with a setting its preset or switches leave unused would silently train something else."""
@@ -367,7 +370,7 @@ def test_a_config_files_default_loss_settings_pass_with_any_preset(small_dataset
     base.write_text("jsd_beta: 0.9\nalpha: 0.1\nindirect: both\nlambda_ent: 1.0\n")
     seen = []
     monkeypatch.setattr("stage2_distill.distill.distill", seen.append)
-    for extra in (["--loss", "sft"], ["--loss", "kd", "--with-entropy"], ["--no-indirect"]):
+    for extra in (["--loss", "sft"], ["--loss", "kd"], ["--no-indirect"]):
         result = run_cli(*distill_args(small_dataset, tmp_path / "run", "--config", base, *extra))
         assert result.exit_code == 0, result.stderr
     assert [cfg.loss for cfg in seen] == ["sft", "kd", "tsdkd"]

@@ -196,9 +196,9 @@ def distill(
     from tsdkd.config import DistillConfig, build_config
 
     cfg = build_config(DistillConfig, config_file, options)
-    # Given on the command line, a loss setting counts even at its default value (`--no-indirect --indirect both`);
-    # a config file may hold a shared base of defaults. A switch's off form (False) turns nothing on.
-    cfg.check_loss_settings(given={name for name, value in options.items() if value is not None and value is not False})
+    # Given on the command line, a loss setting counts even at its default value (`--no-indirect --indirect both`,
+    # `--loss kd --with-entropy`); a config file may hold a shared base of defaults.
+    cfg.check_loss_settings(given={name for name, value in options.items() if value is not None})
     run_distill(cfg)
     import torch.distributed
 

@@ -180,7 +180,7 @@ INDIRECT = ("token", "sequence", "both")
 # Each loss setting and the loss term that reads it (DistillConfig.loss_terms).
 LOSS_SETTING_TERMS = {
     "no_indirect": "tsdkd", "no_entropy": "tsdkd", "no_selection": "tsdkd",
-    "jsd_beta": "jsd", "renormalize_topk": "direct", "tau_w": "selection", "selection_fraction": "selection",
+    "jsd_beta": "jsd", "renormalize_topk": "direct", "tau_w": "soft selection", "selection_fraction": "selection",
     "indirect": "indirect", "alpha": "indirect", "rank_items": "token ranking", "prefix_entropy_fraction": "token ranking",
     "beta_p": "sequence ranking", "lambda_ent": "entropy", "entropy_quantile": "entropy",
 }
@@ -292,6 +292,8 @@ class DistillConfig:
         terms.add("tsdkd")
         if not self.no_selection:
             terms.add("selection")
+            if self.selection_fraction is None:
+                terms.add("soft selection")  # sigmoid weights; hard selection reads no temperature
         if not self.no_entropy:
             terms.add("entropy")
         if not self.no_indirect:
@@ -309,11 +311,22 @@ class DistillConfig:
         for name, term in LOSS_SETTING_TERMS.items():
             if term not in terms and (getattr(self, name) != getattr(defaults, name) or name in given):
                 # The other switches in use, which may be what turned the term off (not the option itself).
-                switches = "".join(f" --{flag.replace('_', '-')}" for flag in ("no_indirect", "no_entropy", "no_selection")
-                                   if getattr(self, flag) and flag != name)
+                switches = "".join(f" {flag(switch, True)}" for switch in ("no_indirect", "no_entropy", "no_selection")
+                                   if getattr(self, switch) and switch != name)
                 if term in ("token ranking", "sequence ranking") and not self.no_indirect and self.indirect != DistillConfig.indirect:
                     switches += f" --indirect {self.indirect}"  # which ranking is on decides what its options mean
-                raise TsdkdError(f"--{name.replace('_', '-')} has no effect with --loss {self.loss}{switches}; leave it out")
+                if term == "soft selection" and "selection" in terms:
+                    switches += f" --selection-fraction {self.selection_fraction}"
+                raise TsdkdError(f"{flag(name, getattr(self, name))} has no effect with --loss {self.loss}{switches}; leave it out")
+
+
+def flag(name: str, value: Any) -> str:
+    """The command-line form that gives a setting this value: --tau-w, and for a switch off --with-entropy (for
+    no_entropy) or --no-tensorboard."""
+    option = name.replace("_", "-")
+    if value is False:
+        return f"--with-{option[3:]}" if option.startswith("no-") else f"--no-{option}"
+    return f"--{option}"
 
 
 # The keys of each `tsdkd run` section that the run sets itself for each round.
