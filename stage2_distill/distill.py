@@ -26,7 +26,7 @@ from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint,
                                with_real_paths)
 from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
-from tsdkd.locks import exclusive_use, writable_folder
+from tsdkd.locks import default_permissions, exclusive_use, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -395,11 +395,8 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     generation = student_generation_config(trainer.accelerator.unwrap_model(trainer.model).generation_config, tokenizer)
     generation.save_pretrained(staging)
     saved = {}
-    umask = os.umask(0)
-    os.umask(umask)
     for item in staging.iterdir():
-        # safetensors writes the weights readable by their owner only; the student is shared like any other file.
-        os.chmod(item, 0o666 & ~umask)
+        default_permissions(item)  # safetensors writes the weights readable by their owner only
         # The weights by hash, the small files by name: a rerun checks them before it calls the run done.
         saved[item.name] = sha256_file(item) if item.suffix == ".safetensors" else None
         os.replace(item, out / item.name)

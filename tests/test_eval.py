@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,8 @@ def eval_files(folder):
 
 
 def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_path, monkeypatch):
-    """Same settings: evaluated again and swapped in whole (nothing of the old set is left beside it). The models
-    and data may be named by other paths."""
+    """Same settings: evaluated again and swapped in whole (nothing of the old set is left beside it), while what the
+    user kept beside the results (notes, plots) stays. The models and data may be named by other paths."""
     bench = write_jsonl(tmp_path / "b.jsonl", toy_items(4))
     out = tmp_path / "ev"
     args = ["eval", "--model", TOY_STUDENT, "--model", TOY_TEACHER, "--data", bench, "--out", out, "--limit", "3", *EVAL]
@@ -161,12 +162,18 @@ def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_pat
     assert (settings["data"], settings["limit"], settings["max_new_tokens"]) == ([str(bench)], 3, 24)
     record = json.loads((out / "tsdkd_eval.json").read_text())
     assert record["settings"]["model"] == [str(TOY_STUDENT), str(TOY_TEACHER)] and len(record["data_sha256"]) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
     (out / "1-toy-student" / "stale.jsonl").write_text("{}\n")
+    (out / "notes.md").write_text("mine\n")
+    (out / "plots").mkdir()
+    (out / "plots" / "accuracy.svg").write_text("<svg/>\n")
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
     assert "replaced" in result.stdout
-    assert list(eval_files(out)) == list(before)  # greedy: the same results, and the stale file gone
-    assert eval_files(out) == before
+    kept = {"notes.md": b"mine\n", "plots/accuracy.svg": b"<svg/>\n"}
+    assert eval_files(out) == {**before, **kept}  # greedy: the same results, the stale file gone, the notes kept
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
     monkeypatch.chdir(tmp_path)
     relative = [os.path.relpath(a, tmp_path) if isinstance(a, Path) else a for a in args]

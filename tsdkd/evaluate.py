@@ -10,7 +10,8 @@ the share of responses that stopped at EOS.
 
 The whole set is written to a hidden folder beside OUT and swapped in once every model is done, so OUT never
 mixes two evals and an interrupted eval leaves it as it was. A rerun with the same settings evaluates again
-and replaces it; an eval with other settings is refused (choose another --out).
+and replaces the eval's files (other files in OUT are kept); an eval with other settings is refused (choose
+another --out).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tsdkd.config import EvalConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity, sha256_json, source_fingerprint, with_real_paths
 from tsdkd.loading import context_length, load_tokenizer
+from tsdkd.locks import default_permissions
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import read_json_object, write_json_atomic
 
@@ -165,18 +167,24 @@ def staging_folder(target: Path, kind: str, out: Path) -> Path:
     """A new, empty hidden folder beside `target`."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{kind}-"))
+        folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{kind}-"))
+        default_permissions(folder)  # it becomes --out, shared like any folder (mkdtemp's is its owner's alone)
+        return folder
     except OSError as error:
         raise TsdkdError(f"--out {out}: cannot create a folder beside it to write the results in ({error.strerror})") from None
 
 
 def swap_in(staging: Path, out: Path) -> None:
-    """`staging` becomes `out`. A previous eval there is moved aside first and removed after, so `out` never
-    holds a mix of two."""
+    """`staging` becomes `out`. A previous eval there is moved aside first, so `out` never holds a mix of two;
+    what else was kept there (notes, plots) then comes back, and the rest of the previous eval is removed."""
     if out.is_dir() and any(out.iterdir()):
         previous = staging_folder(out, "previous", out)
         os.replace(out, previous)  # onto the new, empty folder
         os.replace(staging, out)
+        written = {entry.name for entry in out.iterdir()}
+        for entry in previous.iterdir():
+            if entry.name not in written:
+                os.replace(entry, out / entry.name)
         shutil.rmtree(previous, ignore_errors=True)
     else:
         os.replace(staging, out)  # onto an empty folder too

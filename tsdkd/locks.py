@@ -1,4 +1,5 @@
-"""A command's output folder: made and checked to take files, and locked while the command writes into it."""
+"""A command's output folder: made and checked to take files, locked while the command writes into it, and its
+files given the permissions the umask asks for."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ def writable_folder(out: Path) -> Path:
     except OSError as error:
         raise TsdkdError(f"--out {out}: cannot write there ({error.strerror}); choose a writable folder") from None
     return out
+
+
+def default_permissions(path: Path) -> None:
+    """The mode open() or mkdir() would have given `path` under the umask (0644, 0755 by default): safetensors
+    and mkdtemp make files and folders their owner's alone, while a student or results are shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
