@@ -173,3 +173,18 @@ def test_the_last_line_starts_a_line_of_its_own_after_an_open_progress_bar(capsy
     with pytest.raises(typer.Exit):
         command()
     assert capsys.readouterr().err == ("\n" if terminal else "") + "error: row 2 is bad\n"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["distill", "--signals", "s", "--student", "m", "--out", "o", "--no-selektion"],
+     ["No such option: --no-selektion (Possible options: --no-selection, --with-selection)", "distill --help`"]),
+    (["eval", "--model", "m", "--data", "d", "--out", "o", "--samples", "two"], ["Invalid value for '--samples'", "eval --help`"]),
+    (["frobnicate"], ["No such command 'frobnicate'; see `"]),
+])
+def test_a_mistyped_option_is_one_line(args, fragments):
+    assert_one_line_error(run_cli(*args), *fragments)
+
+
+def test_tsdkd_alone_still_shows_its_help():
+    result = run_cli()
+    assert "Commands:" in result.stdout + result.stderr and "error:" not in result.stdout + result.stderr

@@ -12,10 +12,43 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import typer
+import typer.core
 
 from tsdkd.errors import TsdkdError
 
+class Commands(typer.core.TyperGroup):
+    """The `tsdkd` command group: usage errors of it and its commands (a mistyped option or value) end in one
+    `error:` line saying where help is, like any other bad input, instead of click's usage block; exit code 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:  # parses the command's own options
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        # By class name: typer may bring its own copy of click, whose classes are not the click package's.
+        kinds = {kind.__name__ for kind in type(error).__mro__}
+        if "UsageError" in kinds and "NoArgsIsHelpError" not in kinds:  # the latter shows the help, as it should
+            error.show = functools.partial(show_one_line, error)  # type: ignore[attr-defined]
+        raise
+
+
+def show_one_line(error: Any, file: Any = None) -> None:
+    context = getattr(error, "ctx", None)
+    where = f"; see `{context.command_path} --help`" if context is not None else ""
+    typer.echo(f"error: {error.format_message().rstrip('.')}{where}", err=True)
+
+
 app = typer.Typer(
+    cls=Commands,
     help="Token-Selective Dual Knowledge Distillation: cache teacher signals, then distil a student from them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
