@@ -11,6 +11,7 @@ import pytest
 
 from conftest import TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.answers import answer_is_correct, extract_answer
+from tsdkd.evaluate import comparison_table
 from tsdkd.prompts import load_prompts
 
 EVAL = ["--max-new-tokens", "24", "--backend", "hf"]
@@ -114,9 +115,21 @@ def test_several_models_are_compared_with_the_same_settings(tmp_path):
         assert run_cli("eval", "--model", model, "--out", tmp_path / label, *options).exit_code == 0
         alone = json.loads((tmp_path / label / "results.json").read_text())
         assert comparison[label] == alone == json.loads((tmp_path / "both" / label / "results.json").read_text())
-        accuracy = alone["benchmarks"]["b"]["accuracy"]
-        assert f"| {label} ({model}) | {100 * accuracy:.1f}% |" in both.stdout
+        row = alone["benchmarks"]["b"]
+        assert f"| {label} ({model}) | {100 * row['accuracy']:.1f}% | {100 * row['stopped_fraction']:.1f}% |" in both.stdout
         assert (tmp_path / "both" / label / "b.jsonl").read_text() == (tmp_path / label / "b.jsonl").read_text()
+
+
+def test_the_comparison_table_shows_what_one_models_table_does():
+    """pass@k and the share stopped at EOS, per benchmark, next to accuracy: a model that never stops shows there."""
+    def results(model, accuracy, stopped):
+        return {"settings": {"samples": 4}, "model": model, "benchmarks": {
+            name: {"items": 8, "accuracy": accuracy, "pass@4": 2 * accuracy, "stopped_fraction": stopped} for name in ("gsm", "math")}}
+
+    table = comparison_table({"models": {"1-a": results("a", 0.25, 1.0), "2-b": results("b", 0.125, 0.0)}}).splitlines()
+    assert table[0] == "| model | gsm | gsm pass@4 | gsm stopped at EOS | math | math pass@4 | math stopped at EOS |"
+    assert table[2:] == ["| 1-a (a) | 25.0% | 50.0% | 100.0% | 25.0% | 50.0% | 100.0% |",
+                         "| 2-b (b) | 12.5% | 25.0% | 0.0% | 12.5% | 25.0% | 0.0% |"]
 
 
 def test_vllm_greedy_equals_hf_greedy(tmp_path):

@@ -236,25 +236,34 @@ def run_benchmark(cfg: EvalConfig, model: Any, tokenizer: Any, name: str, record
     return summary
 
 
+def benchmark_columns(name: str, k: int) -> list[str]:
+    """The columns of one benchmark's results: accuracy, pass@k (with k samples) and the share stopped at EOS."""
+    return [name, *([f"pass@{k}"] if k > 1 else []), "stopped at EOS"]
+
+
+def benchmark_cells(row: dict[str, Any], k: int) -> list[str]:
+    return [f"{100 * row['accuracy']:.1f}%", *([f"{100 * row[f'pass@{k}']:.1f}%"] if k > 1 else []),
+            f"{100 * row['stopped_fraction']:.1f}%"]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def results_table(results: dict[str, Any]) -> str:
     k = results["settings"]["samples"]
-    header = "| benchmark | items | accuracy |" + (f" pass@{k} |" if k > 1 else "") + " stopped at EOS |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for name, row in results["benchmarks"].items():
-        cells = [name, str(row["items"]), f"{100 * row['accuracy']:.1f}%"]
-        if k > 1:
-            cells.append(f"{100 * row[f'pass@{k}']:.1f}%")
-        cells.append(f"{100 * row['stopped_fraction']:.1f}%")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = ["benchmark", "items", *benchmark_columns("accuracy", k)]
+    return markdown_table(header, [[name, str(row["items"]), *benchmark_cells(row, k)]
+                                   for name, row in results["benchmarks"].items()])
 
 
 def comparison_table(comparison: dict[str, Any]) -> str:
-    """Accuracy of each model (rows) on each benchmark (columns)."""
+    """Each model (rows) on each benchmark (columns: accuracy, pass@k, stopped at EOS)."""
     models = comparison["models"]
-    names = list(next(iter(models.values()))["benchmarks"])
-    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, results in models.items():
-        cells = [f"{100 * results['benchmarks'][name]['accuracy']:.1f}%" for name in names]
-        lines.append(f"| {label} ({results['model']}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    first = next(iter(models.values()))
+    k, names = first["settings"]["samples"], list(first["benchmarks"])
+    header = ["model", *(column if column == name else f"{name} {column}" for name in names for column in benchmark_columns(name, k))]
+    rows = [[f"{label} ({results['model']})", *(cell for name in names for cell in benchmark_cells(results["benchmarks"][name], k))]
+            for label, results in models.items()]
+    return markdown_table(header, rows)
