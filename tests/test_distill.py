@@ -374,6 +374,9 @@ def test_a_config_files_default_loss_settings_pass_with_any_preset(small_dataset
         result = run_cli(*distill_args(small_dataset, tmp_path / "run", "--config", base, *extra))
         assert result.exit_code == 0, result.stderr
     assert [cfg.loss for cfg in seen] == ["sft", "kd", "tsdkd"]
+    base.write_text("lambda_ent: 0.5\n")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "run", "--config", base, "--no-entropy")),
+                          f"--lambda-ent (set in {base}) has no effect with --loss tsdkd --no-entropy; leave it out")
 
 
 def test_several_gpus_in_one_process_are_refused(small_dataset, tmp_path, monkeypatch):

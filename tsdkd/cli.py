@@ -231,7 +231,7 @@ def distill(
     cfg = build_config(DistillConfig, config_file, options)
     # Given on the command line, a loss setting counts even at its default value (`--no-indirect --indirect both`,
     # `--loss kd --with-entropy`); a config file may hold a shared base of defaults.
-    cfg.check_loss_settings(given={name for name, value in options.items() if value is not None})
+    cfg.check_loss_settings({name for name, value in options.items() if value is not None}, config_file)
     run_distill(cfg)
     import torch.distributed
 

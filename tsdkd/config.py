@@ -304,9 +304,10 @@ class DistillConfig:
                 terms.add("sequence ranking")
         return terms
 
-    def check_loss_settings(self, given: Collection[str] = ()) -> None:
+    def check_loss_settings(self, given: Collection[str] = (), config_file: str | None = None) -> None:
         """A loss setting changed from its default, or named in `given` (the command line's options), but read by no
-        term in use is a mistake (an ablation that silently runs as something else): one line naming it."""
+        term in use is a mistake (an ablation that silently runs as something else): one line naming it, and the
+        config file it then came from."""
         terms, defaults = self.loss_terms(), DistillConfig()
         for name, term in LOSS_SETTING_TERMS.items():
             if term not in terms and (getattr(self, name) != getattr(defaults, name) or name in given):
@@ -317,7 +318,9 @@ class DistillConfig:
                     switches += f" --indirect {self.indirect}"  # which ranking is on decides what its options mean
                 if term == "soft selection" and "selection" in terms:
                     switches += f" --selection-fraction {self.selection_fraction}"
-                raise TsdkdError(f"{flag(name, getattr(self, name))} has no effect with --loss {self.loss}{switches}; leave it out")
+                origin = f" (set in {config_file})" if config_file and name not in given else ""
+                raise TsdkdError(f"{flag(name, getattr(self, name))}{origin} has no effect with --loss {self.loss}{switches}; "
+                                 "leave it out")
 
 
 def flag(name: str, value: Any) -> str:
