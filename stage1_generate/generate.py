@@ -28,7 +28,7 @@ from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
 from tsdkd.loading import context_length, load_tokenizer
-from tsdkd.locks import exclusive_use, writable_folder
+from tsdkd.locks import exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
     FORMAT_NAME,
@@ -188,7 +188,7 @@ def generate(cfg: GenerateConfig) -> Path:
                          f"--prompts-per-shard {cfg.prompts_per_shard}, none of them for this part of --num-shards "
                          f"{cfg.num_shards}; {fix}")
     out = Path(cfg.out)
-    with exclusive_use(writable_folder(out), "generate"):
+    with exclusive_use(writable_folder(out), "generate"), full_device_is_one_line(out):
         manifest = prepare_output(out, settings, fingerprint)
         # Each recorded shard hashed once: the ones to keep, and on a finished dataset the ones to redo.
         done = {entry["index"] for entry in manifest["shards"] if shard_matches(out, entry)} if manifest else set()

@@ -26,7 +26,7 @@ from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint,
                                with_real_paths)
 from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
-from tsdkd.locks import default_permissions, exclusive_use, writable_folder
+from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -315,6 +315,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         else:
             writable_folder(out)  # an empty folder is a new run's too
         held.enter_context(exclusive_use(out, "distill"))
+        held.enter_context(full_device_is_one_line(out))  # checkpoints and the student are written on this process
         if record.get("complete"):  # finished, but check_output found its student damaged
             write_json_atomic({**record, "complete": False}, out / DISTILL_RUN_INFO)
     processes.wait_for_everyone()

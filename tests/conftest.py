@@ -48,6 +48,16 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def assert_ends_in_one_error_line(result, *fragments: str) -> None:
+    """Like assert_one_line_error for a failure midway, after progress output: the last line is the only error."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and sum("error:" in line for line in lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+
+
 def flip_byte(path: Path, index: int | None = None) -> None:
     """Damage a file in place by inverting one byte (its middle one by default): it may still parse, with wrong numbers."""
     data = bytearray(path.read_bytes())

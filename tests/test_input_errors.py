@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import io
 import json
 import re
 import shutil
 import sys
+import tempfile
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import typer
 
-from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, flip_byte, run_cli
+from conftest import SMALL_JOB, TOY_PROMPTS, TOY_STUDENT, assert_ends_in_one_error_line, assert_one_line_error, flip_byte, run_cli
 from tsdkd.cli import Terminated, one_line_errors
 from tsdkd.errors import TsdkdError
+from tsdkd.locks import no_space_left
 
 
 def generate_with(prompts, tmp_path):
@@ -156,23 +159,24 @@ def test_an_interrupt_inside_a_library_call_still_ends_in_one_line(capfd, monkey
     assert capfd.readouterr().err == f"{line}rerun the same command to continue\n"
 
 
-@pytest.mark.parametrize("terminal", [True, False])
-def test_the_last_line_starts_a_line_of_its_own_after_an_open_progress_bar(capsys, monkeypatch, terminal):
-    """On a terminal a bar's line is unfinished while it runs (the Trainer's, updated by hand, stays open until the
-    end): an error raised meanwhile starts a new line."""
+def test_the_last_line_starts_a_line_of_its_own_after_an_open_progress_bar(capsys):
+    """A bar's line is unfinished while it runs (the Trainer's, updated by hand, stays open until the end), on a
+    terminal and in a log: an error raised meanwhile starts a new line, and the bar writes nothing after it."""
     from tqdm import tqdm
 
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    bar_output = io.StringIO()
 
     @one_line_errors
     def command():
-        bar = tqdm(total=3, file=io.StringIO())
+        bar = tqdm(total=3, file=bar_output)
         bar.update()
         raise TsdkdError("row 2 is bad")
 
     with pytest.raises(typer.Exit):
         command()
-    assert capsys.readouterr().err == ("\n" if terminal else "") + "error: row 2 is bad\n"
+    written = bar_output.getvalue()
+    gc.collect()  # the bar is closed as it is collected
+    assert capsys.readouterr().err == "\nerror: row 2 is bad\n" and bar_output.getvalue() == written
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -188,3 +192,40 @@ def test_a_mistyped_option_is_one_line(args, fragments):
 def test_tsdkd_alone_still_shows_its_help():
     result = run_cli()
     assert "Commands:" in result.stdout + result.stderr and "error:" not in result.stdout + result.stderr
+
+
+def test_no_space_left_is_found_by_writing(tmp_path, monkeypatch):
+    assert not no_space_left(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    assert no_space_left(tmp_path)
+
+
+def test_a_full_device_while_generating_is_one_line(tmp_path, monkeypatch):
+    """pyarrow says it with the errno (seen on a full tmpfs); the next rerun continues."""
+    def full(table, where, **kwargs):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr("tsdkd.signals.pq.write_table", full)
+    assert_ends_in_one_error_line(generate_with(TOY_PROMPTS, tmp_path), f"--out {tmp_path / 'out'}: no space left on its device",
+                          "OSError: [Errno 28]", "free some space, then rerun the same command to continue")
+
+
+def test_a_full_device_while_saving_a_checkpoint_is_one_line(small_dataset, tmp_path, monkeypatch):
+    """torch's checkpoint writer says only `iostream error` (seen on a full tmpfs): the device is probed."""
+    from stage2_distill.trainer import DistillTrainer
+
+    def full(self, *args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(DistillTrainer, "_save_checkpoint", full)
+    out = tmp_path / "run"
+    args = ["distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", out, "--max-steps", "2", "--save-steps", "1"]
+    monkeypatch.setattr("tsdkd.locks.no_space_left", lambda folder: folder == out)
+    assert_ends_in_one_error_line(run_cli(*args), f"--out {out}: no space left on its device (RuntimeError: basic_ios::clear: iostream error)")
+    monkeypatch.setattr("tsdkd.locks.no_space_left", lambda folder: False)  # another failure stays what it is
+    result = run_cli(*args)
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)

@@ -101,12 +101,14 @@ def quiet_teardown() -> None:
 
 
 def say_last(line: str) -> None:
-    """The command's last line, on stderr: on a line of its own on a terminal where a progress bar is still open
-    (its line unfinished)."""
+    """The command's last line, on stderr, on a line of its own and last: a progress bar still open has left its
+    line unfinished (on a terminal and in a log alike), and would otherwise write again as it is closed."""
     from tqdm import tqdm
 
-    bar_open = any(not getattr(bar, "disable", True) for bar in list(getattr(tqdm, "_instances", ())))
-    typer.echo(("\n" if bar_open and sys.stderr.isatty() else "") + line, err=True)
+    open_bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not getattr(bar, "disable", True)]
+    for bar in open_bars:
+        bar.disable = True
+    typer.echo(("\n" if open_bars else "") + line, err=True)
 
 
 def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the same command to continue") -> Callable[..., Any]:

@@ -4,6 +4,7 @@ files given the permissions the umask asks for."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -44,6 +45,35 @@ def default_permissions(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+FULL_DEVICE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space_left(folder: Path) -> bool:
+    """Whether `folder`'s device (or the user's quota on it) takes no 1 MiB more, found by writing it: some writers
+    report a full device without its errno (torch's checkpoint writer: `basic_ios::clear: iostream error`)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(bytes(2**20))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        return error.errno in FULL_DEVICE_ERRNOS
+    return False
+
+
+@contextlib.contextmanager
+def full_device_is_one_line(folder: Path) -> Iterator[None]:
+    """A write into `folder` that failed because its device is full ends in one line, whatever the writer raised."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, OSError) and error.errno in FULL_DEVICE_ERRNOS or no_space_left(folder):
+            raise TsdkdError(f"--out {folder}: no space left on its device ({type(error).__name__}: "
+                             f"{str(error).strip().splitlines()[0] if str(error).strip() else 'write failed'}); "
+                             "free some space, then rerun the same command to continue") from None
+        raise
 
 
 @contextlib.contextmanager
