@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ROOT, SMALL_JOB, TOY_TEACHER, assert_one_line_error, run_cli
+from conftest import ROOT, SMALL_JOB, TOY_PROMPTS, TOY_TEACHER, assert_one_line_error, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, sha256_file
 from tsdkd.locks import exclusive_use
@@ -82,11 +82,18 @@ def test_settings_differ_by_keys_of_either_side():
     assert differing_settings({"top_k": 8}, {"top_k": 8, "dtype": "bf16"}) == ["dtype"]
 
 
-def test_rerun_with_other_settings_is_refused(small_dataset):
+def test_rerun_with_other_settings_is_refused(small_dataset, tmp_path):
     before = tree_state(small_dataset)
     job = list(SMALL_JOB)
     job[job.index("--top-k") + 1] = "4"
     assert_one_line_error(run_cli("generate", *job, "--out", small_dataset), "other settings", "top_k")
+    assert tree_state(small_dataset) == before
+    edited = tmp_path / "prompts.jsonl"  # the same prompts, one more line at the end: a changed file
+    edited.write_text(TOY_PROMPTS.read_text() + '{"prompt": "One more?"}\n')
+    job = list(SMALL_JOB)
+    job[job.index("--prompts") + 1] = str(edited)
+    assert_one_line_error(run_cli("generate", *job, "--out", small_dataset),
+                          "differs in: the prompt file's contents, changed since the dataset was started")
     assert tree_state(small_dataset) == before
 
 

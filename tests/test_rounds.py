@@ -111,6 +111,10 @@ def test_a_moved_run_folder_continues(finished_run, tmp_path):
     third = json.loads((moved / "round-3" / "signals" / "tsdkd.json").read_text())
     assert third["student"]["name_or_path"] == str(moved / "round-2" / "student")
     assert (moved / "round-3" / "student" / "model.safetensors").is_file()
+    fewer = run_cli(*run_args(config, moved, "--rounds", "2"))  # the shorter run is still done; round 3 is said to be left
+    assert fewer.exit_code == 0, fewer.stderr[-3000:]
+    assert f"note: {moved} also holds round 3 of an earlier, longer run, kept and not used: the final student is round 2's" \
+        in fewer.stdout and f"final student in {moved / 'round-2' / 'student'}" in fewer.stdout
 
 
 def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):

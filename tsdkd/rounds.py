@@ -158,6 +158,10 @@ def run_rounds(cfg: RunConfig) -> Path:
             distill(distill_cfg)
             state["student"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
+        later = sorted(int(r) for r in manifest["rounds"] if int(r) > cfg.rounds)
+        if later:
+            print(f"note: {out} also holds round{'s' if len(later) > 1 else ''} {', '.join(map(str, later))} of an earlier, "
+                  f"longer run, kept and not used: the final student is round {cfg.rounds}'s")
     final = Path(student_of_round(cfg, cfg.rounds))
     print(f"{out}: {cfg.rounds} round{'s' if cfg.rounds != 1 else ''} done; final student in {final}")
     return final
