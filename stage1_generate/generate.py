@@ -216,6 +216,9 @@ def generate(cfg: GenerateConfig) -> Path:
         engine_args = vllm_engine_args(cfg, prompts)
 
         to_sample = [j for j in pending if not work_path(out, j).is_file()]
+        if len(pending) < len(mine) or len(to_sample) < len(pending):
+            print(f"{out}: continuing: {len(mine) - len(pending)} of {len(mine)} shards done, "
+                  f"{len(pending) - len(to_sample)} more sampled and waiting for the teacher")
         if to_sample:
             sampler = open_sampler(backend, cfg, sampling, student_tokenizer, engine_args)
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,6 +266,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_dataset, tmp_path)
     finished_before = {e["file"]: e["sha256"] for e in killed_at["shards"]}
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    kept = len(killed_at["shards"])
+    assert re.search(rf"{out}: continuing: {kept} of 12 shards done, \d+ more sampled and waiting for the teacher", rerun.stdout)
     assert shard_hashes(out) == shard_hashes(clean)
     for file, digest in finished_before.items():
         assert sha256_file(out / file) == digest

@@ -117,6 +117,22 @@ def test_a_moved_run_folder_continues(finished_run, tmp_path):
         in fewer.stdout and f"final student in {moved / 'round-2' / 'student'}" in fewer.stdout
 
 
+def test_a_rounds_refusal_names_the_round_and_command(finished_run, tmp_path):
+    """Its --out is a folder the run chose: the line says where in the run it came from."""
+    config, out = finished_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(TOY_PROMPTS.read_text() + '{"prompt": "One more?"}\n')  # edited since the run started
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    record = json.loads((copy / "tsdkd_run.json").read_text())
+    record["settings"]["prompts"] = str(prompts)  # as if the run had been started from this file, since edited
+    (copy / "tsdkd_run.json").write_text(json.dumps(record))
+    args = run_args(config, copy)
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert_one_line_error(run_cli(*args), f"round 1, generate: --out {copy / 'round-1' / 'signals'} holds a dataset",
+                          "the prompt file's contents, changed since the dataset was started")
+
+
 def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
     config, _ = finished_run
     out = tmp_path / "run"

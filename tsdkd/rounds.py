@@ -12,9 +12,10 @@ partial signal dataset resumes shard by shard, a partial distillation from its l
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RESUMABLE_GENERATE_CHANGES, RUN_SECTIONS, DistillConfig,
                           GenerateConfig, RunConfig, build_config)
@@ -125,6 +126,15 @@ def round_configs(cfg: RunConfig, round_index: int) -> tuple[GenerateConfig, Dis
     return generate_cfg, distill_cfg
 
 
+@contextlib.contextmanager
+def in_round(round_index: int, command: str) -> Iterator[None]:
+    """A round's refusal says which round and command it comes from (its --out is a folder the run chose)."""
+    try:
+        yield
+    except TsdkdError as error:
+        raise TsdkdError(f"round {round_index}, {command}: {error}") from None
+
+
 def run_rounds(cfg: RunConfig) -> Path:
     """Rounds 1..R (R may grow between reruns); returns the last round's student folder."""
     from stage1_generate.generate import generate
@@ -152,10 +162,12 @@ def run_rounds(cfg: RunConfig) -> Path:
             print(f"round {round_index} of {cfg.rounds}")
             # A finished round is handed to its commands too: each checks its output and redoes what was lost since.
             generate_cfg, distill_cfg = round_configs(cfg, round_index)
-            generate(generate_cfg)
+            with in_round(round_index, "generate"):
+                generate(generate_cfg)
             state["signals"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
-            distill(distill_cfg)
+            with in_round(round_index, "distill"):
+                distill(distill_cfg)
             state["student"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
         later = sorted(int(r) for r in manifest["rounds"] if int(r) > cfg.rounds)
