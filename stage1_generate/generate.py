@@ -173,7 +173,8 @@ def generate(cfg: GenerateConfig) -> Path:
         raise TsdkdError(f"--student {cfg.student}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
 
     prompts_path = Path(cfg.prompts)
-    records, duplicates = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit))
+    records, duplicates = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit,
+                                                          golds_checked=cfg.verifier == "math"))
     contexts = [c for c in (context_length(cfg.student, cfg.trust_remote_code), context_length(cfg.teacher, cfg.trust_remote_code)) if c]
     # vLLM scores a candidate by generating one token after it: one position more.
     context = min(contexts) - (backend == "vllm") if contexts else None

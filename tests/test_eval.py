@@ -26,6 +26,7 @@ EVAL = ["--max-new-tokens", "24", "--backend", "hf"]
         ("The answer is 1,234.", "1,234"),
         ("first 3, then 7", "7"),
         ("no digits at all", None),
+        ("He answers 7 questions, then 9", "9"),  # "answers" marks nothing
     ],
 )
 def test_extraction(text, expected):
@@ -44,7 +45,8 @@ def test_extraction(text, expected):
         ("52", "nothing", False),
         ("6 + 12 = 18\n18 - 18 = 0\nAnswer: 0", "Answer: 0", True),  # a solution marked like the toy data's
         ("6 + 12 = 18\n18 - 18 = 0\nThe answer is 0.", "so 0", True),
-        ("He answers 7 questions. #### 7", "7", True),
+        ("\\text{no answer}", "so \\boxed{\\text{no answer}}", True),  # a bare gold answer with the word in it
+        ("To answer it, add: 3 + 4 = 7\nThen double it: 14", "14", False),  # no line starts with the mark: compared whole
     ],
 )
 def test_equivalence(gold, response, correct):

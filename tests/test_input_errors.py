@@ -22,10 +22,10 @@ from tsdkd.errors import TsdkdError
 from tsdkd.locks import no_space_left
 
 
-def generate_with(prompts, tmp_path):
+def generate_with(prompts, tmp_path, *extra):
     job = list(SMALL_JOB)
     job[job.index("--prompts") + 1] = str(prompts)
-    return run_cli("generate", *job, "--out", tmp_path / "out")
+    return run_cli("generate", *job, "--out", tmp_path / "out", *extra)
 
 
 def eval_with(data, tmp_path):
@@ -81,9 +81,15 @@ def test_eval_reports_bad_benchmark_files(tmp_path):
     unmarked.write_bytes(lines('{"prompt": "1 + 1?", "solution": "1 + 1 = 2\\nAnswer: 2"}',
                                '{"prompt": "6 + 12 - 18?", "solution": "6 + 12 = 18\\n18 - 18 = 0"}'))
     assert_one_line_error(eval_with(unmarked, tmp_path), "unmarked.jsonl line 2: field 'solution' is a solution of several",
-                          "no final answer marked", "--answer-field")
+                          "no final answer marked", "give --answer-field solution to compare it whole")
     assert_one_line_error(generate_with(unmarked, tmp_path), "unmarked.jsonl line 2: field 'solution'")
     assert not (tmp_path / "eval").exists()
+    # Named, the field is compared whole (a bare answer of several lines, a matrix); unread, it is not checked.
+    named = run_cli("eval", "--model", TOY_STUDENT, "--data", unmarked, "--out", tmp_path / "eval", "--backend", "hf",
+                    "--answer-field", "solution", "--max-new-tokens", "8")
+    assert named.exit_code == 0, named.stderr
+    unread = generate_with(unmarked, tmp_path, "--verifier", "none", "--limit", "2")
+    assert unread.exit_code == 0, unread.stderr
 
 
 def damage(path, how):

@@ -256,7 +256,7 @@ def test_distill_settings_may_change_until_a_round_distils(tmp_path):
     config.write_text(one_round + "  rank-items: 400\n")
     failed = run_cli(*run_args(config, out))  # after round 1's sampling, whose progress bars come first
     assert failed.exit_code == 2 and "Traceback" not in failed.stderr
-    assert failed.stderr.strip().splitlines()[-1] == "error: --rank-items 400 exceeds the student's vocabulary (325 tokens)"
+    assert failed.stderr.strip().splitlines()[-1] == "error: round 1, distill: --rank-items 400 exceeds the student's vocabulary (325 tokens)"
     shards = {path: path.stat().st_mtime_ns for path in (out / "round-1" / "signals" / "data").glob("*.parquet")}
     assert shards
     config.write_text(one_round)

@@ -10,6 +10,8 @@ import re
 
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
+# In a gold solution only a line that starts with it: the word "answer" inside the reasoning marks nothing.
+_GOLD_ANSWER = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)\s*\$?([^\n$]+)", re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
@@ -26,12 +28,12 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def _marked_answer(text: str) -> str | None:
-    """The answer a text marks as final: the last \\boxed{}, else the last `#### N`, else the last `Answer: N`."""
+def _marked_answer(text: str, answer_mark: re.Pattern[str] = _ANSWER) -> str | None:
+    """The answer a text marks as final: the last \\boxed{}, else the last `#### N`, else the last `answer_mark`."""
     boxed = _last_boxed(text)
     if boxed:
         return boxed
-    for pattern in (_HASHES, _ANSWER):
+    for pattern in (_HASHES, answer_mark):
         matches = pattern.findall(text)
         if matches:
             return matches[-1].strip().rstrip(".")
@@ -59,9 +61,14 @@ def answers_match(gold: str, predicted: str) -> bool:
 
 
 def gold_final_answer(gold_answer: str) -> str:
-    """A gold field is a bare answer ("72", "\\frac{1}{2}") or a solution whose answer is marked (\\boxed{},
-    ####, `Answer:`); a solution with no mark is returned whole (load_prompts refuses one of several lines)."""
-    return _marked_answer(gold_answer) or gold_answer.strip()
+    """A gold field is a bare answer ("72", "\\frac{1}{2}") or a solution whose answer is marked (\\boxed{}, ####, a
+    line starting `Answer:`); anything else is compared whole."""
+    return _marked_answer(gold_answer, _GOLD_ANSWER) or gold_answer.strip()
+
+
+def unmarked_solution(gold_answer: str) -> bool:
+    """A gold field of several lines with no final answer marked: compared whole, no response could match it."""
+    return "\n" in gold_answer.strip() and _marked_answer(gold_answer, _GOLD_ANSWER) is None
 
 
 def answer_is_correct(gold_answer: str, response: str) -> bool:

@@ -289,7 +289,7 @@ def evaluate(
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest response [1024]."),
     backend: Optional[str] = typer.Option(None, help="auto | hf | vllm [auto]."),
     prompt_field: Optional[str] = typer.Option(None, help="Prompt field [first of prompt/messages/question/problem]."),
-    answer_field: Optional[str] = typer.Option(None, help="Gold answer field [answer or solution]; GSM8K '#### N' and MATH \\boxed{} are understood."),
+    answer_field: Optional[str] = typer.Option(None, help="Gold answer field [answer or solution]; a solution's marked answer is read (MATH \\boxed{}, GSM8K '#### N', a line starting 'Answer:'), anything else is compared whole."),
     limit: Optional[int] = typer.Option(None, help="Only the first N items of each benchmark [all]."),
     batch_size: Optional[int] = typer.Option(None, help="Prompts per generation batch [32]."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed [0]."),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tsdkd.answers import gold_final_answer
+from tsdkd.answers import unmarked_solution
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_json
 
@@ -154,9 +154,11 @@ def as_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None, limit: int | None) -> list[PromptRecord]:
+def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None, limit: int | None,
+                 golds_checked: bool = True) -> list[PromptRecord]:
     """Prompt records in file order. A field left None is the first of PROMPT_FIELDS / ANSWER_FIELDS
-    the file has (no gold answer when it has none of the latter)."""
+    the file has (no gold answer when it has none of the latter). With `golds_checked` (the answers are compared
+    to responses), a found answer field holding an unmarked solution of several lines is refused."""
     table, text = load_table(path)
     if len(table) == 0:
         raise TsdkdError(f"{path}: the file holds no prompts")
@@ -169,6 +171,7 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
         raise TsdkdError(f"{path}: no field {prompt_field!r} (fields: {', '.join(columns)}); pass --prompt-field")
     if answer_field is not None and answer_field not in columns:
         raise TsdkdError(f"{path}: no field {answer_field!r} (fields: {', '.join(columns)}); pass --answer-field")
+    answer_field_found = answer_field is None
     if answer_field is None:
         answer_field = next((f for f in ANSWER_FIELDS if f in columns), None)
     names = row_names(path, text, len(table))
@@ -177,11 +180,11 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
     records = []
     for row, item in enumerate(table):
         answer = item.get(answer_field) if answer_field else None
-        if answer is not None and "\n" in gold_final_answer(str(answer)):
-            # No response's answer could equal a whole solution: every one would silently count as wrong.
+        if golds_checked and answer_field_found and answer is not None and unmarked_solution(str(answer)):
+            # Every response would silently count as wrong; a field named with --answer-field is compared whole.
             raise TsdkdError(f"{names[row]}: field {answer_field!r} is a solution of several lines with no final answer "
-                             "marked (\\boxed{}, ####, Answer:); mark it, or name a field holding the answer alone "
-                             "with --answer-field")
+                             "marked (\\boxed{}, ####, a line starting 'Answer:'), which no response could match; mark "
+                             f"it, or give --answer-field {answer_field} to compare it whole")
         records.append(
             PromptRecord(
                 row=row,
