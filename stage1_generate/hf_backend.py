@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from tsdkd.errors import TsdkdError
-from tsdkd.loading import gpu_has_bf16
+from tsdkd.loading import end_token_ids, gpu_has_bf16
 from stage1_generate.types import SampledCandidate, SamplingSettings, TeacherScores, canonical_topk
 
 
@@ -73,15 +73,14 @@ class BehaviourLogprobRecorder(LogitsProcessor):
         return torch.stack(self.recorded, dim=1)
 
 
-def stop_token_ids(model: torch.nn.Module, eos_token_id: int) -> list[int]:
+def stop_token_ids(model: torch.nn.Module, eos_token_id: int | None) -> list[int]:
     """The tokenizer's EOS and the model's own end ids (generation_config.json, else config.json): a chat model
     may end its turn with another token than the tokenizer's EOS. vLLM stops at the same ids."""
-    own = model.generation_config.eos_token_id
-    return sorted({eos_token_id, *([] if own is None else [own] if isinstance(own, int) else own)})
+    return end_token_ids(eos_token_id, model.generation_config.eos_token_id)
 
 
 class HFStudentSampler:
-    def __init__(self, path: str, settings: SamplingSettings, eos_token_id: int, pad_token_id: int, vocab_size: int,
+    def __init__(self, path: str, settings: SamplingSettings, eos_token_id: int | None, pad_token_id: int, vocab_size: int,
                  batch_size: int, dtype: str, trust_remote_code: bool) -> None:
         self.model = load_model(path, dtype, trust_remote_code)
         self.settings = settings
@@ -100,7 +99,7 @@ class HFStudentSampler:
             top_k=None if greedy else 0,
             max_new_tokens=self.settings.max_new_tokens,
             num_return_sequences=self.settings.num_candidates,
-            eos_token_id=self.stop_token_ids,
+            eos_token_id=self.stop_token_ids or None,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
         )

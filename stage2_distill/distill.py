@@ -25,7 +25,7 @@ from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillCon
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint,
                                with_real_paths)
-from tsdkd.loading import context_length, gpu_has_bf16, load_tokenizer
+from tsdkd.loading import context_length, end_token_ids, gpu_has_bf16, load_tokenizer
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
@@ -364,11 +364,8 @@ def student_generation_config(loaded: GenerationConfig, tokenizer: Any) -> Gener
     """The student's own generation config (its sampling defaults, every stop id), stopping at the tokenizer's EOS
     too: the EOS the candidates were sampled to end with."""
     generation = copy.deepcopy(loaded)
-    stop_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else \
-        [] if generation.eos_token_id is None else [generation.eos_token_id]
-    if tokenizer.eos_token_id not in stop_ids:
-        stop_ids = [*stop_ids, tokenizer.eos_token_id]
-    generation.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    stop_ids = end_token_ids(generation.eos_token_id, tokenizer.eos_token_id)
+    generation.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids or None
     if generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return generation

@@ -284,3 +284,21 @@ def test_a_folder_that_is_not_a_model_is_named_with_what_it_lacks(tmp_path):
     result = run_cli("eval", "--model", bin_only, "--data", bench, "--out", tmp_path / "o", *EVAL)
     assert_one_line_error(result, f"{bin_only}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_whose_tokenizer_has_no_eos_is_evaluated(tmp_path):
+    """No stop id from the tokenizer, none of the model's own either: every response runs to --max-new-tokens."""
+    import shutil
+
+    model = tmp_path / "no-eos"
+    shutil.copytree(TOY_STUDENT, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({k: v for k, v in generation.items() if k != "eos_token_id"}))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "eos_token_id": None}))
+    out = tmp_path / "out"
+    result = run_cli("eval", "--model", model, "--data", write_jsonl(tmp_path / "b.jsonl", toy_items(2)), "--out", out, *EVAL)
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["b"]["stopped_fraction"] == 0.0

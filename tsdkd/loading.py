@@ -52,3 +52,9 @@ def gpu_has_bf16() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def end_token_ids(*ids: int | list[int] | None) -> list[int]:
+    """The end ids that generation configs and tokenizers give (each an id, a list of ids or None), in order, once each."""
+    flat = [one for given in ids for one in ([] if given is None else [given] if isinstance(given, int) else given)]
+    return list(dict.fromkeys(flat))
