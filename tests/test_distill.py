@@ -333,6 +333,8 @@ def test_bad_input(small_dataset, tmp_path):
                           f"is the same shard as data/train-00000-of-00003.parquet of --signals {small_dataset}", "trained on twice")
     assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o5", "--jsd-beta", "2")), "--jsd-beta")
     assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o6", "--loss", "dpo")), "--loss must be one of")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o6", "--loss", "kdd", "--alpha", "0.1")),
+                          "--loss must be one of")  # not "--alpha has no effect with --loss kdd"
     assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "o7", "--resume")), "holds no earlier run")
     for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"):
         assert not (tmp_path / name).exists()
