@@ -315,10 +315,10 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         else:
             writable_folder(out)  # an empty folder is a new run's too
         held.enter_context(exclusive_use(out, "distill"))
-        held.enter_context(full_device_is_one_line(out))  # checkpoints and the student are written on this process
         if record.get("complete"):  # finished, but check_output found its student damaged
             write_json_atomic({**record, "complete": False}, out / DISTILL_RUN_INFO)
     processes.wait_for_everyone()
+    held.enter_context(full_device_is_one_line(out))  # every process writes into checkpoints (its rng state)
     # The main process knows; the others read what it found.
     done = finished if processes.is_main_process else (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete")
     if done:

@@ -6,6 +6,7 @@ import errno
 import gc
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -200,24 +201,55 @@ def test_tsdkd_alone_still_shows_its_help():
     assert "Commands:" in result.stdout + result.stderr and "error:" not in result.stdout + result.stderr
 
 
-def test_no_space_left_is_found_by_writing(tmp_path, monkeypatch):
-    assert not no_space_left(tmp_path)
+class DeviceWithRoom:
+    """A temporary file on a device that takes `room` bytes more, then says ENOSPC."""
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def __init__(self, room):
+        self.room = room
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", full)
-    assert no_space_left(tmp_path)
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return 0
+
+
+@pytest.mark.parametrize("room, full", [(2**19, True), (2**22, False)])
+def test_no_space_left_is_found_by_writing_a_mebibyte(tmp_path, monkeypatch, room, full):
+    monkeypatch.setattr(tempfile, "TemporaryFile", DeviceWithRoom(room))
+    monkeypatch.setattr(os, "fsync", lambda handle: None)
+    assert no_space_left(tmp_path) is full
 
 
 def test_a_full_device_while_generating_is_one_line(tmp_path, monkeypatch):
-    """pyarrow says it with the errno (seen on a full tmpfs); the next rerun continues."""
+    """pyarrow says it with the errno (seen on a full tmpfs); a device other than --out's is named by its file."""
     def full(table, where, **kwargs):
         raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
 
     monkeypatch.setattr("tsdkd.signals.pq.write_table", full)
-    assert_ends_in_one_error_line(generate_with(TOY_PROMPTS, tmp_path), f"--out {tmp_path / 'out'}: no space left on its device",
-                          "OSError: [Errno 28]", "free some space, then rerun the same command to continue")
+    assert_ends_in_one_error_line(generate_with(TOY_PROMPTS, tmp_path), f"no space left on --out {tmp_path / 'out'}: its device",
+                                  "OSError: [Errno 28]", "free some space, then rerun the same command to continue")
+
+    def cache_full(table, where, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/dev/shm/torch_123")
+
+    monkeypatch.setattr("tsdkd.signals.pq.write_table", cache_full)
+    assert_ends_in_one_error_line(generate_with(TOY_PROMPTS, tmp_path), "no space left on the device of /dev/shm/torch_123")
 
 
 def test_a_full_device_while_saving_a_checkpoint_is_one_line(small_dataset, tmp_path, monkeypatch):
@@ -231,7 +263,15 @@ def test_a_full_device_while_saving_a_checkpoint_is_one_line(small_dataset, tmp_
     out = tmp_path / "run"
     args = ["distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", out, "--max-steps", "2", "--save-steps", "1"]
     monkeypatch.setattr("tsdkd.locks.no_space_left", lambda folder: folder == out)
-    assert_ends_in_one_error_line(run_cli(*args), f"--out {out}: no space left on its device (RuntimeError: basic_ios::clear: iostream error)")
-    monkeypatch.setattr("tsdkd.locks.no_space_left", lambda folder: False)  # another failure stays what it is
+    assert_ends_in_one_error_line(run_cli(*args), f"no space left on --out {out}: its device (RuntimeError: basic_ios::clear: iostream error)")
+    monkeypatch.setattr("tsdkd.locks.no_space_left", lambda folder: False)  # a failed write on a device with room
     result = run_cli(*args)
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(DistillTrainer, "_save_checkpoint", out_of_memory)
+    monkeypatch.setattr("tsdkd.locks.no_space_left", lambda folder: True)  # not a write: not blamed on a full device
+    result = run_cli(*args)
+    assert result.exit_code == 1 and str(result.exception) == "CUDA out of memory"

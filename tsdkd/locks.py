@@ -63,17 +63,27 @@ def no_space_left(folder: Path) -> bool:
     return False
 
 
+# How writers that give no errno say a write failed: torch's checkpoint writer (`torch.save`).
+_WRITE_FAILURES = ("iostream error", "PytorchStreamWriter", "inline_container", "file write failed")
+
+
 @contextlib.contextmanager
 def full_device_is_one_line(folder: Path) -> Iterator[None]:
-    """A write into `folder` that failed because its device is full ends in one line, whatever the writer raised."""
+    """A write that failed because its device is full ends in one line: known by the errno, or, for a writer that only
+    says that writing failed, by `folder`'s device taking nothing more. Other errors pass unchanged."""
     try:
         yield
     except (OSError, RuntimeError) as error:
-        if isinstance(error, OSError) and error.errno in FULL_DEVICE_ERRNOS or no_space_left(folder):
-            raise TsdkdError(f"--out {folder}: no space left on its device ({type(error).__name__}: "
-                             f"{str(error).strip().splitlines()[0] if str(error).strip() else 'write failed'}); "
-                             "free some space, then rerun the same command to continue") from None
-        raise
+        if isinstance(error, OSError) and error.errno in FULL_DEVICE_ERRNOS:
+            elsewhere = error.filename and not Path(os.path.abspath(error.filename)).is_relative_to(os.path.abspath(folder))
+            where = f"the device of {error.filename}" if elsewhere else f"--out {folder}: its device"
+        elif isinstance(error, RuntimeError) and any(mark in str(error) for mark in _WRITE_FAILURES) and no_space_left(folder):
+            where = f"--out {folder}: its device"
+        else:
+            raise
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "write failed"
+        raise TsdkdError(f"no space left on {where} ({type(error).__name__}: {detail}); free some space, then rerun the "
+                         "same command to continue") from None
 
 
 @contextlib.contextmanager
