@@ -184,11 +184,13 @@ def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_pat
     (out / "notes.md").write_text("mine\n")
     (out / "plots").mkdir()
     (out / "plots" / "accuracy.svg").write_text("<svg/>\n")
+    out.chmod(0o750)  # the user's choice, kept
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
     assert "replaced" in result.stdout
     kept = {"notes.md": b"mine\n", "plots/accuracy.svg": b"<svg/>\n"}
     assert eval_files(out) == {**before, **kept}  # greedy: the same results, the stale file gone, the notes kept
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
     monkeypatch.chdir(tmp_path)
     relative = [os.path.relpath(a, tmp_path) if isinstance(a, Path) else a for a in args]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -175,19 +176,27 @@ def staging_folder(target: Path, kind: str, out: Path) -> Path:
 
 
 def swap_in(staging: Path, out: Path) -> None:
-    """`staging` becomes `out`. A previous eval there is moved aside first, so `out` never holds a mix of two;
-    what else was kept there (notes, plots) then comes back, and the rest of the previous eval is removed."""
-    if out.is_dir() and any(out.iterdir()):
-        previous = staging_folder(out, "previous", out)
-        os.replace(out, previous)  # onto the new, empty folder
-        os.replace(staging, out)
-        written = {entry.name for entry in out.iterdir()}
-        for entry in previous.iterdir():
-            if entry.name not in written:
-                os.replace(entry, out / entry.name)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        os.replace(staging, out)  # onto an empty folder too
+    """`staging` becomes `out`, with `out`'s permissions. A previous eval there is moved aside first, so `out` never
+    holds a mix of two; what else was kept at its top (notes, plots) then comes back, and the rest of the previous
+    eval is removed. Ctrl-C and SIGTERM wait until the folders are in place."""
+    if out.is_dir():
+        shutil.copymode(out, staging)
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    try:
+        if out.is_dir() and any(out.iterdir()):
+            previous = staging_folder(out, "previous", out)
+            os.replace(out, previous)  # onto the new, empty folder
+            os.replace(staging, out)
+            written = {entry.name for entry in out.iterdir()}
+            for entry in previous.iterdir():
+                if entry.name not in written:
+                    os.replace(entry, out / entry.name)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, out)  # onto an empty folder too
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
 
 
 def evaluate_model(cfg: EvalConfig, job: ModelJob, out: Path) -> dict[str, Any]:
