@@ -141,7 +141,8 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
         return None
     manifest = read_checked_manifest(out)
     differing = differing_settings(manifest["settings"], settings)
-    if "prompts" in differing and {k for k, v in manifest["settings"]["prompts"].items() if settings["prompts"].get(k) != v} == {"sha256"}:
+    changed = {k for k, v in manifest["settings"]["prompts"].items() if settings["prompts"].get(k) != v}
+    if "sha256" in changed and changed <= {"sha256", "count"}:  # an edited file (perhaps with more or fewer prompts)
         differing[differing.index("prompts")] = "the prompt file's contents, changed since the dataset was started"
     # The models count by their weights; the prompts were rendered with the student's tokenizer and chat template.
     if manifest["tokenizer"]["sha256"] != tokenizer["sha256"]:

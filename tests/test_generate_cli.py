@@ -95,6 +95,9 @@ def test_rerun_with_other_settings_is_refused(small_dataset, tmp_path):
     job[job.index("--prompts") + 1] = str(edited)
     assert_one_line_error(run_cli("generate", *job, "--out", small_dataset),
                           "differs in: the prompt file's contents, changed since the dataset was started")
+    edited.write_text("".join(TOY_PROMPTS.read_text().splitlines(keepends=True)[:5]))  # fewer prompts than --limit
+    assert_one_line_error(run_cli("generate", *job, "--out", small_dataset),
+                          "differs in: the prompt file's contents, changed since the dataset was started")
     assert tree_state(small_dataset) == before
 
 
