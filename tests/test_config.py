@@ -213,6 +213,9 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     path = tmp_path / "distill.yaml"
     path.write_text("base: &base\n  learning_rate: 1e-4\n  epochs: 2\njob:\n  <<: *base\n  epochs: 3\n")
     assert read_config_file(path)["job"] == {"learning_rate": "1e-4", "epochs": 3}
+    # A merged mapping that overrides a merge itself, merged (so flattened) before it is built where it is written.
+    path.write_text("defs:\n  b: &b\n    a: 1\n  c: &c\n    <<: *b\n    a: 2\njob:\n  <<: *c\n  epochs: 3\n")
+    assert read_config_file(path) == yaml.safe_load(path.read_text())  # no key is given twice: read as PyYAML reads it
 
 
 def test_run_takes_its_generate_and_distill_options_at_the_top_level_of_its_config(tmp_path):

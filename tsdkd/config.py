@@ -374,7 +374,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one silently (YAML
     requires unique keys). Keys a `<<` merge brings in may still be overridden, as YAML intends."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Before a merge adds its keys, and once per mapping: one that a `<<` merges is flattened there, perhaps
+        # before it is built where it is written.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+
+    def _refuse_repeated_keys(self, node: yaml.MappingNode) -> None:
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -387,7 +399,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 lines[key] = line
             except TypeError:  # an unhashable key: the base constructor names it
                 pass
-        return super().construct_mapping(node, deep)
 
 
 def option_keys(values: dict[Any, Any], where: str) -> dict[str, Any]:
