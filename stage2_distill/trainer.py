@@ -97,11 +97,12 @@ class DistillTrainer(Trainer):
         A finite loss can still give a non-finite gradient; applied, it would make every weight NaN, and the
         checkpoints saved after it too, while the stop would come one step later, at the first NaN loss."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        if not math.isfinite(float(grad_norm)):
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):  # DeepSpeed may have no norm to give
+            # DeepSpeed's engine steps inside its backward: there the update is made already, but not saved.
+            kept = "no checkpoint holds the update" if self.is_deepspeed_enabled else "the weights were left as they were"
             raise TsdkdError(
                 f"step {self.state.global_step + 1}: the gradient is not finite (norm {float(grad_norm)}) although the "
-                "loss was; the weights were left as they were; lower --learning-rate or check the signal data with "
-                "`tsdkd validate`"
+                f"loss was; {kept}; lower --learning-rate or check the signal data with `tsdkd validate`"
             )
         return grad_norm
 

@@ -284,7 +284,7 @@ def test_non_finite_loss_stops_with_the_step(small_dataset):
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
-def test_non_finite_gradient_stops_before_the_update(small_dataset, max_grad_norm):
+def test_non_finite_gradient_stops_before_the_update(small_dataset, tmp_path, max_grad_norm):
     """A finite loss whose gradient is NaN (made so by a hook): the run stops at that step, before the optimizer
     applies it, with clipping (whose norm the Trainer reuses) and without."""
     cfg = DistillConfig(signals=["x"], student=str(TOY_STUDENT), out="x")
@@ -292,7 +292,7 @@ def test_non_finite_gradient_stops_before_the_update(small_dataset, max_grad_nor
     model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     model.model.layers[0].mlp.up_proj.weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
-    args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=1, max_steps=1, report_to="none",
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=1, report_to="none",
                              save_strategy="no", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
                              max_grad_norm=max_grad_norm, learning_rate=1e-2)
     trainer = DistillTrainer(model=model, args=args, train_dataset=[batch], data_collator=collate_single,
