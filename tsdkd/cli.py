@@ -16,33 +16,36 @@ import typer.core
 
 from tsdkd.errors import TsdkdError
 
+
 class Commands(typer.core.TyperGroup):
     """The `tsdkd` command group: usage errors of it and its commands (a mistyped option or value) end in one
     `error:` line saying where help is, like any other bad input, instead of click's usage block; exit code 2."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
-        with one_line_usage_errors():
+        with one_line_usage_errors(None):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:  # parses the command's own options
-        with one_line_usage_errors():
+        with one_line_usage_errors(ctx):
             return super().invoke(ctx)
 
 
 @contextlib.contextmanager
-def one_line_usage_errors() -> Iterator[None]:
+def one_line_usage_errors(group_context: Any) -> Iterator[None]:
+    """A usage error raised inside is shown as one line (show_one_line); `group_context` names the help to see when
+    the error has no context of its own (a missing option value)."""
     try:
         yield
     except Exception as error:
         # By class name: typer may bring its own copy of click, whose classes are not the click package's.
         kinds = {kind.__name__ for kind in type(error).__mro__}
         if "UsageError" in kinds and "NoArgsIsHelpError" not in kinds:  # the latter shows the help, as it should
-            error.show = functools.partial(show_one_line, error)  # type: ignore[attr-defined]
+            error.show = functools.partial(show_one_line, error, getattr(error, "ctx", None) or group_context)  # type: ignore[attr-defined]
         raise
 
 
-def show_one_line(error: Any, file: Any = None) -> None:
-    context = getattr(error, "ctx", None)
+def show_one_line(error: Any, context: Any, file: Any = None) -> None:
+    """Replaces click's UsageError.show, whose signature takes the `file` it would print to (stderr here too)."""
     where = f"; see `{context.command_path} --help`" if context is not None else ""
     typer.echo(f"error: {error.format_message().rstrip('.')}{where}", err=True)
 

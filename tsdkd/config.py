@@ -312,18 +312,18 @@ class DistillConfig:
         for name, term in LOSS_SETTING_TERMS.items():
             if term not in terms and (getattr(self, name) != getattr(defaults, name) or name in given):
                 # The other switches in use, which may be what turned the term off (not the option itself).
-                switches = "".join(f" {flag(switch, True)}" for switch in ("no_indirect", "no_entropy", "no_selection")
+                switches = "".join(f" {command_line_form(switch, True)}" for switch in ("no_indirect", "no_entropy", "no_selection")
                                    if getattr(self, switch) and switch != name)
                 if term in ("token ranking", "sequence ranking") and not self.no_indirect and self.indirect != DistillConfig.indirect:
                     switches += f" --indirect {self.indirect}"  # which ranking is on decides what its options mean
                 if term == "soft selection" and "selection" in terms:
                     switches += f" --selection-fraction {self.selection_fraction}"
                 origin = f" (set in {config_file})" if config_file and name not in given else ""
-                raise TsdkdError(f"{flag(name, getattr(self, name))}{origin} has no effect with --loss {self.loss}{switches}; "
+                raise TsdkdError(f"{command_line_form(name, getattr(self, name))}{origin} has no effect with --loss {self.loss}{switches}; "
                                  "leave it out")
 
 
-def flag(name: str, value: Any) -> str:
+def command_line_form(name: str, value: Any) -> str:
     """The command-line form that gives a setting this value: --tau-w, and for a switch off --with-entropy (for
     no_entropy) or --no-tensorboard."""
     option = name.replace("_", "-")

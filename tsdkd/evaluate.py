@@ -251,11 +251,13 @@ def benchmark_columns(name: str, k: int) -> list[str]:
 
 
 def benchmark_cells(row: dict[str, Any], k: int) -> list[str]:
+    """One benchmark's results under benchmark_columns, as percentages."""
     return [f"{100 * row['accuracy']:.1f}%", *([f"{100 * row[f'pass@{k}']:.1f}%"] if k > 1 else []),
             f"{100 * row['stopped_fraction']:.1f}%"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, as the command prints it."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 

@@ -42,9 +42,20 @@ def writable_folder(out: Path) -> Path:
 def default_permissions(path: Path) -> None:
     """The mode open() or mkdir() would have given `path` under the umask (0644, 0755 by default): safetensors
     and mkdtemp make files and folders their owner's alone, while a student or results are shared."""
-    umask = os.umask(0)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+
+
+def current_umask() -> int:
+    """This process's umask, read from /proc (setting it to read it, the only other way, races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # no /proc: read it by setting it, briefly
     os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    return umask
 
 
 FULL_DEVICE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
