@@ -234,10 +234,9 @@ def distill(
     from tsdkd.config import DistillConfig, build_config
 
     cfg = build_config(DistillConfig, config_file, options)
-    cfg.check()  # ranges and choices first: `--loss kdd --alpha 0.1` is about the loss
     # Given on the command line, a loss setting counts even at its default value (`--no-indirect --indirect both`,
     # `--loss kd --with-entropy`); a config file may hold a shared base of defaults.
-    cfg.check_loss_settings({name for name, value in options.items() if value is not None}, config_file)
+    cfg.check({name for name, value in options.items() if value is not None}, config_file)
     run_distill(cfg)
     import torch.distributed
 

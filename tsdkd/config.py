@@ -240,8 +240,9 @@ class DistillConfig:
     tensorboard: bool = False
     trust_remote_code: bool = False
 
-    def check(self) -> None:
-        """Reject out-of-range settings with one line each."""
+    def check(self, given: Collection[str] = (), config_file: str | None = None) -> None:
+        """Ranges and choices, then the loss settings no term reads (check_loss_settings: `given` on the command line,
+        the rest perhaps from `config_file`), each refused with one line."""
         if not self.signals:
             raise TsdkdError("--signals is required (one or more signal dataset folders)")
         for name in ("student", "out"):
@@ -280,7 +281,7 @@ class DistillConfig:
             (self.dataloader_workers >= 0, "--dataloader-workers must be 0 or more"),
         ]
         enforce(rules)
-        self.check_loss_settings()
+        self.check_loss_settings(given, config_file)
 
     def loss_terms(self) -> set[str]:
         """The parts of the stage-2 loss that this preset and these switches use."""
