@@ -47,6 +47,8 @@ def test_extraction(text, expected):
         ("6 + 12 = 18\n18 - 18 = 0\nThe answer is 0.", "so 0", True),
         ("\\text{no answer}", "so \\boxed{\\text{no answer}}", True),  # a bare gold answer with the word in it
         ("To answer it, add: 3 + 4 = 7\nThen double it: 14", "14", False),  # no line starts with the mark: compared whole
+        ("4 * 3 = 12\nThe answer is: B", "Answer: B", True),  # MetaMathQA's mark
+        ("4 * 3 = 12\n**Final answer:** 12", "so 12", True),
     ],
 )
 def test_equivalence(gold, response, correct):

@@ -10,8 +10,10 @@ import re
 
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
-# In a gold solution only a line that starts with it: the word "answer" inside the reasoning marks nothing.
-_GOLD_ANSWER = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)\s*\$?([^\n$]+)", re.IGNORECASE | re.MULTILINE)
+# In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12"): the
+# word "answer" inside the reasoning marks nothing.
+_GOLD_ANSWER = re.compile(r"^[ \t]*\**[ \t]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t]*\**[ \t]*\$?([^\n$]+)",
+                          re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 

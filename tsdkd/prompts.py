@@ -184,7 +184,8 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
             # Every response would silently count as wrong; a field named with --answer-field is compared whole.
             raise TsdkdError(f"{names[row]}: field {answer_field!r} is a solution of several lines with no final answer "
                              "marked (\\boxed{}, ####, a line starting 'Answer:'), which no response could match; mark "
-                             f"it, or give --answer-field {answer_field} to compare it whole")
+                             f"its final answer so, or, if the field is a bare answer of several lines (a matrix), give "
+                             f"--answer-field {answer_field} to compare it whole")
         records.append(
             PromptRecord(
                 row=row,
