@@ -255,6 +255,8 @@ def test_a_full_device_while_generating_is_one_line(tmp_path, monkeypatch):
 
 def test_a_full_device_while_saving_a_checkpoint_is_one_line(small_dataset, tmp_path, monkeypatch):
     """torch's checkpoint writer says only `iostream error` (seen on a full tmpfs): the device is probed."""
+    from safetensors import SafetensorError
+
     from stage2_distill.trainer import DistillTrainer
 
     def full(self, *args, **kwargs):
@@ -268,6 +270,12 @@ def test_a_full_device_while_saving_a_checkpoint_is_one_line(small_dataset, tmp_
     monkeypatch.setattr("tsdkd.locks.no_space_left", lambda folder: False)  # a failed write on a device with room
     result = run_cli(*args)
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+    def weights_full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(DistillTrainer, "_save_checkpoint", weights_full)  # safetensors gives the errno in words only
+    assert_ends_in_one_error_line(run_cli(*args), f"no space left on --out {out}: its device (SafetensorError: ")
 
     def out_of_memory(self, *args, **kwargs):
         raise RuntimeError("CUDA out of memory")

@@ -78,19 +78,31 @@ def no_space_left(folder: Path) -> bool:
 _WRITE_FAILURES = ("iostream error", "PytorchStreamWriter", "inline_container", "file write failed")
 
 
+def _full_device(error: Exception, folder: Path) -> str | None:
+    """Which full device `error` reports (--out's, or that of the file it names), None when it reports none."""
+    if isinstance(error, OSError):
+        if error.errno not in FULL_DEVICE_ERRNOS:
+            return None
+        if isinstance(error.filename, str) and not Path(os.path.abspath(error.filename)).is_relative_to(os.path.abspath(folder)):
+            return f"the device of {error.filename}"
+        return f"--out {folder}: its device"
+    # safetensors (the weights) reports the OS error's number in its message only.
+    if type(error).__name__ == "SafetensorError" and any(f"(os error {n})" in str(error) for n in FULL_DEVICE_ERRNOS):
+        return f"--out {folder}: its device"
+    if isinstance(error, RuntimeError) and any(mark in str(error) for mark in _WRITE_FAILURES) and no_space_left(folder):
+        return f"--out {folder}: its device"
+    return None
+
+
 @contextlib.contextmanager
 def full_device_is_one_line(folder: Path) -> Iterator[None]:
     """A write that failed because its device is full ends in one line: known by the errno, or, for a writer that only
     says that writing failed, by `folder`'s device taking nothing more. Other errors pass unchanged."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
-        if isinstance(error, OSError) and error.errno in FULL_DEVICE_ERRNOS:
-            elsewhere = error.filename and not Path(os.path.abspath(error.filename)).is_relative_to(os.path.abspath(folder))
-            where = f"the device of {error.filename}" if elsewhere else f"--out {folder}: its device"
-        elif isinstance(error, RuntimeError) and any(mark in str(error) for mark in _WRITE_FAILURES) and no_space_left(folder):
-            where = f"--out {folder}: its device"
-        else:
+    except Exception as error:
+        where = _full_device(error, folder)
+        if where is None:
             raise
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "write failed"
         raise TsdkdError(f"no space left on {where} ({type(error).__name__}: {detail}); free some space, then rerun the "
