@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -198,6 +199,32 @@ def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_pat
     relative = [os.path.relpath(a, tmp_path) if isinstance(a, Path) else a for a in args]
     result = run_cli(*relative)
     assert result.exit_code == 0 and "replaced" in result.stdout, result.stderr
+
+
+def test_ctrl_c_while_the_results_are_moved_in_waits_for_them(tmp_path, monkeypatch):
+    """Ctrl-C between the renames of the swap would strand the kept files in the hidden folder: it waits, and is
+    noted."""
+    import tsdkd.evaluate
+
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
+    out = tmp_path / "ev"
+    args = ["eval", "--model", TOY_STUDENT, "--data", bench, "--out", out, *EVAL]
+    assert run_cli(*args).exit_code == 0
+    before = eval_files(out)
+    (out / "notes.md").write_text("mine\n")
+    replace = os.replace
+
+    def interrupted_replace(source, target):
+        if Path(target).name.startswith(".ev.previous-"):  # the previous eval moved aside: the swap has begun
+            os.kill(os.getpid(), signal.SIGINT)
+        replace(source, target)
+
+    monkeypatch.setattr(tsdkd.evaluate.os, "replace", interrupted_replace)
+    result = run_cli(*args)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert f"note: SIGINT came while the finished results were moved into {out}; they are complete there" in result.stdout
+    assert eval_files(out) == {**before, "notes.md": b"mine\n"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_an_out_holding_something_else_or_another_eval_is_refused_untouched(tmp_path):

@@ -16,15 +16,18 @@ another --out).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
@@ -179,11 +182,8 @@ def swap_in(staging: Path, out: Path) -> None:
     """`staging` becomes `out`, with `out`'s permissions. A previous eval there is moved aside first, so `out` never
     holds a mix of two; what else was kept at its top (notes, plots) then comes back, and the rest of the previous
     eval is removed. Ctrl-C and SIGTERM wait until the folders are in place."""
-    if out.is_dir():
-        shutil.copymode(out, staging)
-    stopping = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
-    try:
+    mode = stat.S_IMODE(out.stat().st_mode) if out.is_dir() else None
+    with interrupts_deferred() as received:
         if out.is_dir() and any(out.iterdir()):
             previous = staging_folder(out, "previous", out)
             os.replace(out, previous)  # onto the new, empty folder
@@ -195,8 +195,28 @@ def swap_in(staging: Path, out: Path) -> None:
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(staging, out)  # onto an empty folder too
+        if mode is not None:
+            os.chmod(out, mode)  # after the kept files are back: a read-only --out takes them first
+    if received:
+        print(f"note: {', '.join(signal.Signals(number).name for number in received)} came while the finished results "
+              f"were moved into {out}; they are complete there")
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[list[int]]:
+    """Ctrl-C and SIGTERM arriving inside are recorded in the list, not raised (in the main thread: elsewhere no
+    handler can be set, and the process takes them as it would anyway)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
 def evaluate_model(cfg: EvalConfig, job: ModelJob, out: Path) -> dict[str, Any]:
