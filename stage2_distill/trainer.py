@@ -92,7 +92,7 @@ class DistillTrainer(Trainer):
         # DDP averages gradients over processes; each process's loss is its share of the sum.
         return loss * self.accelerator.num_processes
 
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | float | None = None) -> torch.Tensor | float:
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | float | None = None) -> torch.Tensor | float | None:
         """The Trainer's norm of the step's gradient (over all processes), checked before the optimizer applies it.
         A finite loss can still give a non-finite gradient; applied, it would make every weight NaN, and the
         checkpoints saved after it too, while the stop would come one step later, at the first NaN loss."""

@@ -318,13 +318,14 @@ def test_a_folder_that_is_not_a_model_is_named_with_what_it_lacks(tmp_path):
 
 
 def test_a_model_whose_tokenizer_has_no_eos_is_evaluated(tmp_path):
-    """No stop id from the tokenizer, none of the model's own either: every response runs to --max-new-tokens."""
+    """No stop id from the tokenizer (nor a pad token), none of the model's own either: every response runs to
+    --max-new-tokens."""
     import shutil
 
     model = tmp_path / "no-eos"
     shutil.copytree(TOY_STUDENT, model)
     config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None, "pad_token": None}))
     generation = json.loads((model / "generation_config.json").read_text())
     (model / "generation_config.json").write_text(json.dumps({k: v for k, v in generation.items() if k != "eos_token_id"}))
     config = json.loads((model / "config.json").read_text())

@@ -191,7 +191,7 @@ def test_the_last_line_starts_a_line_of_its_own_after_an_open_progress_bar(capsy
      ["No such option: --no-selektion (Possible options: --no-selection, --with-selection)", "distill --help`"]),
     (["eval", "--model", "m", "--data", "d", "--out", "o", "--samples", "two"], ["Invalid value for '--samples'", "eval --help`"]),
     (["frobnicate"], ["No such command 'frobnicate'; see `"]),
-    (["distill", "--loss"], ["Option '--loss' requires an argument; see `"]),  # an error without a context of its own
+    (["distill", "--loss"], ["Option '--loss' requires an argument; see `", "distill --help`"]),  # no context of its own
 ])
 def test_a_mistyped_option_is_one_line(args, fragments):
     assert_one_line_error(run_cli(*args), *fragments)

@@ -29,6 +29,11 @@ class Commands(typer.core.TyperGroup):
         with one_line_usage_errors(ctx):
             return super().invoke(ctx)
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["tsdkd command"] = name  # for the help a usage error without a context of its own points to
+        return name, command, rest
+
 
 @contextlib.contextmanager
 def one_line_usage_errors(group_context: Any) -> Iterator[None]:
@@ -40,13 +45,22 @@ def one_line_usage_errors(group_context: Any) -> Iterator[None]:
         # By class name: typer may bring its own copy of click, whose classes are not the click package's.
         kinds = {kind.__name__ for kind in type(error).__mro__}
         if "UsageError" in kinds and "NoArgsIsHelpError" not in kinds:  # the latter shows the help, as it should
-            error.show = functools.partial(show_one_line, error, getattr(error, "ctx", None) or group_context)  # type: ignore[attr-defined]
+            error.show = functools.partial(show_one_line, error, error_context(error) or group_context)  # type: ignore[attr-defined]
         raise
+
+
+def error_context(error: Any) -> Any:
+    return getattr(error, "ctx", None)
 
 
 def show_one_line(error: Any, context: Any, file: Any = None) -> None:
     """Replaces click's UsageError.show, whose signature takes the `file` it would print to (stderr here too)."""
-    where = f"; see `{context.command_path} --help`" if context is not None else ""
+    if context is None:
+        where = ""
+    elif context is error_context(error) or "tsdkd command" not in context.meta:
+        where = f"; see `{context.command_path} --help`"
+    else:  # the group's context: the error is the command's
+        where = f"; see `{context.command_path} {context.meta['tsdkd command']} --help`"
     typer.echo(f"error: {error.format_message().rstrip('.')}{where}", err=True)
 
 

@@ -71,7 +71,8 @@ def open_model(cfg: EvalConfig, model_path: str, tokenizer: Any, longest_prompt:
         return VLLMStudentSampler(model_path, settings, cfg.dtype, cfg.seed, engine, len(tokenizer))
     from stage1_generate.hf_backend import HFStudentSampler
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Padding positions are masked out: any id serves when the tokenizer names neither a pad nor an EOS token.
+    pad = next((token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token is not None), 0)
     return HFStudentSampler(model_path, settings, tokenizer.eos_token_id, pad, len(tokenizer), cfg.batch_size,
                             cfg.dtype, cfg.trust_remote_code)
 
