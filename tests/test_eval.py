@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli
-from tsdkd.answers import answer_is_correct, extract_answer
+from tsdkd.answers import answer_is_correct, extract_answer, gold_final_answer, unmarked_solution
 from tsdkd.evaluate import comparison_table
 from tsdkd.prompts import load_prompts
 
@@ -49,11 +49,29 @@ def test_extraction(text, expected):
         ("\\text{no answer}", "so \\boxed{\\text{no answer}}", True),  # a bare gold answer with the word in it
         ("To answer it, add: 3 + 4 = 7\nThen double it: 14", "14", False),  # no line starts with the mark: compared whole
         ("4 * 3 = 12\nThe answer is: B", "Answer: B", True),  # MetaMathQA's mark
-        ("4 * 3 = 12\n**Final answer:** 12", "so 12", True),
     ],
 )
 def test_equivalence(gold, response, correct):
     assert answer_is_correct(gold, response) is correct
+
+
+@pytest.mark.parametrize("gold, read", [
+    ("4 * 3 = 12\nAnswer: 12", "12"),
+    ("4 * 3 = 12\nThe answer is 12.", "12"),
+    ("4 * 3 = 12\nThe answer is: B", "B"),
+    ("4 * 3 = 12\n**Final answer:** 12", "12"),
+    ("4 * 3 = 12\n**Answer: 12**", "12"),
+    ("4 * 3 = 12\nAnswer: **12**", "12"),
+    ("4 * 3 = 12\nAnswer: $\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("4 * 3 = 12\r\nAnswer: 12\r\n", "12"),
+    ("\\text{no answer}", "\\text{no answer}"),  # a bare answer with the word in it
+    ("To answer it, add: 3 + 4 = 7\nThen double it: 14", None),  # no line starts with the mark
+    ("4 * 3 = 12\nThe answer is:\n12", None),  # the mark's line holds no answer
+    ("4 * 3 = 12\nAnswer: \n12", None),
+])
+def test_the_answer_a_gold_solution_marks(gold, read):
+    """None: unmarked, so compared whole; refused when it has several lines and its field was found by itself."""
+    assert (gold_final_answer(gold), unmarked_solution(gold)) == ((read, False) if read else (gold.strip(), True))
 
 
 def write_jsonl(path, rows):
@@ -202,8 +220,8 @@ def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_pat
 
 
 def test_ctrl_c_while_the_results_are_moved_in_waits_for_them(tmp_path, monkeypatch):
-    """Ctrl-C between the renames of the swap would strand the kept files in the hidden folder: it waits, and is
-    noted."""
+    """Ctrl-C between the renames of the swap would strand the kept files in the hidden folder: it waits until the
+    results are in, and is then taken."""
     import tsdkd.evaluate
 
     bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
@@ -221,8 +239,11 @@ def test_ctrl_c_while_the_results_are_moved_in_waits_for_them(tmp_path, monkeypa
 
     monkeypatch.setattr(tsdkd.evaluate.os, "replace", interrupted_replace)
     result = run_cli(*args)
-    assert result.exit_code == 0, (result.stderr, result.exception)
-    assert f"note: SIGINT came while the finished results were moved into {out}; they are complete there" in result.stdout
+    assert result.exit_code == 130, (result.stderr, result.exception)  # then taken: a loop of evals stops
+    assert result.stderr.splitlines()[-2:] == [
+        f"SIGINT came while the finished results were moved into {out}; they are complete there",
+        "interrupted; --out holds complete evals only (this one if it said so above); rerun the same command to "
+        "evaluate again from the start"]
     assert eval_files(out) == {**before, "notes.md": b"mine\n"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -284,7 +305,8 @@ def test_an_interrupted_eval_leaves_out_as_it_was_and_says_it_starts_over(tmp_pa
     monkeypatch.setattr(tsdkd.evaluate, "run_benchmark", interrupted_on_the_second_model)
     result = run_cli(*args)
     assert result.exit_code == 130
-    assert "interrupted; --out is left as it was; rerun the same command to evaluate again from the start" in result.stderr
+    assert "interrupted; --out holds complete evals only (this one if it said so above); rerun the same command to " \
+           "evaluate again from the start" in result.stderr
     assert "to continue" not in result.stderr
     assert eval_files(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -10,9 +10,9 @@ import re
 
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
-# In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12"): the
-# word "answer" inside the reasoning marks nothing.
-_GOLD_ANSWER = re.compile(r"^[ \t]*\**[ \t]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t]*\**[ \t]*\$?([^\n$]+)",
+# In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12") and goes
+# on to the answer on the same line: the word "answer" inside the reasoning marks nothing.
+_GOLD_ANSWER = re.compile(r"^[ \t]*\**[ \t]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*$]*([^\s$*:][^\n$]*)",
                           re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
@@ -38,7 +38,7 @@ def _marked_answer(text: str, answer_mark: re.Pattern[str] = _ANSWER) -> str | N
     for pattern in (_HASHES, answer_mark):
         matches = pattern.findall(text)
         if matches:
-            return matches[-1].strip().rstrip(".")
+            return matches[-1].strip().strip("*").strip().rstrip(".") or None  # bold marks, a full stop
     return None
 
 

@@ -295,7 +295,8 @@ def run(
 
 @app.command(name="eval")
 # eval does not resume: its results appear in --out only once every model is done.
-@functools.partial(one_line_errors, next_step="--out is left as it was; rerun the same command to evaluate again from the start")
+@functools.partial(one_line_errors, next_step="--out holds complete evals only (this one if it said so above); rerun the same "
+                                               "command to evaluate again from the start")
 def evaluate(
     model: Optional[list[str]] = typer.Option(None, help="Model folder or hub id; repeat to compare several (e.g. student before, after, teacher) [required]."),
     data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv or saved dataset); repeat for several [required]."),

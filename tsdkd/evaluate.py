@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -106,6 +107,8 @@ def check_output(out: Path, settings: dict[str, Any]) -> None:
         raise TsdkdError(f"--out {out} is a file; choose a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
+    if not os.access(out, os.W_OK | os.X_OK):  # its files could not be replaced, nor the user's moved back in
+        raise TsdkdError(f"--out {out} is not writable; make it so, or choose another --out")
     if not (out / EVAL_RECORD).is_file():
         raise TsdkdError(f"--out {out} is not empty and holds no eval ({EVAL_RECORD}); choose a new or empty folder")
     recorded = read_json_object(out / EVAL_RECORD, "a tsdkd eval record").get("settings")
@@ -197,10 +200,11 @@ def swap_in(staging: Path, out: Path) -> None:
         else:
             os.replace(staging, out)  # onto an empty folder too
         if mode is not None:
-            os.chmod(out, mode)  # after the kept files are back: a read-only --out takes them first
+            os.chmod(out, mode)
     if received:
-        print(f"note: {', '.join(signal.Signals(number).name for number in received)} came while the finished results "
-              f"were moved into {out}; they are complete there")
+        print(f"{signal.Signals(received[0]).name} came while the finished results were moved into {out}; they are "
+              "complete there", file=sys.stderr)
+        signal.raise_signal(received[0])  # now taken as it would have been: the command ends as interrupted
 
 
 @contextlib.contextmanager
@@ -211,9 +215,10 @@ def interrupts_deferred() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {}
     try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, lambda number, frame: received.append(number))
         yield received
     finally:
         for number, handler in previous.items():

@@ -83,8 +83,9 @@ def _full_device(error: Exception, folder: Path) -> str | None:
     if isinstance(error, OSError):
         if error.errno not in FULL_DEVICE_ERRNOS:
             return None
-        if isinstance(error.filename, str) and not Path(os.path.abspath(error.filename)).is_relative_to(os.path.abspath(folder)):
-            return f"the device of {error.filename}"
+        name = os.fsdecode(error.filename) if isinstance(error.filename, (str, bytes)) else None  # not an fd
+        if name and not Path(os.path.abspath(name)).is_relative_to(os.path.abspath(folder)):
+            return f"the device of {name}"
         return f"--out {folder}: its device"
     # safetensors (the weights) reports the OS error's number in its message only.
     if type(error).__name__ == "SafetensorError" and any(f"(os error {n})" in str(error) for n in FULL_DEVICE_ERRNOS):
