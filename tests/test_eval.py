@@ -248,6 +248,19 @@ def test_ctrl_c_while_the_results_are_moved_in_waits_for_them(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_an_eval_folder_that_cannot_be_written_is_refused_before_the_eval(tmp_path, monkeypatch):
+    """Its files could not be replaced, nor the user's kept ones moved back (root, as in CI, writes anywhere: the
+    permission is faked)."""
+    bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
+    out = tmp_path / "ev"
+    args = ["eval", "--model", TOY_STUDENT, "--data", bench, "--out", out, *EVAL]
+    assert run_cli(*args).exit_code == 0
+    before = eval_files(out)
+    monkeypatch.setattr("tsdkd.evaluate.os.access", lambda path, mode: Path(path) != out)
+    assert_one_line_error(run_cli(*args), f"--out {out} is not writable; make it so, or choose another --out")
+    assert eval_files(out) == before
+
+
 def test_an_out_holding_something_else_or_another_eval_is_refused_untouched(tmp_path):
     bench = write_jsonl(tmp_path / "b.jsonl", toy_items(2))
     out = tmp_path / "ev"
