@@ -309,6 +309,9 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     if start:
         manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
         note_data_origin(cfg, manifests, student)
+        if cfg.max_steps == 1 and cfg.warmup_ratio > 0:
+            print(f"note: the warm-up starts at learning rate 0, so the only step of --max-steps 1 changes nothing; "
+                  f"add --warmup-ratio 0 to train it (--warmup-ratio {cfg.warmup_ratio} now)")
         data_checksum = signals_checksum(manifests)
         if continuing:
             check_same_signals(out, record, data_checksum)

@@ -256,6 +256,20 @@ def test_dataloader_workers_train_the_same_student(small_dataset, tmp_path, monk
     assert weights_workers.keys() == weights.keys() and all(weights_workers[k].equal(weights[k]) for k in weights)
 
 
+def test_one_step_inside_the_warm_up_is_noted_and_changes_nothing(small_dataset, tmp_path):
+    """The Trainer's warm-up starts at learning rate 0: a one-step smoke test would silently train nothing."""
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_dataset, out, "--max-steps", "1"))
+    assert result.exit_code == 0, result.stderr
+    assert "note: the warm-up starts at learning rate 0, so the only step of --max-steps 1 changes nothing" in result.stdout
+    trained, original = load_file(out / "model.safetensors"), load_file(TOY_STUDENT / "model.safetensors")
+    assert all(trained[name].equal(original[name]) for name in original)
+    result = run_cli(*distill_args(small_dataset, tmp_path / "trained", "--max-steps", "1", "--warmup-ratio", "0"))
+    assert result.exit_code == 0 and "note: the warm-up" not in result.stdout
+    trained = load_file(tmp_path / "trained" / "model.safetensors")
+    assert not all(trained[name].equal(original[name]) for name in original)
+
+
 def test_student_with_padded_embeddings(small_dataset, tmp_path):
     """Like Qwen2.5: more embedding rows than tokens. The extra rows take no probability mass."""
     padded = tmp_path / "padded-student"

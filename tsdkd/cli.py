@@ -355,7 +355,8 @@ def validate(
 
         fingerprint = tokenizer_fingerprint(load_tokenizer(student, False, "student"))
     manifest = validate_dataset(dataset, fingerprint, deep=True)
-    typer.echo(f"{dataset}: valid ({len(manifest['shards'])} shards, {manifest['stats']['candidates']} candidates)")
+    shards = len(manifest["shards"])
+    typer.echo(f"{dataset}: valid ({shards} shard{'s' if shards != 1 else ''}, {manifest['stats']['candidates']} candidates)")
 
 
 @app.command()
