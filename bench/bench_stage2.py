@@ -119,7 +119,7 @@ def distill_setup(signals: Path, student: str, out: Path, **overrides: Any):
     from stage2_distill.data import SignalBatches
     from stage2_distill.objective import Objective
     from tsdkd.config import DistillConfig
-    from tsdkd.loading import context_length, load_tokenizer
+    from tsdkd.loading import context_length, load_tokenizer, padding_id
     from tsdkd.signals import read_manifest
 
     cfg = DistillConfig(signals=[str(signals)], student=student, out=str(out), **overrides)
@@ -127,7 +127,7 @@ def distill_setup(signals: Path, student: str, out: Path, **overrides: Any):
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     manifest = read_manifest(signals)
     objective = Objective.from_config(cfg, manifest["teacher_entropy"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     batches = SignalBatches(
         [signals], batch_size=cfg.batch_size, pad_token_id=pad,
         max_length=cfg.max_length or context_length(cfg.student, cfg.trust_remote_code),
@@ -458,6 +458,7 @@ def worker_online(args: argparse.Namespace) -> dict[str, Any]:
         token_level_ranking_loss,
         token_selection_weights,
     )
+    from tsdkd.loading import padding_id
     from tsdkd.signals import read_manifest
 
     with tempfile.TemporaryDirectory() as folder:
@@ -470,7 +471,7 @@ def worker_online(args: argparse.Namespace) -> dict[str, Any]:
     teacher = load_student(args.teacher)
     teacher.eval()
     initial = copy.deepcopy(student.state_dict())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     eos = tokenizer.eos_token_id
     vocab = len(tokenizer)
     prompts_per_step = []  # the prompts of each cached batch, one per prompt group

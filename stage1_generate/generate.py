@@ -27,7 +27,7 @@ from tsdkd import __version__
 from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
-from tsdkd.loading import context_length, load_tokenizer
+from tsdkd.loading import context_length, load_tokenizer, padding_id
 from tsdkd.locks import exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
@@ -286,7 +286,7 @@ def open_sampler(backend: str, cfg: GenerateConfig, sampling: SamplingSettings, 
         return VLLMStudentSampler(cfg.student, sampling, cfg.dtype, cfg.seed, engine_args, len(tokenizer))
     from stage1_generate.hf_backend import HFStudentSampler
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     return HFStudentSampler(cfg.student, sampling, tokenizer.eos_token_id, pad, len(tokenizer),
                             cfg.batch_size, cfg.dtype, cfg.trust_remote_code)
 
@@ -298,7 +298,7 @@ def open_scorer(backend: str, cfg: GenerateConfig, tokenizer: Any, engine_args: 
         return VLLMTeacherScorer(cfg.teacher, cfg.top_k, cfg.dtype, cfg.seed, engine_args)
     from stage1_generate.hf_backend import HFTeacherScorer
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     return HFTeacherScorer(cfg.teacher, cfg.top_k, len(tokenizer), pad, cfg.score_batch_tokens,
                            cfg.logit_chunk_tokens, cfg.dtype, cfg.trust_remote_code)
 

@@ -25,7 +25,7 @@ from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillCon
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint,
                                with_real_paths)
-from tsdkd.loading import context_length, end_token_ids, gpu_has_bf16, load_tokenizer
+from tsdkd.loading import context_length, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
@@ -333,7 +333,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
     max_length = cfg.max_length or context_length(cfg.student, cfg.trust_remote_code)
     objective = Objective.from_config(cfg, manifests[0]["teacher_entropy"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     batches = SignalBatches(
         [Path(s) for s in cfg.signals], batch_size=cfg.batch_size, pad_token_id=pad, max_length=max_length,
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
@@ -370,7 +370,7 @@ def student_generation_config(loaded: GenerationConfig, tokenizer: Any) -> Gener
     stop_ids = end_token_ids(generation.eos_token_id, tokenizer.eos_token_id)
     generation.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids or None
     if generation.pad_token_id is None:
-        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        generation.pad_token_id = padding_id(tokenizer)
     return generation
 
 

@@ -36,7 +36,7 @@ from tsdkd.answers import answer_is_correct, extract_answer, gold_final_answer
 from tsdkd.config import EvalConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity, sha256_json, source_fingerprint, with_real_paths
-from tsdkd.loading import context_length, load_tokenizer
+from tsdkd.loading import context_length, load_tokenizer, padding_id
 from tsdkd.locks import default_permissions
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import read_json_object, write_json_atomic
@@ -72,8 +72,8 @@ def open_model(cfg: EvalConfig, model_path: str, tokenizer: Any, longest_prompt:
         return VLLMStudentSampler(model_path, settings, cfg.dtype, cfg.seed, engine, len(tokenizer))
     from stage1_generate.hf_backend import HFStudentSampler
 
-    # Padding positions are masked out: any id serves when the tokenizer names neither a pad nor an EOS token.
-    pad = next((token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token is not None), 0)
+    pad = padding_id(tokenizer)
+    pad = 0 if pad is None else pad  # masked out: any id serves when the tokenizer names neither a pad nor an EOS token
     return HFStudentSampler(model_path, settings, tokenizer.eos_token_id, pad, len(tokenizer), cfg.batch_size,
                             cfg.dtype, cfg.trust_remote_code)
 

@@ -58,3 +58,8 @@ def end_token_ids(*ids: int | list[int] | None) -> list[int]:
     """The end ids that generation configs and tokenizers give (each an id, a list of ids or None), in order, once each."""
     flat = [one for given in ids for one in ([] if given is None else [given] if isinstance(given, int) else given)]
     return list(dict.fromkeys(flat))
+
+
+def padding_id(tokenizer: Any) -> int | None:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (masked out either way); None without both."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
