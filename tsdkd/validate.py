@@ -217,7 +217,7 @@ def checked_shard_file(folder: Path, entry: dict[str, Any]) -> Path:
     path = folder / entry["file"]
     if not path.is_file():
         raise TsdkdError(f"{path}: shard missing; {REDO_SHARD}")
-    if not shard_matches(folder, entry):
+    if sha256_file(path) != entry["sha256"]:
         raise TsdkdError(f"{path}: checksum does not match the manifest (the file is corrupt or was changed); {REDO_SHARD}")
     return path
 
@@ -290,7 +290,7 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardCo
 
     flat = lambda name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False)  # noqa: E731
     for name in ("completion_token_ids", "prompt_token_ids"):
-        ids = flat(name).astype(np.int64)
+        ids = flat(name)  # uint16 or int32 as stored: both compare right, a wider copy would only cost memory
         row = _first_bad_row(table[name], (ids < 0) | (ids >= vocab_size))
         if row is not None:
             fail(row, f"{name} holds an id outside the vocabulary (0..{vocab_size - 1})")
@@ -308,7 +308,7 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardCo
         if row is not None:
             fail(row, f"{name} holds a non-finite or out-of-range value")
 
-    topk_ids = pc.list_flatten(pc.list_flatten(table["teacher_topk_ids"])).to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k)
+    topk_ids = pc.list_flatten(pc.list_flatten(table["teacher_topk_ids"])).to_numpy(zero_copy_only=False).reshape(-1, k)
     topk_logprobs = pc.list_flatten(pc.list_flatten(table["teacher_topk_logprobs"])).to_numpy(zero_copy_only=False)
     topk_logprobs = topk_logprobs.astype(np.float32).reshape(-1, k)
     position_rows = np.repeat(np.arange(len(lengths)), lengths)
