@@ -14,6 +14,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -65,20 +66,30 @@ def flip_byte(path: Path, index: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
-def sigterm_when(args: list, appears: Path, stderr_path: Path, group: bool = False) -> tuple[int, str]:
-    """Run `python -m tsdkd *args` until `appears` exists (at most 300 s), then send SIGTERM, to its whole process
+def tsdkd_process(args: list) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run `tsdkd *args` as a separate process."""
+    return [sys.executable, "-m", "tsdkd", *map(str, args)], {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def rerun_tsdkd(args: list) -> subprocess.CompletedProcess:
+    command, env = tsdkd_process(args)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def signal_when(args: list, until: Callable[[], bool], stderr_path: Path, sent: int = signal.SIGTERM,
+                group: bool = False) -> tuple[int, str]:
+    """Run `python -m tsdkd *args` until `until()` holds (at most 300 s), then send it `sent`, to its whole process
     group when `group` (as `timeout` and cluster schedulers do): its exit code and stderr."""
-    command = [sys.executable, "-m", "tsdkd", *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command, env = tsdkd_process(args)
     with open(stderr_path, "w") as stderr:  # a pipe could fill up with progress bars
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=group)
         deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None and not appears.exists():
-            time.sleep(0.01)
+        while time.time() < deadline and process.poll() is None and not until():
+            time.sleep(0.005)
         if group:
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, sent)
         else:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(sent)
         process.wait()
     return process.returncode, stderr_path.read_text()
 

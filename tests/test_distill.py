@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from conftest import SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, flip_byte, run_cli, sigterm_when
+from conftest import (SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, flip_byte, rerun_tsdkd, run_cli,
+                      signal_when)
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import (check_output, create_output, drop_metrics_after, note_data_origin,
@@ -191,20 +191,13 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_pat
     clean = tmp_path / "clean"
     assert run_cli(*[str(clean) if a == "OUT" else a for a in args]).exit_code == 0
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "tsdkd", *[str(out) if a == "OUT" else a for a in args]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if list((out / "checkpoints").glob("checkpoint-*")):
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed = [str(out) if a == "OUT" else a for a in args]
+    returncode, _ = signal_when(killed, lambda: any((out / "checkpoints").glob("checkpoint-*")), tmp_path / "stderr.txt",
+                                signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "model.safetensors").exists()
     # The same command again: it continues the run in --out.
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    rerun = rerun_tsdkd(killed)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [r["step"] for r in step_records(out)] == list(range(1, 41))
     resumed, reference = load_file(out / "model.safetensors"), load_file(clean / "model.safetensors")
@@ -558,7 +551,7 @@ def test_sigterm_to_the_group_with_loader_workers_ends_in_one_line(small_dataset
     too: still one line and exit 143, no traceback about the dead workers."""
     out = tmp_path / "run"
     args = distill_args(small_dataset, out, "--max-steps", "400", "--save-steps", "2", "--dataloader-workers", "1")
-    returncode, output = sigterm_when(args, out / "checkpoints" / "checkpoint-2", tmp_path / "stderr.txt", group=True)
+    returncode, output = signal_when(args, (out / "checkpoints" / "checkpoint-2").is_dir, tmp_path / "stderr.txt", group=True)
     assert returncode == 143, (returncode, output[-3000:])
     assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
     assert re.findall(r"terminated \(SIGTERM\).*", output) == ["terminated (SIGTERM); rerun the same command to continue"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ROOT, SMALL_JOB, TOY_PROMPTS, TOY_TEACHER, assert_one_line_error, run_cli
+from conftest import SMALL_JOB, TOY_PROMPTS, TOY_TEACHER, assert_one_line_error, rerun_tsdkd, run_cli, signal_when
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, sha256_file
 from tsdkd.locks import exclusive_use
@@ -251,23 +251,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_dataset, tmp_path)
     """SIGKILL the real command once its first shard is final, rerun it, compare with a clean run."""
     out = tmp_path / "killed"
     # One prompt per shard: twelve shards, so the kill lands between two of them.
-    command = [sys.executable, "-m", "tsdkd", "generate", *SMALL_JOB, "--prompts-per-shard", "1", "--out", str(out)]
+    args = ["generate", *SMALL_JOB, "--prompts-per-shard", "1", "--out", str(out)]
     clean = tmp_path / "clean"
     assert run_cli("generate", *SMALL_JOB, "--prompts-per-shard", "1", "--out", clean).exit_code == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        manifest = out / "tsdkd.json"
-        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    process.wait()
-    killed_at = json.loads((out / "tsdkd.json").read_text())
-    assert process.returncode == -signal.SIGKILL and not killed_at["complete"], "the run ended before it could be killed"
+    manifest = out / "tsdkd.json"
+    returncode, _ = signal_when(args, lambda: manifest.exists() and bool(json.loads(manifest.read_text())["shards"]),
+                                tmp_path / "stderr.txt", signal.SIGKILL)
+    killed_at = json.loads(manifest.read_text())
+    assert returncode == -signal.SIGKILL and not killed_at["complete"], "the run ended before it could be killed"
     finished_before = {e["file"]: e["sha256"] for e in killed_at["shards"]}
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    rerun = rerun_tsdkd(args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     kept = len(killed_at["shards"])
     assert re.search(rf"{out}: continuing: {kept} of 12 shards done, \d+ more sampled and waiting for the teacher", rerun.stdout)

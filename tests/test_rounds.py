@@ -7,9 +7,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, run_cli, sigterm_when
+from conftest import ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, rerun_tsdkd, run_cli, signal_when
 from tsdkd.fingerprint import sha256_file
 from tsdkd.locks import exclusive_use
 from tsdkd.rounds import setting_changes
@@ -145,19 +142,10 @@ def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
 def test_kill_and_rerun_ends_like_an_uninterrupted_run(finished_run, tmp_path, kill_when):
     config, reference = finished_run
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "tsdkd", *run_args(config, out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if (out / kill_when).exists():
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode, _ = signal_when(run_args(config, out), (out / kill_when).exists, tmp_path / "stderr.txt", signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "round-2" / "student" / "model.safetensors").exists()
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    rerun = rerun_tsdkd(run_args(config, out))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     ours = json.loads((out / "round-1" / "signals" / "tsdkd.json").read_text())["shards"]
     theirs = json.loads((reference / "round-1" / "signals" / "tsdkd.json").read_text())["shards"]
@@ -303,7 +291,7 @@ def test_sigterm_ends_in_one_line_and_the_rerun_finishes(tmp_path, stop_when):
     how to continue, exit code 143 (128 + 15, as if killed), no traceback; rerunning finishes the run."""
     config, out = tmp_path / "run.yaml", tmp_path / "run"
     config.write_text(CONFIG.replace("rounds: 2", "rounds: 1"))
-    returncode, output = sigterm_when(run_args(config, out), out / stop_when, tmp_path / "stderr.txt")
+    returncode, output = signal_when(run_args(config, out), (out / stop_when).exists, tmp_path / "stderr.txt")
     assert returncode == 143, (returncode, output[-3000:])
     assert "Traceback" not in output
     # Once, to the end of its line (which a progress bar left unfinished may have begun).
