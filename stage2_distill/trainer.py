@@ -149,6 +149,11 @@ class DistillTrainer(Trainer):
             self._head = (model, getattr(head, "_fsdp_wrapped_module", head))
         return self._head[1]
 
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if state_dict is not None:
+            state_dict = without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict)
+
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
         """The Trainer's estimate (6 x tokens x non-embedding parameters), with the parameters counted once
         rather than every step."""
@@ -194,6 +199,21 @@ def _head_returns(head: torch.nn.Module, statistics: Callable[[torch.Tensor, tor
         yield
     finally:
         del head.forward
+
+
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FSDP's full state dict holds a tied weight (the output head of a student with tied embeddings) as a copy of
+    its own, which save_pretrained then writes twice (seen on a GPU: V x d more bytes in the student). Equal copies
+    are dropped, as save_pretrained drops tensors that share memory. A copy that differs (a tie the engine did not
+    keep) is written, with the tie turned off in the config, so that loading keeps the trained head."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    copies = {key: source for key, source in tied.items() if key in state_dict and source in state_dict}
+    if copies and not all(torch.equal(state_dict[key], state_dict[source]) for key, source in copies.items()):
+        print("note: the student's tied weights were trained apart (the sharding engine did not keep the tie); "
+              "saved untied (tie_word_embeddings: false)")
+        model.config.tie_word_embeddings = False
+        return state_dict
+    return {key: value for key, value in state_dict.items() if key not in copies}
 
 
 def keep_float32_outputs(plugin: Any) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -169,21 +170,66 @@ def test_two_processes_equal_one(small_dataset, tmp_path):
     for name in final_one:
         torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-5, atol=1e-6)
     # As if killed after step 2's checkpoint: both processes resume from it and end where the run did.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "ddp", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "checkpoint-3")
-    (resumed / "model.safetensors").unlink()
-    info = json.loads((resumed / "tsdkd_distill.json").read_text())
-    (resumed / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
-    records = [{**json.loads(line), "before_the_kill": True} for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    resumed = as_if_killed_after_step_2(tmp_path / "ddp", tmp_path / "resumed")
     rerun = subprocess.run([*torchrun, "--out", str(resumed), "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_resumed_after_step_2(resumed, final_two)
+
+
+def as_if_killed_after_step_2(finished: Path, copy: Path) -> Path:
+    """A copy of a finished 3-step run (checkpoints kept) as a kill after step 2's checkpoint leaves it."""
+    shutil.copytree(finished, copy)
+    shutil.rmtree(copy / "checkpoints" / "checkpoint-3")
+    (copy / "model.safetensors").unlink()
+    info = json.loads((copy / "tsdkd_distill.json").read_text())
+    (copy / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
+    records = [{**json.loads(line), "before_the_kill": True} for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return copy
+
+
+def assert_resumed_after_step_2(resumed: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
     # Steps 1 and 2 were not redone (a restart from scratch would end with the same weights).
     assert [(r["step"], "before_the_kill" in r) for r in step_records(resumed)] == [(1, True), (2, True), (3, False)]
     final_resumed = load_file(resumed / "model.safetensors")
-    for name in final_two:
-        torch.testing.assert_close(final_resumed[name], final_two[name], rtol=1e-6, atol=1e-7)
+    for name in uninterrupted:
+        torch.testing.assert_close(final_resumed[name], uninterrupted[name], rtol=1e-6, atol=1e-7)
+
+
+def test_accelerate_launch_with_zero3(small_dataset, tmp_path):
+    """`accelerate launch` with a DeepSpeed ZeRO-3 config, one process (DeepSpeed runs on the CPU; accelerate's FSDP
+    does not): the Trainer's DeepSpeed engine trains, checkpoints as ZeRO does, saves the student from the gathered
+    weights, equal to a plain run's within float rounding, and a run resumed from a ZeRO checkpoint ends where it did.
+    The same was run on a GPU with bf16 and FSDP2 too (bench/gpu_checks.py, docs/benchmarks.md)."""
+    (tmp_path / "zero3.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto"}))
+    (tmp_path / "accelerate.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_processes: 1\nnum_machines: 1\n"
+        f"machine_rank: 0\ndeepspeed_config:\n  deepspeed_config_file: {tmp_path / 'zero3.json'}\n")
+    common = ["--signals", str(small_dataset), "--student", str(TOY_STUDENT), *FAST, "--max-steps", "3", "--save-steps", "1",
+              "--keep-checkpoints"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "accelerate.yaml"),
+              "-m", "tsdkd", "distill", *common]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    zero3 = subprocess.run([*launch, "--out", str(tmp_path / "zero3")], env=env, capture_output=True, text=True, timeout=600)
+    assert zero3.returncode == 0, zero3.stderr[-3000:]
+    assert (tmp_path / "zero3/checkpoints/checkpoint-2/global_step2").is_dir()  # a ZeRO checkpoint, so DeepSpeed ran
+    single = run_cli("distill", *common, "--out", tmp_path / "single")
+    assert single.exit_code == 0, single.stderr[-2000:]
+    for a, b in zip(step_records(tmp_path / "zero3"), step_records(tmp_path / "single"), strict=True):
+        for key in ("loss", "direct", "indirect_token", "indirect_sequence", "entropy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    final_zero3 = load_file(tmp_path / "zero3" / "model.safetensors")
+    final_single = load_file(tmp_path / "single" / "model.safetensors")
+    assert final_zero3.keys() == final_single.keys()
+    for name in final_single:
+        torch.testing.assert_close(final_zero3[name], final_single[name], rtol=1e-5, atol=1e-6)
+    resumed = as_if_killed_after_step_2(tmp_path / "zero3", tmp_path / "resumed")
+    rerun = subprocess.run([*launch, "--out", str(resumed), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_resumed_after_step_2(resumed, final_zero3)
 
 
 def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_path):
@@ -275,6 +321,24 @@ def test_student_with_padded_embeddings(small_dataset, tmp_path):
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
     trained = AutoModelForCausalLM.from_pretrained(out).get_output_embeddings().weight
     torch.testing.assert_close(trained[325:], model.get_output_embeddings().weight[325:])
+
+
+@pytest.mark.parametrize("trained_apart", [False, True])
+def test_a_gathered_tied_head_is_saved_once(tmp_path, trained_apart):
+    """FSDP's full state dict gives a tied head as a separate copy (seen on a GPU: the student held lm_head.weight
+    next to the embedding); the Trainer's save is handed such a dict here. An equal copy is not written; one that
+    differs is written and untied, so that the loaded student has the trained head."""
+    model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    if trained_apart:
+        state["lm_head.weight"] += 0.5
+    distill_trainer(model, str(tmp_path / "checkpoints"))._save(str(tmp_path / "student"), state_dict=state)
+    saved = load_file(tmp_path / "student/model.safetensors")
+    assert ("lm_head.weight" in saved) == trained_apart
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert torch.equal(loaded.lm_head.weight, state["lm_head.weight"])
+    assert torch.equal(loaded.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+    assert loaded.config.tie_word_embeddings == (not trained_apart)
 
 
 def test_non_finite_loss_stops_with_the_step(small_dataset):
