@@ -68,6 +68,12 @@ def test_equivalence(gold, response, correct):
     ("To answer it, add: 3 + 4 = 7\nThen double it: 14", None),  # no line starts with the mark
     ("4 * 3 = 12\nThe answer is:\n12", None),  # the mark's line holds no answer
     ("4 * 3 = 12\nAnswer: \n12", None),
+    ("4 * 3 = 12\nFinal Answer: The final answer is $12$. I hope it is correct.", "12"),  # Minerva's, marked twice
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("4 * 3 = 12\nThe answer is 12 because 4 * 3 = 12.", "12"),
+    ("4 * 3 = 12\nThe answer is 12. It is even.", "12"),
+    ("4 * 3 = 12\nThe answer is 1.5 since 3 / 2 = 1.5", "1.5"),
+    ("4 * 3 = 12\nAnswer: x + 1", "x + 1"),
 ])
 def test_the_answer_a_gold_solution_marks(gold, read):
     """None: unmarked, so compared whole; refused when it has several lines and its field was found by itself."""

@@ -11,8 +11,11 @@ import re
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
 # In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12") and goes
-# on to the answer on the same line: the word "answer" inside the reasoning marks nothing.
-_GOLD_ANSWER = re.compile(r"^[ \t]*\**[ \t]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*$]*([^\s$*:][^\n$]*)",
+# on to the answer on the same line: the word "answer" inside the reasoning marks nothing. The mark may come twice
+# (Minerva's "Final Answer: The final answer is $5$. I hope it is correct."); the answer ends at the line's end, a
+# closing $, a full stop before a space, or "because"/"since" ("The answer is 5 because ...").
+_GOLD_MARK = r"(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*$]*"
+_GOLD_ANSWER = re.compile(rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?([^\s$*:](?:(?!\.\s|[ \t]+(?:because|since)\b)[^\n$])*)",
                           re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
