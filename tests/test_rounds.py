@@ -130,6 +130,21 @@ def test_a_rounds_refusal_names_the_round_and_command(finished_run, tmp_path):
                           "the prompt file's contents, changed since the dataset was started")
 
 
+@pytest.mark.parametrize("launched", [False, True])
+def test_one_process_on_one_device_is_checked_before_round_one(tmp_path, monkeypatch, launched):
+    """Several GPUs in view would be refused by the round's distillation only after its sampling (hours), and under a
+    launcher every process would sample the same round: both refused before anything is written."""
+    if launched:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    else:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG)
+    expected = ("not started by torchrun", "run each round's") if launched else ("4 GPUs are visible", "CUDA_VISIBLE_DEVICES=0")
+    assert_one_line_error(run_cli(*run_args(config, tmp_path / "run")), *expected)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
     config, _ = finished_run
     out = tmp_path / "run"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -135,12 +136,29 @@ def in_round(round_index: int, command: str) -> Iterator[None]:
         raise TsdkdError(f"round {round_index}, {command}: {error}") from None
 
 
+def check_one_process() -> None:
+    """`tsdkd run` is one process that distils on one device: refused under a launcher (every process would
+    sample the same round) and, before round 1's sampling, with several GPUs in view, which the round's
+    distillation would refuse only after it (the Trainer would spread one process over them with nn.DataParallel)."""
+    import torch
+
+    if "LOCAL_RANK" in os.environ:
+        raise TsdkdError("`tsdkd run` is not started by torchrun or accelerate launch: run it as one process; to distil "
+                         "on several GPUs, run each round's `tsdkd generate`, then `torchrun ... -m tsdkd -- distill`")
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        raise TsdkdError(f"{gpus} GPUs are visible, and `tsdkd run` distils each round in one process: pick one with "
+                         "CUDA_VISIBLE_DEVICES=0, or, to use them all, run each round's `tsdkd generate` (vLLM's "
+                         f"--tensor-parallel-size), then `torchrun --nproc_per_node {gpus} -m tsdkd -- distill` yourself")
+
+
 def run_rounds(cfg: RunConfig) -> Path:
     """Rounds 1..R (R may grow between reruns); returns the last round's student folder."""
     from stage1_generate.generate import generate
     from stage2_distill.distill import distill
 
     cfg.check()
+    check_one_process()
     # Both sections' values are checked before a round's generate spends hours and the run records them.
     for name, section in zip(("generate", "distill"), round_configs(cfg, cfg.rounds)):
         try:
