@@ -242,7 +242,7 @@ def test_run_section_options_are_the_run_command_options():
 
 @pytest.mark.parametrize("text, message", [
     ("warmup_ratio: 0.2\n", "'warmup_ratio' goes in the `distill:` section (top-level keys: backend, batch_size, distill,"),
-    ("speed: 2\n", "unknown key 'speed'; known keys: backend, batch_size, distill, epochs, generate, learning_rate,"),
+    ("speed: 2\n", "unknown key 'speed'; known keys: backend, batch_size, distill, distill_processes, epochs, generate, learning_rate,"),
     ("generate:\n  out: x\n", "generate.out is set by `tsdkd run` itself for each round; remove it"),
 ])
 def test_run_config_keys_in_the_wrong_place_are_refused_with_where_they_go(tmp_path, text, message):

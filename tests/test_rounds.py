@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -130,19 +132,110 @@ def test_a_rounds_refusal_names_the_round_and_command(finished_run, tmp_path):
                           "the prompt file's contents, changed since the dataset was started")
 
 
-@pytest.mark.parametrize("launched", [False, True])
-def test_one_process_on_one_device_is_checked_before_round_one(tmp_path, monkeypatch, launched):
-    """Several GPUs in view would be refused by the round's distillation only after its sampling (hours), and under a
-    launcher every process would sample the same round: both refused before anything is written."""
-    if launched:
+@pytest.mark.parametrize("gpus, extra, expected", [
+    (None, [], ("not started by torchrun", "--distill-processes N")),  # under a launcher
+    (4, [], ("4 GPUs are visible", "--distill-processes 4", "CUDA_VISIBLE_DEVICES=0")),
+    (2, ["--distill-processes", "4"], ("--distill-processes 4: only 2 GPUs are visible",)),
+])
+def test_processes_and_gpus_are_checked_before_round_one(tmp_path, monkeypatch, gpus, extra, expected):
+    """Several GPUs for one distillation process would be refused by the round's distillation only after its sampling
+    (hours), and under a launcher every process would sample the same round: refused before anything is written."""
+    if gpus is None:
         monkeypatch.setenv("LOCAL_RANK", "0")
     else:
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     config = tmp_path / "run.yaml"
     config.write_text(CONFIG)
-    expected = ("not started by torchrun", "run each round's") if launched else ("4 GPUs are visible", "CUDA_VISIBLE_DEVICES=0")
-    assert_one_line_error(run_cli(*run_args(config, tmp_path / "run")), *expected)
+    assert_one_line_error(run_cli(*run_args(config, tmp_path / "run", *extra)), *expected)
     assert not (tmp_path / "run").exists()
+
+
+ONE_ROUND = """
+rounds: 1
+generate: {limit: 8, max-new-tokens: 24, top-k: 8, num-candidates: 3, backend: hf}
+distill: {max-steps: 4, save-steps: 1, learning-rate: 0.001, batch-size: 6, logging-steps: 1%s}
+"""
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """A finished one-round run whose distillation ran in two CPU processes (gloo)."""
+    folder = tmp_path_factory.mktemp("two-processes")
+    config = folder / "run.yaml"
+    config.write_text(ONE_ROUND % "")
+    result = run_cli(*run_args(config, folder / "run", "--distill-processes", "2"))
+    assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
+    return config, folder / "run"
+
+
+def test_distill_processes_train_like_accumulation(two_process_run, tmp_path):
+    """--distill-processes 2 gives the student of one process accumulating two micro-batches, within float rounding
+    as in test_distill's torchrun test; a rerun of the finished run changes nothing."""
+    config, two = two_process_run
+    assert (two / "round-1/distill.json").is_file() and (two / "round-1/rank-1.log").is_file()
+    one_config = tmp_path / "one.yaml"
+    one_config.write_text(ONE_ROUND % ", gradient-accumulation-steps: 2")
+    result = run_cli(*run_args(one_config, tmp_path / "one"))
+    assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
+    two_processes = load_file(two / "round-1/student/model.safetensors")
+    for key, value in load_file(tmp_path / "one/round-1/student/model.safetensors").items():
+        torch.testing.assert_close(two_processes[key], value, rtol=1e-5, atol=1e-6)
+    rerun = run_cli(*run_args(config, two, "--distill-processes", "2"))
+    assert rerun.exit_code == 0, rerun.stderr[-2000:]
+    after = load_file(two / "round-1/student/model.safetensors")
+    assert all(torch.equal(after[key], value) for key, value in two_processes.items())
+
+
+def processes_naming(path: Path) -> list[int]:
+    """The processes whose command line holds `path`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(path).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.parametrize("sent", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_run_ends_its_distill_processes_and_continues(two_process_run, tmp_path, sent):
+    """Killed (SIGKILL: its distillation processes get SIGTERM from the kernel) or stopped (SIGTERM: it stops them)
+    during the distillation, the run leaves no process behind to hold the round's folder; the same command then
+    ends with the uninterrupted run's student, to float rounding."""
+    config, reference = two_process_run
+    out = tmp_path / "run"
+    args = run_args(config, out, "--distill-processes", "2")
+    checkpoint = out / "round-1/student/checkpoints/checkpoint-2/trainer_state.json"
+    returncode, stderr = signal_when(args, checkpoint.exists, tmp_path / "stderr.txt", sent)
+    assert not (out / "round-1/student/model.safetensors").exists(), "the run ended before it could be stopped"
+    if sent == signal.SIGTERM:
+        assert returncode == 143 and stderr.splitlines()[-1] == "terminated (SIGTERM); rerun the same command to continue"
+    else:
+        assert returncode == -signal.SIGKILL
+    deadline = time.time() + 30
+    while processes_naming(out) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not processes_naming(out)
+    rerun = rerun_tsdkd(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = load_file(out / "round-1/student/model.safetensors")
+    for key, value in load_file(reference / "round-1/student/model.safetensors").items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_failure_in_distill_processes_ends_in_its_one_line(tmp_path):
+    """Refused by the round's distillation itself (the vocabulary is known there only): process 0 says why, the
+    run ends with its exit code and says nothing more; the other process's output is in its log."""
+    config = tmp_path / "run.yaml"
+    config.write_text(ONE_ROUND % ", rank-items: 400")
+    # A process of its own: the distillation processes write to the real stderr, which run_cli does not capture.
+    result = rerun_tsdkd(run_args(config, tmp_path / "run", "--distill-processes", "2"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and sum("error:" in line for line in lines) == 1, result.stderr[-3000:]
+    assert lines[-1].startswith("error: --rank-items 400 exceeds the student's vocabulary"), lines[-1]
+    assert "Traceback" not in result.stderr
+    assert "rank-items" in (tmp_path / "run/round-1/rank-1.log").read_text()
 
 
 def test_a_run_folder_in_use_is_refused(finished_run, tmp_path):
@@ -263,12 +356,15 @@ def test_distill_settings_may_change_until_a_round_distils(tmp_path):
     shards = {path: path.stat().st_mtime_ns for path in (out / "round-1" / "signals" / "data").glob("*.parquet")}
     assert shards
     config.write_text(one_round)
-    result = run_cli(*run_args(config, out))
+    # The number of distillation processes counts as a distill setting (it changes the optimizer batch).
+    result = run_cli(*run_args(config, out, "--distill-processes", "2"))
     assert result.exit_code == 0 and "new distill settings" in result.stdout, (result.stderr[-2000:], result.exception)
     assert {path: path.stat().st_mtime_ns for path in shards} == shards  # sampled once
     assert (out / "round-1" / "student" / "model.safetensors").is_file()
     config.write_text(one_round + "  jsd-beta: 0.5\n")
-    assert_one_line_error(run_cli(*run_args(config, out)), "other settings", "distill")
+    assert_one_line_error(run_cli(*run_args(config, out, "--distill-processes", "2")), "other settings", "distill")
+    config.write_text(one_round)
+    assert_one_line_error(run_cli(*run_args(config, out)), "other settings", "distill_processes: 2 in the run, 1 now")
 
 
 def test_rerun_compares_typed_settings_and_names_each_change(tmp_path):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import typer
 import typer.core
 
-from tsdkd.errors import TsdkdError
+from tsdkd.errors import ReportedFailure, TsdkdError
 
 
 class Commands(typer.core.TyperGroup):
@@ -140,6 +140,8 @@ def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the sam
         except TsdkdError as error:
             say_last(f"error: {error}")
             raise typer.Exit(2) from None
+        except ReportedFailure as failure:
+            raise typer.Exit(failure.exit_code) from None
         except KeyboardInterrupt:
             quiet_teardown()
             say_last(f"interrupted; {next_step}")
@@ -269,6 +271,7 @@ def run(
     out: Optional[str] = typer.Option(None, help="Run folder: round-1/, round-2/, ... and tsdkd_run.json [required]."),
     rounds: Optional[int] = typer.Option(None, help="Rounds of generate-then-distill; may grow on a rerun [3]."),
     seed: Optional[int] = typer.Option(None, help="Base seed; round r uses seed + r [0]."),
+    distill_processes: Optional[int] = typer.Option(None, help="Processes of each round's distillation, one per GPU, as torchrun would start them (on a machine without GPUs, CPU processes) [1]."),
     num_candidates: Optional[int] = typer.Option(None, help="generate: candidates per prompt [4]."),
     top_k: Optional[int] = typer.Option(None, help="generate: teacher top-k [20]."),
     max_new_tokens: Optional[int] = typer.Option(None, help="generate: longest candidate [1024]."),

@@ -353,6 +353,7 @@ class RunConfig:
     out: str = ""
     rounds: int = 3
     seed: int = 0
+    distill_processes: int = 1
     generate: dict = dataclasses.field(default_factory=dict)
     distill: dict = dataclasses.field(default_factory=dict)
 
@@ -362,6 +363,8 @@ class RunConfig:
                 raise TsdkdError(f"--{name} is required (on the command line or in --config)")
         if self.rounds < 1:
             raise TsdkdError("--rounds must be at least 1")
+        if self.distill_processes < 1:
+            raise TsdkdError("--distill-processes must be at least 1")
         if not 0 <= self.seed <= MAX_SEED - self.rounds:
             raise TsdkdError(f"--seed must be in [0, {MAX_SEED - self.rounds}]: round r uses --seed + r, at most {MAX_SEED}")
 

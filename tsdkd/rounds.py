@@ -4,6 +4,8 @@ into round r; each round is a folder with its signals and its student, under a r
     OUT/tsdkd_run.json      settings and the state of each round
     OUT/round-1/signals     signals sampled by the initial student
     OUT/round-1/student     the student distilled from them
+    OUT/round-1/distill.json, rank-*.log   with --distill-processes N > 1: the settings its N processes read,
+                            and the output of processes 1..N-1
     OUT/round-2/...
 
 Rerunning the same command continues where a crash stopped it: finished rounds are kept, a
@@ -22,10 +24,14 @@ from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RESUMABLE
                           GenerateConfig, RunConfig, build_config)
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import with_real_paths
+from tsdkd.launch import run_processes
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
 RUN_MANIFEST = "tsdkd_run.json"
+ROUND_DISTILL_SETTINGS = "distill.json"
+# Run settings that count as distill settings: free to change until a round's distillation starts.
+RUN_DISTILL_SETTINGS = ("distill_processes",)
 
 
 def round_folder(out: Path, round_index: int) -> Path:
@@ -71,7 +77,8 @@ def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path
             changes += [(key, f"{key}.{name}: {old[name]!r} in the run, {new[name]!r} now")
                         for name in old if old[name] != new[name] and name not in free]
         elif recorded.get(key) != wanted.get(key):
-            changes.append(("", f"{key}: {recorded.get(key)!r} in the run, {wanted.get(key)!r} now"))
+            section = "distill" if key in RUN_DISTILL_SETTINGS else ""
+            changes.append((section, f"{key}: {recorded.get(key)!r} in the run, {wanted.get(key)!r} now"))
     return changes
 
 
@@ -88,8 +95,9 @@ def start_manifest(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if path.is_file():
         manifest = read_run_manifest(path)
         wanted = json.loads(json.dumps(settings))
-        # Runs recorded the paths as given before they were resolved.
-        changes = setting_changes(resolved_paths(manifest["settings"]), wanted, path)
+        # Runs recorded the paths as given before they were resolved, and distilled in one process before
+        # --distill-processes.
+        changes = setting_changes(resolved_paths({"distill_processes": 1, **manifest["settings"]}), wanted, path)
         if changes and not any(item.is_file() for item in out.glob("round-*/**/*")):
             # The last start stopped before making anything (say on an option its generate refused): nothing to keep.
             print(f"{out}: no round has made anything yet; the new settings replace the recorded ones")
@@ -136,29 +144,44 @@ def in_round(round_index: int, command: str) -> Iterator[None]:
         raise TsdkdError(f"round {round_index}, {command}: {error}") from None
 
 
-def check_one_process() -> None:
-    """`tsdkd run` is one process that distils on one device: refused under a launcher (every process would
-    sample the same round) and, before round 1's sampling, with several GPUs in view, which the round's
-    distillation would refuse only after it (the Trainer would spread one process over them with nn.DataParallel)."""
+def check_processes(distill_processes: int) -> None:
+    """Before round 1's sampling: `tsdkd run` is one process (under a launcher every process would sample the same
+    round) that starts each round's distillation processes itself, one per GPU. Several GPUs for one process
+    would be refused by the round's distillation only after the sampling (the Trainer would spread the process
+    over them with nn.DataParallel)."""
     import torch
 
     if "LOCAL_RANK" in os.environ:
-        raise TsdkdError("`tsdkd run` is not started by torchrun or accelerate launch: run it as one process; to distil "
-                         "on several GPUs, run each round's `tsdkd generate`, then `torchrun ... -m tsdkd -- distill`")
+        raise TsdkdError("`tsdkd run` is not started by torchrun or accelerate launch: run it as one process, with "
+                         "--distill-processes N to distil each round on N GPUs")
     gpus = torch.cuda.device_count()
-    if gpus > 1:
-        raise TsdkdError(f"{gpus} GPUs are visible, and `tsdkd run` distils each round in one process: pick one with "
-                         "CUDA_VISIBLE_DEVICES=0, or, to use them all, run each round's `tsdkd generate` (vLLM's "
-                         f"--tensor-parallel-size), then `torchrun --nproc_per_node {gpus} -m tsdkd -- distill` yourself")
+    if gpus > 1 and distill_processes == 1:
+        raise TsdkdError(f"{gpus} GPUs are visible: give --distill-processes {gpus} to distil on all of them (one "
+                         "process per GPU), or pick one with CUDA_VISIBLE_DEVICES=0")
+    if 0 < gpus < distill_processes:
+        raise TsdkdError(f"--distill-processes {distill_processes}: only {gpus} GPU{'s are' if gpus > 1 else ' is'} "
+                         "visible (one process per GPU)")
+
+
+def distill_round(cfg: DistillConfig, processes: int) -> None:
+    """In this process, or in `processes` started as torchrun would, which read the round's settings from
+    round-r/distill.json (written there each time: the file to rerun the round's distillation by hand with)."""
+    from stage2_distill.distill import distill
+
+    if processes == 1:
+        distill(cfg)
+        return
+    folder = Path(cfg.out).parent
+    write_json_atomic(vars(cfg), folder / ROUND_DISTILL_SETTINGS)
+    run_processes(["distill", "--config", str(folder / ROUND_DISTILL_SETTINGS)], processes, folder)
 
 
 def run_rounds(cfg: RunConfig) -> Path:
     """Rounds 1..R (R may grow between reruns); returns the last round's student folder."""
     from stage1_generate.generate import generate
-    from stage2_distill.distill import distill
 
     cfg.check()
-    check_one_process()
+    check_processes(cfg.distill_processes)
     # Both sections' values are checked before a round's generate spends hours and the run records them.
     for name, section in zip(("generate", "distill"), round_configs(cfg, cfg.rounds)):
         try:
@@ -185,7 +208,7 @@ def run_rounds(cfg: RunConfig) -> Path:
             state["signals"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
             with in_round(round_index, "distill"):
-                distill(distill_cfg)
+                distill_round(distill_cfg, cfg.distill_processes)
             state["student"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
         later = sorted(int(r) for r in manifest["rounds"] if int(r) > cfg.rounds)

@@ -1,0 +1,83 @@
+"""Several processes of one tsdkd command on this machine, as `torchrun --standalone` starts them (one per GPU),
+for `tsdkd run`'s distillations.
+
+Not torchrun itself: its agent ends a failed run with a many-line failure report over the one line the failing
+process printed, and its workers outlive it when it is killed. Here each worker gets torchrun's variables
+(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), a session of its own (a Ctrl-C
+reaches this process only, which stops the workers) and, on Linux, SIGTERM when this process dies, even by SIGKILL.
+Process 0 writes to this terminal; the others, which would repeat its lines, to a log file each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tsdkd.errors import ReportedFailure, TsdkdError
+
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _end_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: a killed launcher leaves its workers to finish
+        pass
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    """SIGTERM to the workers still running (under a launcher they end at once, saying nothing), then wait."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    deadline = time.monotonic() + 60
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def run_processes(args: list[str], processes: int, logs: Path) -> None:
+    """`python -m tsdkd *args` in `processes` processes, the output of process r > 0 appended to logs/rank-r.log;
+    returns when all succeed. When one fails the others are stopped: process 0 has printed why (ReportedFailure,
+    with its exit code); another's failure names its log. An interrupt of this process stops them, then goes on."""
+    port = free_port()
+    workers, log_files = [], {rank: logs / f"rank-{rank}.log" for rank in range(1, processes)}
+    try:
+        for rank in range(processes):
+            # OMP_NUM_THREADS: 1 unless set, as torchrun does, so that the processes do not fight over the cores.
+            env = {"OMP_NUM_THREADS": "1", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
+                   "LOCAL_WORLD_SIZE": str(processes), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            with contextlib.ExitStack() as output:
+                log = output.enter_context(open(log_files[rank], "a")) if rank else None
+                workers.append(subprocess.Popen([sys.executable, "-m", "tsdkd", *args], env=env, stdout=log, stderr=log,
+                                                start_new_session=True, preexec_fn=_end_with_parent))
+        while True:
+            for rank, code in enumerate(worker.poll() for worker in workers):
+                if code is None or code == 0:
+                    continue
+                if rank == 0 and code > 0:
+                    raise ReportedFailure(code)
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
+                where = f"; its output is in {log_files[rank]}" if rank else ""
+                raise TsdkdError(f"process {rank} of {processes} {how}{where}; rerun the same command to continue")
+            if all(worker.returncode == 0 for worker in workers):
+                return
+            time.sleep(0.2)
+    finally:
+        _stop(workers)
