@@ -70,8 +70,10 @@ def _forward_chunk(hidden_states, weight, teacher_topk_ids, target_ids, renormal
     lse = top.squeeze(-1) + log_sums
     logprobs.sub_(lse.unsqueeze(-1))
     # H = -sum_j p_j log p_j. Logits from a matmul of finite numbers are finite, so log p is too and an
-    # underflowing p_j gives 0 * finite = 0.
-    entropy = torch.linalg.vecdot(exps, logprobs).div_(sums).neg_()
+    # underflowing p_j gives 0 * finite = 0. A dot product without a [n, V] temporary; autocast would run it
+    # in bf16 (it counts as a matrix product), hence off.
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        entropy = torch.linalg.vecdot(exps, logprobs).div_(sums).neg_()
     target = logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
     topk = logprobs.gather(-1, teacher_topk_ids)
     if renormalize_topk:

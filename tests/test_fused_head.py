@@ -300,6 +300,19 @@ def test_recompute_under_autocast_sees_the_forward_logits():
     torch.testing.assert_close(weight_recomputed, weight_kept, rtol=2**-7, atol=2**-7 * weight_kept.abs().max().item())
 
 
+def test_statistics_after_the_head_matmul_are_float32_under_autocast():
+    """Only the head's matmul runs in autocast's dtype: the entropy (a dot product, which autocast would run in
+    bf16) and every other field are float32, equal to float32 statistics of the same bf16 logits."""
+    hidden_states, weight, teacher_ids, target_ids = random_inputs(16, tokens=10, dtype=torch.float32, scale=3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = chunked_token_statistics(hidden_states, weight, teacher_ids, target_ids, 4, VOCAB, num_items=3)
+    logprobs = torch.log_softmax((hidden_states.bfloat16() @ weight[:VOCAB].bfloat16().T).float(), dim=-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    assert {field.dtype for field in (stats.bucket_logprobs, stats.entropy, stats.target_logprob, stats.topm_logprobs)} == {torch.float32}
+    torch.testing.assert_close(stats.entropy, entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.target_logprob, logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1))
+
+
 def backward_with_matmul_dtypes(loss: torch.Tensor, inputs: tuple) -> tuple[list[list[str]], tuple]:
     """The gradients of `loss`, and the operand dtypes of every matrix product the backward ran (as the
     profiler saw them: the dtypes autocast chose)."""
