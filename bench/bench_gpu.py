@@ -7,18 +7,21 @@
 The GPU counterpart of bench_stage2.py's parts (a) and (c), with its setup code (the same
 micro-batches of the same signal dataset, the same DistillTrainer and Objective):
 
-steps: four variants, each from a fresh float32 student on the GPU under bf16 autocast (fp32
-    master weights, as `tsdkd distill --bf16 auto` trains there): `ce` (model(...).loss, backward,
-    AdamW), `tsdkd-loop` (DistillTrainer.compute_loss in the same loop), `ce-trainer` (the
-    transformers Trainer on cross-entropy) and `tsdkd` (DistillTrainer.train, the real command's
-    step). One warm-up pass over the batches, then --repeats timed passes; every step ends with
-    torch.cuda.synchronize(), so a step's time is its whole GPU work; a variant's time is its best
-    pass's mean step. Variants run interleaved in one process, --rounds times; ratios to `ce` are
-    the median of the per-round ratios. Peak memory: torch.cuda.max_memory_allocated over the steps
-    minus what was allocated before the first step (weights); AdamW's states are in both.
-chunk: peak CUDA memory and time of chunked_token_statistics forward+backward under bf16 autocast
-    (top-m at every 10th token, as the token-level ranking reads it), chunk 512 vs one chunk of
-    all tokens, and a plain cross-entropy head for reference.
+steps: four variants, each from a fresh float32 student on the GPU with bf16 as `tsdkd distill
+    --bf16 auto` trains there (accelerate's: the model's forward under autocast, its outputs cast
+    to float32, fp32 master weights): bench_stage2's plain loops `ce` (model(...).loss, backward,
+    AdamW) and `tsdkd-loop` (DistillTrainer.compute_loss in the same loop), and the Trainers
+    `ce-trainer` (cross-entropy) and `tsdkd` (DistillTrainer.train, the real command's step, with
+    the Trainer's optimizer and clipping). One warm-up pass over the batches, then --repeats timed
+    passes; every step ends with torch.cuda.synchronize(), so a step's time is its whole GPU work;
+    a variant's time is its best pass's mean step. Variants run interleaved in one process,
+    --rounds times; each is compared with CE on the same engine (`tsdkd` with `ce-trainer`,
+    `tsdkd-loop` with `ce`), as the median of the per-round ratios. Peak memory:
+    torch.cuda.max_memory_allocated over the steps minus what was allocated before the first step
+    (weights); AdamW's states are in both.
+chunk: bench_stage2's (c), chunked_token_statistics forward (under bf16 autocast) and backward:
+    peak CUDA memory and time, chunk 512 vs one chunk of all tokens, and a plain cross-entropy
+    head for reference.
 random-model: a randomly initialised model (seed 0) with the tokenizer and config of --like (a
     model folder; its weights are not read), config fields changed by --set: the shapes of a real
     student or teacher where its weights cannot be brought to the GPU machine. Timing does not
@@ -75,42 +78,29 @@ class MemoryMark:
 
 
 def loop_variant(args: argparse.Namespace, variant: str, folder: Path, passes: int) -> tuple[list[float], int]:
-    """Step times of the plain loop (`ce` or `tsdkd-loop`) over `passes` passes, and its peak memory."""
-    cfg, tokenizer, objective, batches = cpu_bench.setup(args, folder)
-    items = [{k: v.to(DEVICE) for k, v in batches[i].items()} for i in range(len(batches))]
-    model = cpu_bench.load_student(args.student).to(DEVICE)
-    model.train()
-    if variant == "tsdkd-loop":
-        trainer = cpu_bench.make_distill_trainer(cfg, tokenizer, objective, model, cpu_bench.ListDataset(items))
-        model = trainer.model
+    """Step times of the plain loop (`ce` or `tsdkd-loop`, bench_stage2's) over `passes` passes, and its peak memory.
+    bf16 as accelerate applies it in the Trainer: the model's forward (the head statistics included) under
+    autocast, its outputs cast to float32, the loss terms and the backward outside."""
+    from accelerate.utils import convert_outputs_to_fp32
 
-        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return trainer.compute_loss(model, batch)
-    else:
-        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    items, model, _, step, _ = cpu_bench.loop_setup(args, variant, folder)
+    model.to(DEVICE)  # the parameters stay the optimizer's (moved in place)
+    model.forward = convert_outputs_to_fp32(torch.autocast(DEVICE.type, dtype=torch.bfloat16)(model.forward))
+    items = [{k: v.to(DEVICE) for k, v in batch.items()} for batch in items]
     memory = MemoryMark()
     memory.start()
     times = []
     for _ in range(passes):
         for batch in items:
             start = synchronized_clock()
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-                loss = loss_of(batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(batch)
             times.append(synchronized_clock() - start)
     return times, memory.peak_bytes()
 
 
 def trainer_variant(args: argparse.Namespace, variant: str, folder: Path, passes: int) -> tuple[list[float], int]:
     """Step times of `tsdkd` (DistillTrainer.train) or `ce-trainer` (transformers Trainer, cross-entropy)."""
-    from transformers import Trainer, TrainerCallback
-
-    from stage2_distill.data import collate_single
-    from stage2_distill.distill import training_arguments
+    from transformers import TrainerCallback
 
     cfg, tokenizer, objective, batches = cpu_bench.setup(args, folder)
     items = [batches[i] for i in range(len(batches))]
@@ -128,13 +118,7 @@ def trainer_variant(args: argparse.Namespace, variant: str, folder: Path, passes
     if variant == "tsdkd":
         trainer = cpu_bench.make_distill_trainer(cfg, tokenizer, objective, model, cpu_bench.ListDataset(items * passes), [Clock()])
     else:
-        class SequentialTrainer(Trainer):
-            def _get_train_sampler(self, train_dataset=None):
-                return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-        ce_items = [{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in items]
-        trainer = SequentialTrainer(model=model, args=training_arguments(cfg, Path(cfg.out)), data_collator=collate_single,
-                                    train_dataset=cpu_bench.ListDataset(ce_items * passes), callbacks=[Clock()])
+        trainer = cpu_bench.make_ce_trainer(cfg, model, items * passes, [Clock()])
     if DEVICE.type == "cuda" and not trainer.args.bf16:
         raise SystemExit("the Trainer did not turn bf16 on: this GPU has no bf16 in hardware")
     memory = MemoryMark()
@@ -156,7 +140,7 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
                 run = loop_variant if variant in ("ce", "tsdkd-loop") else trainer_variant
                 times, peak = run(args, variant, Path(folder) / f"{variant}-{round_number}", passes)
                 timed = times[steps_per_pass:]  # the first pass is the warm-up
-                pass_means = [statistics.mean(timed[i : i + steps_per_pass]) for i in range(0, len(timed), steps_per_pass)]
+                pass_means = cpu_bench.pass_times(timed, steps_per_pass)
                 runs[variant].append({"pass_step_s": pass_means, "warmup_step_s": statistics.mean(times[:steps_per_pass]),
                                       "peak_bytes": peak})
                 print(f"  round {round_number + 1}, {variant}: {min(pass_means) * 1e3:.2f} ms/step, "
@@ -165,15 +149,18 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
                 if DEVICE.type == "cuda":
                     torch.cuda.empty_cache()
     summary = {}
-    ce_peak = statistics.median(r["peak_bytes"] for r in runs["ce"])
     for variant, variant_runs in runs.items():
+        # Against CE on the same engine: the loops step a foreach AdamW without clipping, the Trainers the
+        # Trainer's default optimizer with clipping at 1.0.
+        baseline = runs["ce-trainer" if variant in ("tsdkd", "ce-trainer") else "ce"]
         best = [min(r["pass_step_s"]) for r in variant_runs]
-        ratios = [b / min(ce["pass_step_s"]) for b, ce in zip(best, runs["ce"])]
+        ratios = [b / min(ce["pass_step_s"]) for b, ce in zip(best, baseline)]
         peaks = [r["peak_bytes"] for r in variant_runs]
+        baseline_peak = statistics.median(r["peak_bytes"] for r in baseline)
         summary[variant] = {"step_ms_best": min(best) * 1e3, "step_ms_per_round": [t * 1e3 for t in best],
-                            "vs_ce_median": statistics.median(ratios), "vs_ce_range": [min(ratios), max(ratios)],
+                            "vs_same_engine_ce_median": statistics.median(ratios), "vs_same_engine_ce_range": [min(ratios), max(ratios)],
                             "peak_MiB_median": statistics.median(peaks) / MiB,
-                            "peak_vs_ce": statistics.median(peaks) / ce_peak if ce_peak else None,
+                            "peak_vs_same_engine_ce": statistics.median(peaks) / baseline_peak if baseline_peak else None,
                             "tokens_per_s": sum(tokens) / (min(best) * steps_per_pass)}
     return {"student": args.student, "signals": args.signals, "batch_size": args.batch_size, "steps_per_pass": steps_per_pass,
             "completion_tokens_per_step": statistics.mean(tokens), "padded_tokens_per_step": statistics.mean(padded),
@@ -181,24 +168,14 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_chunk(args: argparse.Namespace) -> dict[str, Any]:
-    from stage2_distill.chunked import chunked_token_statistics
-
-    d, vocab, k, m, n = args.hidden, args.vocab, args.k, args.m, args.tokens
-    torch.manual_seed(0)
-    hidden = torch.randn(n, d, device=DEVICE, requires_grad=True)
-    head = (torch.randn(vocab, d, device=DEVICE) * 0.02).requires_grad_()
-    teacher_ids = (torch.randint(0, vocab, (n, 1), device=DEVICE) + torch.arange(k, device=DEVICE) * (vocab // k)) % vocab
-    targets = torch.randint(0, vocab, (n,), device=DEVICE)
+    """bench_stage2's (c) on the GPU: forward under bf16 autocast, backward outside, as in a training step."""
+    n = args.tokens
+    hidden, head, teacher_ids, targets = cpu_bench.chunk_inputs(args, n, DEVICE.type)
 
     def step(chunk: int) -> Callable[[], None]:
         def run() -> None:
             with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-                if chunk == 0:
-                    loss = torch.nn.functional.cross_entropy(hidden @ head.T, targets)
-                else:
-                    stats = chunked_token_statistics(hidden, head, teacher_ids, targets, chunk, vocab, num_items=m,
-                                                     ranked_rows=lambda entropy: torch.arange(len(entropy), device=DEVICE) % 10 == 0)
-                    loss = stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + stats.topm_logprobs.sum()
+                loss = cpu_bench.chunk_loss(args, chunk, hidden, head, teacher_ids, targets)
             loss.backward()
             hidden.grad = head.grad = None
         return run
@@ -218,7 +195,7 @@ def bench_chunk(args: argparse.Namespace) -> dict[str, Any]:
             times.append(synchronized_clock() - start)
         results[name] = {"peak_MiB": peak / MiB, "ms_best": min(times) * 1e3}
         print(f"  {name}: peak {peak / MiB:.0f} MiB, {min(times) * 1e3:.2f} ms", file=sys.stderr, flush=True)
-    return {"tokens": n, "hidden": d, "vocab": vocab, "k": k, "m": m, "results": results}
+    return {"tokens": n, "hidden": args.hidden, "vocab": args.vocab, "k": args.k, "m": args.m, "results": results}
 
 
 def random_model(like: Path, out: Path, changes: list[str]) -> dict[str, Any]:
@@ -229,7 +206,7 @@ def random_model(like: Path, out: Path, changes: list[str]) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(like)
     for change in changes:
         key, value = change.split("=", 1)
-        setattr(config, key, type(getattr(config, key))(value))
+        setattr(config, key, json.loads(value))  # numbers, true/false, null; a string in JSON quotes
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
@@ -246,7 +223,7 @@ def main() -> None:
     parser.add_argument("part", choices=("steps", "chunk", "random-model"))
     parser.add_argument("--like", type=Path, help="random-model: the model folder whose config and tokenizer to use")
     parser.add_argument("--out", type=Path, help="random-model: the folder to write")
-    parser.add_argument("--set", nargs="*", default=[], help="random-model: config changes, KEY=VALUE")
+    parser.add_argument("--set", nargs="*", default=[], help="random-model: config changes, KEY=VALUE with a JSON value")
     parser.add_argument("--signals")
     parser.add_argument("--student", default=str(cpu_bench.ROOT / "data/toy-student"))
     parser.add_argument("--batch-size", type=int, help="micro-batch size [tsdkd distill's default]")

@@ -161,6 +161,23 @@ def make_distill_trainer(cfg, tokenizer, objective, model, dataset, callbacks=()
     )
 
 
+def make_ce_trainer(cfg, model, items, callbacks=()):
+    """The transformers Trainer on cross-entropy over the same micro-batches, in their order, with
+    `tsdkd distill`'s training arguments."""
+    from transformers import Trainer
+
+    from stage2_distill.data import collate_single
+    from stage2_distill.distill import training_arguments
+
+    class SequentialTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    ce_items = [{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in items]
+    return SequentialTrainer(model=model, args=training_arguments(cfg, Path(cfg.out)), train_dataset=ListDataset(ce_items),
+                             data_collator=collate_single, callbacks=list(callbacks))
+
+
 def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["completion_mask"].sum())
 
@@ -234,10 +251,6 @@ def paired_ce_callback(args: argparse.Namespace, folder: Path, steps_per_pass: i
 def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """`tsdkd`, `tsdkd-direct` (the direct term alone) (DistillTrainer.train) or `ce-trainer` (transformers Trainer on
     cross-entropy). With --paired, a CE-loop pass runs after each Trainer pass (PairedCE); memory is then not clean."""
-    from stage2_distill.data import collate_single
-    from stage2_distill.distill import training_arguments
-    from transformers import Trainer
-
     with tempfile.TemporaryDirectory() as folder:
         passes = 1 + args.repeats
         cfg, tokenizer, objective, batches = setup(args, Path(folder))
@@ -253,15 +266,7 @@ def worker_trainer(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         if variant in ("tsdkd", "tsdkd-direct"):
             trainer = make_distill_trainer(cfg, tokenizer, objective, model, ListDataset(items * passes), callbacks)
         else:
-            class SequentialTrainer(Trainer):
-                def _get_train_sampler(self, train_dataset=None):
-                    return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-            keep = ("input_ids", "attention_mask", "labels")
-            ce_items = [{k: b[k] for k in keep} for b in items]
-            trainer = SequentialTrainer(model=model, args=training_arguments(cfg, Path(cfg.out)),
-                                        train_dataset=ListDataset(ce_items * passes), data_collator=collate_single,
-                                        callbacks=callbacks)
+            trainer = make_ce_trainer(cfg, model, items * passes, callbacks)
         rss.start()
         trainer.train()
         memory = rss.result()
@@ -554,6 +559,29 @@ def worker_online(args: argparse.Namespace) -> dict[str, Any]:
             "sequences_per_step": len(items) and sum(len(p) * num_candidates for p in prompts_per_step) / len(items)}
 
 
+def chunk_inputs(args: argparse.Namespace, n: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(hidden [n, d], head [V, d], teacher ids [n, k], targets [n]) for (c), seeded, on `device`."""
+    d, vocab, k = args.hidden, args.vocab, args.k
+    torch.manual_seed(0)
+    hidden = torch.randn(n, d, device=device, requires_grad=True)
+    head = (torch.randn(vocab, d, device=device) * 0.02).requires_grad_()  # the head is trained too
+    # k distinct ids per token without a [n, V] temporary.
+    teacher_ids = (torch.randint(0, vocab, (n, 1), device=device) + torch.arange(k, device=device) * (vocab // k)) % vocab
+    return hidden, head, teacher_ids, torch.randint(0, vocab, (n,), device=device)
+
+
+def chunk_loss(args: argparse.Namespace, chunk_size: int, hidden, head, teacher_ids, targets) -> torch.Tensor:
+    """A scalar of every output of chunked_token_statistics at `chunk_size` (0: a plain cross-entropy head)."""
+    from stage2_distill.chunked import chunked_token_statistics
+
+    if chunk_size == 0:
+        return torch.nn.functional.cross_entropy(hidden @ head.T, targets)
+    # The top-m where the token-level ranking reads it (decision-prefix positions): here every 10th token.
+    stats = chunked_token_statistics(hidden, head, teacher_ids, targets, chunk_size, args.vocab, num_items=args.m,
+                                     ranked_rows=lambda entropy: torch.arange(len(entropy), device=entropy.device) % 10 == 0)
+    return stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + stats.topm_logprobs.sum()
+
+
 def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
     """chunked_token_statistics (or a plain cross-entropy head) forward+backward on random data.
     Memory: a small run first (code pages, lazy initialisation), then the mark is reset and the
@@ -561,27 +589,11 @@ def worker_chunk(args: argparse.Namespace) -> dict[str, Any]:
     torch.profiler for the live-tensor peak."""
     from torch.profiler import ProfilerActivity, profile
 
-    from stage2_distill.chunked import chunked_token_statistics
-
-    d, vocab, k, m = args.hidden, args.vocab, args.k, args.m
-
     def inputs(n: int):
-        torch.manual_seed(0)
-        hidden = torch.randn(n, d, requires_grad=True)
-        head = (torch.randn(vocab, d) * 0.02).requires_grad_()  # the head is trained too
-        # k distinct ids per token without a [n, V] temporary.
-        teacher_ids = (torch.randint(0, vocab, (n, 1)) + torch.arange(k) * (vocab // k)) % vocab
-        return hidden, head, teacher_ids, torch.randint(0, vocab, (n,))
+        return chunk_inputs(args, n)
 
     def run(hidden, head, teacher_ids, targets) -> None:
-        if args.chunk_size == 0:
-            loss = torch.nn.functional.cross_entropy(hidden @ head.T, targets)
-        else:
-            # The top-m where the token-level ranking reads it (decision-prefix positions): here every 10th token.
-            stats = chunked_token_statistics(hidden, head, teacher_ids, targets, args.chunk_size, vocab, num_items=m,
-                                             ranked_rows=lambda entropy: torch.arange(len(entropy)) % 10 == 0)
-            loss = stats.bucket_logprobs.sum() + stats.entropy.sum() + stats.target_logprob.sum() + stats.topm_logprobs.sum()
-        loss.backward()
+        chunk_loss(args, args.chunk_size, hidden, head, teacher_ids, targets).backward()
         hidden.grad = head.grad = None
 
     run(*inputs(min(64, args.tokens)))

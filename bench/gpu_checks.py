@@ -115,17 +115,26 @@ def killed_after_checkpoint(command: list[str], out: Path, log: Path, timeout: f
         process = subprocess.Popen(list(map(str, command)), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                                    start_new_session=True)
         deadline = time.monotonic() + timeout
-        while process.poll() is None and time.monotonic() < deadline:
-            if list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+        while process.poll() is None and not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            if time.monotonic() > deadline:
                 kill_tree(process.pid)
-                break
+                raise RuntimeError(f"no checkpoint in {timeout} s: {' '.join(map(str, command[:4]))} ...")
             time.sleep(0.02)
+        kill_tree(process.pid)
         exit_code = process.wait()
     found = sorted((out / "checkpoints").glob("checkpoint-*"))
     kept = {p.name: sorted(f.name for f in p.iterdir()) for p in found}  # the rerun removes them once the student is saved
     if exit_code == 0:
         return {"killed": False, "note": "the run finished before a checkpoint was seen", "checkpoints": kept}
+    logged_before = log.stat().st_size
     run(command, log, timeout=timeout)
+    with log.open() as handle:
+        handle.seek(logged_before)
+        rerun_output = handle.read()
+    # Training is deterministic here, so a restart from scratch would end with the same weights: the rerun must say
+    # it continued.
+    if f"{out}: continuing from checkpoint-" not in rerun_output:
+        raise RuntimeError(f"the rerun into {out} did not continue from a checkpoint")
     return {"killed": True, "exit_code": exit_code, "checkpoints_at_kill": kept}
 
 
@@ -184,15 +193,30 @@ def relative(a: list[float], b: list[float]) -> list[float]:
     return [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)]
 
 
+def machine() -> dict[str, Any]:
+    """The GPU, its driver, Python and the versions of the packages the checks run on."""
+    import importlib.metadata
+    import platform
+
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                            text=True).stdout.strip() if shutil.which("nvidia-smi") else None
+    packages = {}
+    for name in ("torch", "transformers", "accelerate", "deepspeed", "datasets", "pyarrow", "safetensors"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "driver": driver,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "packages": packages}
+
+
 class Checks:
     def __init__(self, work: Path, report: Path, real_like: Path | None, real_signals: Path | None) -> None:
         self.work, self.report_path, self.real_like, self.real_signals = work, report, real_like, real_signals
         self.log = report.with_suffix(".log")
         self.signals = work / "signals"
         # A report from an earlier invocation into the same file is extended, not replaced.
-        self.report: dict[str, Any] = json.loads(report.read_text()) if report.exists() else {
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "sections": {}}
+        self.report: dict[str, Any] = json.loads(report.read_text()) if report.exists() else {**machine(), "sections": {}}
 
     def section(self, name: str, body: Callable[[], dict[str, Any]]) -> None:
         start = time.perf_counter()

@@ -203,17 +203,19 @@ def _head_returns(head: torch.nn.Module, statistics: Callable[[torch.Tensor, tor
 
 def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """FSDP's full state dict holds a tied weight (the output head of a student with tied embeddings) as a copy of
-    its own, which save_pretrained then writes twice (seen on a GPU: V x d more bytes in the student). Equal copies
-    are dropped, as save_pretrained drops tensors that share memory. A copy that differs (a tie the engine did not
-    keep) is written, with the tie turned off in the config, so that loading keeps the trained head."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    copies = {key: source for key, source in tied.items() if key in state_dict and source in state_dict}
-    if copies and not all(torch.equal(state_dict[key], state_dict[source]) for key, source in copies.items()):
+    its own, which save_pretrained then writes twice (seen on a GPU: V x d float32 more in the student). Where the
+    model still shares the parameter, the copy is dropped, as save_pretrained drops tensors that share memory.
+    Where it no longer does (a tie the engine did not keep), both are written, with the tie turned off in the
+    config, so that loading keeps the trained head."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    copies = {key: source for key, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+              if key in state_dict and source in state_dict}
+    shared = {key for key, source in copies.items() if parameters.get(key) is parameters.get(source) is not None}
+    if copies.keys() - shared and getattr(model.config, "tie_word_embeddings", False):
         print("note: the student's tied weights were trained apart (the sharding engine did not keep the tie); "
               "saved untied (tie_word_embeddings: false)")
         model.config.tie_word_embeddings = False
-        return state_dict
-    return {key: value for key, value in state_dict.items() if key not in copies}
+    return {key: value for key, value in state_dict.items() if key not in shared}
 
 
 def keep_float32_outputs(plugin: Any) -> None:

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from stage2_distill.data import SignalBatches, candidates_by_rank, collate_single
 from stage2_distill.objective import Objective
-from stage2_distill.trainer import DistillTrainer, keep_float32_outputs
+from stage2_distill.trainer import DistillTrainer, keep_float32_outputs, without_tied_copies
 from tsdkd.config import DistillConfig
 
 TOY_STUDENT = Path(__file__).resolve().parents[1] / "data" / "toy-student"
@@ -123,9 +123,16 @@ def main(signals: str, out: str, engine: str, head_unit: str) -> None:
     model.backward(loss) if engine == "zero3" else loss.backward()
     loss_sum = trainer.accelerator.reduce(loss.detach(), reduction="sum") / world
     grads = full_gradients(model, engine)
+    gathered = saved = {}
+    if engine == "fsdp2":  # the full state dict accelerate saves an FSDP2 student from
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        saved = without_tied_copies(getattr(model, "module", model), gathered) if rank == 0 else {}
     if rank == 0:
         save_file(grads, f"{out}/grads.safetensors")
-        result = {"loss": loss_sum.item(), "local_numel": local_numel, "full_numel": sum(g.numel() for g in grads.values())}
+        result = {"loss": loss_sum.item(), "local_numel": local_numel, "full_numel": sum(g.numel() for g in grads.values()),
+                  "gathered_keys": sorted(gathered), "saved_keys": sorted(saved)}
         Path(out, "result.json").write_text(json.dumps(result))
     # Tearing down the gloo group can abort a process (SIGABRT, "terminate called without an active exception";
     # pytorch issue 190489): CI saw it twice on one rank, once with destroy_process_group. Once every rank is past
