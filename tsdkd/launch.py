@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from tsdkd.errors import ReportedFailure, TsdkdError
 
@@ -31,11 +32,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _end_with_parent() -> None:
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A function for subprocess's preexec_fn that asks the kernel to SIGTERM the child when this process dies;
+    None where there is no prctl (not Linux: a killed run then leaves its workers to finish). prctl is looked up
+    here, before the fork: the child, a copy of a process with many threads, only calls it."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: a killed launcher leaves its workers to finish
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
@@ -57,6 +62,7 @@ def run_processes(args: list[str], processes: int, logs: Path) -> None:
     returns when all succeed. When one fails the others are stopped: process 0 has printed why (ReportedFailure,
     with its exit code); another's failure names its log. An interrupt of this process stops them, then goes on."""
     port = free_port()
+    end_with_parent = _parent_death_signal()
     workers, log_files = [], {rank: logs / f"rank-{rank}.log" for rank in range(1, processes)}
     try:
         for rank in range(processes):
@@ -66,7 +72,7 @@ def run_processes(args: list[str], processes: int, logs: Path) -> None:
             with contextlib.ExitStack() as output:
                 log = output.enter_context(open(log_files[rank], "a")) if rank else None
                 workers.append(subprocess.Popen([sys.executable, "-m", "tsdkd", *args], env=env, stdout=log, stderr=log,
-                                                start_new_session=True, preexec_fn=_end_with_parent))
+                                                start_new_session=True, preexec_fn=end_with_parent))
         while True:
             for rank, code in enumerate(worker.poll() for worker in workers):
                 if code is None or code == 0:
