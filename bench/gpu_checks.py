@@ -126,6 +126,8 @@ def killed_after_checkpoint(command: list[str], out: Path, log: Path, timeout: f
     kept = {p.name: sorted(f.name for f in p.iterdir()) for p in found}  # the rerun removes them once the student is saved
     if exit_code == 0:
         return {"killed": False, "note": "the run finished before a checkpoint was seen", "checkpoints": kept}
+    if not kept:
+        raise RuntimeError(f"exit {exit_code} before any checkpoint: {' '.join(map(str, command[:4]))} ... (see {log.name})")
     logged_before = log.stat().st_size
     run(command, log, timeout=timeout)
     with log.open() as handle:

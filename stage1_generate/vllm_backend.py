@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import numpy as np
 
 from stage1_generate.types import SampledCandidate, SamplingSettings, TeacherScores, bucket_entropy, canonical_topk
+from tsdkd.loading import release_memory
 
 
 def vllm_version() -> str | None:
@@ -40,17 +40,6 @@ def open_engine(path: str, dtype: str, seed: int, max_logprobs: int, engine_args
     # both backends (hf_backend.stop_token_ids).
     return LLM(model=path, tokenizer=path, dtype=engine_dtype(dtype), seed=seed, max_logprobs=max_logprobs,
                generation_config="vllm", **engine_args)
-
-
-def release_memory() -> None:
-    """After the last reference to an engine is dropped: collect it (vLLM's objects hold reference cycles, and
-    collecting shuts its engine process down), then hand back what an in-process engine left in this process's
-    CUDA cache, before the next engine or stage-2 training starts in this process."""
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class VLLMStudentSampler:

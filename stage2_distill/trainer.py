@@ -206,11 +206,18 @@ def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tens
     its own, which save_pretrained then writes twice (seen on a GPU: V x d float32 more in the student). Where the
     model still shares the parameter, the copy is dropped, as save_pretrained drops tensors that share memory.
     Where it no longer does (a tie the engine did not keep), both are written, with the tie turned off in the
-    config, so that loading keeps the trained head."""
+    config, so that loading keeps the trained head. An engine that hides the parameters' names: equal values."""
     parameters = dict(model.named_parameters(remove_duplicate=False))
     copies = {key: source for key, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
               if key in state_dict and source in state_dict}
-    shared = {key for key, source in copies.items() if parameters.get(key) is parameters.get(source) is not None}
+
+    def still_shared(key: str, source: str) -> bool:
+        if key in parameters and source in parameters:
+            return parameters[key] is parameters[source]
+        # Flattened by the engine (FSDP1 without use_orig_params): the values tell.
+        return torch.equal(state_dict[key], state_dict[source])
+
+    shared = {key for key, source in copies.items() if still_shared(key, source)}
     if copies.keys() - shared and getattr(model.config, "tie_word_embeddings", False):
         print("note: the student's tied weights were trained apart (the sharding engine did not keep the tie); "
               "saved untied (tie_word_embeddings: false)")

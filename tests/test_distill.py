@@ -344,6 +344,22 @@ def test_a_gathered_tied_head_is_saved_once(tmp_path, trained_apart):
     assert loaded.config.tie_word_embeddings == (not trained_apart)
 
 
+@pytest.mark.parametrize("trained_apart", [False, True])
+def test_a_tied_copy_under_flattened_parameters_is_judged_by_value(trained_apart):
+    """FSDP1 without use_orig_params shows only its flat parameters: the head and the embedding are compared by
+    value (equal: the copy goes; not: both stay, untied)."""
+    from stage2_distill.trainer import without_tied_copies
+
+    embedding = torch.randn(5, 3)
+    state = {"model.embed_tokens.weight": embedding, "lm_head.weight": embedding + trained_apart}
+    flat = SimpleNamespace(named_parameters=lambda remove_duplicate: iter([("_flat_param", torch.nn.Parameter(torch.zeros(30)))]),
+                           all_tied_weights_keys={"lm_head.weight": "model.embed_tokens.weight"},
+                           config=SimpleNamespace(tie_word_embeddings=True))
+    assert set(without_tied_copies(flat, state)) == ({"model.embed_tokens.weight", "lm_head.weight"} if trained_apart
+                                                     else {"model.embed_tokens.weight"})
+    assert flat.config.tie_word_embeddings == (not trained_apart)
+
+
 def test_non_finite_loss_stops_with_the_step(small_dataset):
     cfg = DistillConfig(signals=["x"], student=str(TOY_STUDENT), out="x")
     batch = SignalBatches([small_dataset], batch_size=6, pad_token_id=0, group_by_prompt=True)[0]

@@ -74,6 +74,11 @@ def test_equivalence(gold, response, correct):
     ("4 * 3 = 12\nThe answer is 12. It is even.", "12"),
     ("4 * 3 = 12\nThe answer is 1.5 since 3 / 2 = 1.5", "1.5"),
     ("4 * 3 = 12\nAnswer: x + 1", "x + 1"),
+    ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "\\$18.90"),  # an escaped dollar inside
+    ("Final Answer: The final answer is $5\\text{ ft. }3\\text{ in.}$. I hope it is correct.", "5\\text{ ft. }3\\text{ in.}"),
+    ("Answer: Dr. Smith", "Dr. Smith"),  # a full stop after a letter ends nothing
+    ("The answer is 3 a.m. on Monday", "3 a.m. on Monday"),
+    ("The answer is x = 3.5. Then y = 2.", "x = 3.5"),
 ])
 def test_the_answer_a_gold_solution_marks(gold, read):
     """None: unmarked, so compared whole; refused when it has several lines and its field was found by itself."""

@@ -12,11 +12,14 @@ _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
 # In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12") and goes
 # on to the answer on the same line: the word "answer" inside the reasoning marks nothing. The mark may come twice
-# (Minerva's "Final Answer: The final answer is $5$. I hope it is correct."); the answer ends at the line's end, a
-# closing $, a full stop before a space, or "because"/"since" ("The answer is 5 because ...").
-_GOLD_MARK = r"(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*$]*"
-_GOLD_ANSWER = re.compile(rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?([^\s$*:](?:(?!\.\s|[ \t]+(?:because|since)\b)[^\n$])*)",
-                          re.IGNORECASE | re.MULTILINE)
+# (Minerva's "Final Answer: The final answer is $5$. I hope it is correct."). An answer in $...$ ends at its closing
+# $ (`\$` inside is a dollar sign); another at the line's end, a full stop after a digit or a bracket ("12. It is
+# even"; not "Dr. Smith"), or "because"/"since".
+_GOLD_MARK = r"(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*]*"
+_GOLD_ANSWER = re.compile(
+    rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?"
+    r"(\$(?:\\\$|[^$\n])+\$|[^\s$*:](?:(?!(?<=[\d)}\]])\.\s|[ \t]+(?:because|since)\b)[^\n$])*)",
+    re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
@@ -41,7 +44,8 @@ def _marked_answer(text: str, answer_mark: re.Pattern[str] = _ANSWER) -> str | N
     for pattern in (_HASHES, answer_mark):
         matches = pattern.findall(text)
         if matches:
-            return matches[-1].strip().strip("*").strip().rstrip(".") or None  # bold marks, a full stop
+            # Bold marks, a full stop, the $ of a gold answer's $...$.
+            return matches[-1].strip().strip("*").strip().rstrip(".").removeprefix("$").removesuffix("$").strip() or None
     return None
 
 

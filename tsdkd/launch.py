@@ -59,31 +59,54 @@ def _stop(workers: list[subprocess.Popen]) -> None:
 
 def run_processes(args: list[str], processes: int, logs: Path) -> None:
     """`python -m tsdkd *args` in `processes` processes, the output of process r > 0 appended to logs/rank-r.log;
-    returns when all succeed. When one fails the others are stopped: process 0 has printed why (ReportedFailure,
-    with its exit code); another's failure names its log. An interrupt of this process stops them, then goes on."""
+    returns when process 0 succeeds. An interrupt of this process stops them all, then goes on."""
     port = free_port()
     end_with_parent = _parent_death_signal()
-    workers, log_files = [], {rank: logs / f"rank-{rank}.log" for rank in range(1, processes)}
+    log_files = {rank: logs / f"rank-{rank}.log" for rank in range(1, processes)}
+    sys.stdout.flush()  # this process's lines before process 0's, in a log too
+    sys.stderr.flush()
+    workers = []
     try:
         for rank in range(processes):
             # OMP_NUM_THREADS: 1 unless set, as torchrun does, so that the processes do not fight over the cores.
-            env = {"OMP_NUM_THREADS": "1", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
-                   "LOCAL_WORLD_SIZE": str(processes), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            env = {"OMP_NUM_THREADS": "1", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "RANK": str(rank), "LOCAL_RANK": str(rank)}
             with contextlib.ExitStack() as output:
-                log = output.enter_context(open(log_files[rank], "a")) if rank else None
+                log = None
+                if rank:
+                    log = output.enter_context(open(log_files[rank], "a"))
+                    log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: tsdkd {' '.join(args)} (process {rank} of {processes})\n")
+                    log.flush()
+                    env["PYTHONUNBUFFERED"] = "1"  # its last lines reach the log even when it is stopped
                 workers.append(subprocess.Popen([sys.executable, "-m", "tsdkd", *args], env=env, stdout=log, stderr=log,
                                                 start_new_session=True, preexec_fn=end_with_parent))
-        while True:
-            for rank, code in enumerate(worker.poll() for worker in workers):
-                if code is None or code == 0:
-                    continue
-                if rank == 0 and code > 0:
-                    raise ReportedFailure(code)
-                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
-                where = f"; its output is in {log_files[rank]}" if rank else ""
-                raise TsdkdError(f"process {rank} of {processes} {how}{where}; rerun the same command to continue")
-            if all(worker.returncode == 0 for worker in workers):
-                return
+        while all(worker.poll() in (None, 0) for worker in workers) and workers[0].returncode is None:
             time.sleep(0.2)
+        # Process 0 done: the others end too. A failure: the others often fail in turn (a peer gone from a
+        # collective), a moment tells who failed by itself.
+        deadline = time.monotonic() + (30 if workers[0].returncode == 0 else 3)
+        while any(worker.poll() is None for worker in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        codes = [worker.poll() for worker in workers]
     finally:
         _stop(workers)
+    _judge(codes, log_files)
+
+
+def _judge(codes: list[int | None], log_files: dict[int, Path]) -> None:
+    """Process 0 saves the student and prints the command's own errors: its success is the run's (another's
+    failure after it, such as a gloo teardown abort, is a note); its bad-input error (exit 2) is the cause.
+    Otherwise the processes that failed by themselves (None: still running, stopped here) are named."""
+    def how(rank: int, code: int) -> str:
+        ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
+        return f"process {rank} of {len(codes)} {ended}" + (f" (its output is in {log_files[rank]})" if rank else "")
+
+    others = [how(rank, code) for rank, code in enumerate(codes) if rank and code not in (None, 0)]
+    if codes[0] == 0:
+        if others:
+            print(f"note: {'; '.join(others)}, after process 0 had finished")
+        return
+    if codes[0] is not None and codes[0] > 0 and (codes[0] == 2 or not others):
+        raise ReportedFailure(codes[0])  # it printed why
+    failed = ([how(0, codes[0])] if codes[0] is not None else []) + others
+    raise TsdkdError(f"{'; '.join(failed)}; rerun the same command to continue")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,14 @@ def end_token_ids(*ids: int | list[int] | None) -> list[int]:
 def padding_id(tokenizer: Any) -> int | None:
     """The id that pads a batch: the tokenizer's pad token, else its EOS (masked out either way); None without both."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def release_memory() -> None:
+    """After the last reference to a model or engine is dropped: collect it (vLLM's objects hold reference cycles,
+    and collecting shuts its engine process down), then hand back what it left in this process's CUDA cache,
+    before the next engine or stage-2 training starts, in this process or another on the same GPU."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RESUMABLE
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import with_real_paths
 from tsdkd.launch import run_processes
+from tsdkd.loading import release_memory
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
@@ -172,7 +173,11 @@ def distill_round(cfg: DistillConfig, processes: int) -> None:
         distill(cfg)
         return
     folder = Path(cfg.out).parent
-    write_json_atomic(vars(cfg), folder / ROUND_DISTILL_SETTINGS)
+    # Real paths: the file is valid from any working directory.
+    settings = {**with_real_paths(vars(cfg), ("signals", "student")), "out": str(Path(cfg.out).resolve())}
+    write_json_atomic(settings, folder / ROUND_DISTILL_SETTINGS)
+    # What sampling left in this process's CUDA cache would stay out of reach of process 0 on the same GPU.
+    release_memory()
     run_processes(["distill", "--config", str(folder / ROUND_DISTILL_SETTINGS)], processes, folder)
 
 
