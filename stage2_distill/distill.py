@@ -360,6 +360,9 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     if batches.num_dropped:
         print(f"note: {batches.num_dropped} candidates whose prompt alone exceeds --max-length {max_length} were left out")
     save_student(trainer, tokenizer, out, manifests, objective, cfg.keep_checkpoints)
+    # The other processes end only once the main one has put the student in place: a launcher that saw one of
+    # them end (or abort in its teardown) before would stop the main one mid-save.
+    trainer.accelerator.wait_for_everyone()
     return out
 
 

@@ -49,6 +49,8 @@ def test_extraction(text, expected):
         ("\\text{no answer}", "so \\boxed{\\text{no answer}}", True),  # a bare gold answer with the word in it
         ("To answer it, add: 3 + 4 = 7\nThen double it: 14", "14", False),  # no line starts with the mark: compared whole
         ("4 * 3 = 12\nThe answer is: B", "Answer: B", True),  # MetaMathQA's mark
+        ("Final Answer: The final answer is $\\$5$. I hope it is correct.", "The answer is $\\$5$", True),  # alike on both sides
+        ("\\$18.90", "so the answer is $18.90", True),
     ],
 )
 def test_equivalence(gold, response, correct):
@@ -79,6 +81,12 @@ def test_equivalence(gold, response, correct):
     ("Answer: Dr. Smith", "Dr. Smith"),  # a full stop after a letter ends nothing
     ("The answer is 3 a.m. on Monday", "3 a.m. on Monday"),
     ("The answer is x = 3.5. Then y = 2.", "x = 3.5"),
+    ("4 * 3 = 12\nAnswer: $12.50", "12.50"),  # a currency dollar, not closed
+    ("The answer is: $18.90. She pays it.", "18.90"),
+    ("Answer: $$\\frac12$$", "\\frac12"),
+    ("Answer: 25%. So it is a quarter.", "25%"),
+    ("The answer is 12 cm. Then we stop.", "12 cm"),
+    ("Answer: U.S. Army", "U.S. Army"),
 ])
 def test_the_answer_a_gold_solution_marks(gold, read):
     """None: unmarked, so compared whole; refused when it has several lines and its field was found by itself."""

@@ -224,32 +224,31 @@ def test_a_killed_run_ends_its_distill_processes_and_continues(two_process_run, 
         torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("codes, outcome", [
-    ([0, 0], None),
-    ([0, -6], "note: process 1 of 2 was killed by SIGABRT (its output is in L1), after process 0 had finished"),
-    ([2, 1], 2),  # process 0's bad-input line is the cause; the other failed because it left
-    ([1, None], 1),  # only process 0 failed: its traceback says why
-    ([1, 3], "error: process 0 of 2 failed (exit code 1); process 1 of 2 failed (exit code 3) (its output is in L1)"),
-    ([None, 3], "error: process 1 of 2 failed (exit code 3) (its output is in L1)"),
-    ([-9, None], "error: process 0 of 2 was killed by SIGKILL"),
+@pytest.mark.parametrize("codes, exit_code, line", [
+    ([0, 0], None, ""),
+    ([0, -6], None, "note: the distillation finished in process 0; process 1 of 2 was killed by SIGABRT (its output is in L1)"),
+    ([0, None], None, "note: the distillation finished in process 0; process 1 of 2 had not ended, and was stopped (its output is in L1)"),
+    ([2, 1], 2, None),  # process 0's bad-input line is the cause; the other failed because it left
+    ([1, None], 1, None),  # only process 0 failed: its traceback says why
+    ([1, 3], 1, "process 0 of 2 failed (exit code 1); process 1 of 2 failed (exit code 3) (its output is in L1)"),
+    ([None, 3], 1, "process 1 of 2 failed (exit code 3) (its output is in L1)"),
+    ([-9, None], 1, "process 0 of 2 was killed by SIGKILL"),
+    ([1, 0, -6], 1, "process 0 of 3 failed (exit code 1); process 2 of 3 was killed by SIGABRT (its output is in L2)"),
 ])
-def test_how_distill_processes_end_is_judged(codes, outcome, capsys):
-    """Exit codes of the processes when the wait ended (None: still running, then stopped)."""
-    from tsdkd.errors import ReportedFailure, TsdkdError
+def test_how_distill_processes_end_is_judged(codes, exit_code, line, capsys):
+    """Exit codes of the processes when the wait ended (None: still running, then stopped): success (with notes),
+    or the run's exit code and the line it prints (None: process 0 printed it)."""
+    from tsdkd.errors import ReportedFailure
     from tsdkd.launch import _judge
 
-    logs = {1: "L1"}
-    if outcome is None or str(outcome).startswith("note"):
+    logs = {1: "L1", 2: "L2"}
+    if exit_code is None:
         _judge(codes, logs)
-        assert capsys.readouterr().out.strip() == (outcome or "")
-    elif isinstance(outcome, int):
-        with pytest.raises(ReportedFailure) as failure:
-            _judge(codes, logs)
-        assert failure.value.exit_code == outcome
-    else:
-        with pytest.raises(TsdkdError) as error:
-            _judge(codes, logs)
-        assert f"error: {error.value}".startswith(outcome)
+        assert capsys.readouterr().out.strip() == line
+        return
+    with pytest.raises(ReportedFailure) as failure:
+        _judge(codes, logs)
+    assert (failure.value.exit_code, failure.value.line and failure.value.line.removesuffix("; rerun the same command to continue")) == (exit_code, line)
 
 
 def test_a_failure_in_distill_processes_ends_in_its_one_line(tmp_path):

@@ -9,16 +9,20 @@ from __future__ import annotations
 import re
 
 _HASHES = re.compile(r"####\s*([^\n]+)")
-_ANSWER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=]?\s*\$?([^\n$]+)", re.IGNORECASE)
+# An answer in $$...$$ or $...$ ends at its closing dollars (`\$` inside is a dollar sign); otherwise it may open with
+# a currency $ ("$12.50").
+_DOLLARS = r"\$\$[^$\n]+\$\$|\$(?:\\\$|[^$\n])+\$"
+_ANSWER = re.compile(rf"\banswer\b\s*(?:is)?\s*[:=]?\s*({_DOLLARS}|\$?[^\n$]+)", re.IGNORECASE)
 # In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12") and goes
 # on to the answer on the same line: the word "answer" inside the reasoning marks nothing. The mark may come twice
-# (Minerva's "Final Answer: The final answer is $5$. I hope it is correct."). An answer in $...$ ends at its closing
-# $ (`\$` inside is a dollar sign); another at the line's end, a full stop after a digit or a bracket ("12. It is
-# even"; not "Dr. Smith"), or "because"/"since".
+# (Minerva's "Final Answer: The final answer is $5$. I hope it is correct."). Besides the dollars above, an answer
+# ends at the line's end, "because"/"since", or a full stop before a space that ends no abbreviation ("12. It is
+# even", "25%. So"; not "Dr. Smith", "U.S. Army", "3 a.m. on").
 _GOLD_MARK = r"(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*]*"
+_ABBREVIATION_END = "".join(rf"(?<!\b{word})" for word in ("dr", "mr", "mrs", "ms", "st", "jr", "sr", "vs", "etc", "no")) + r"(?<!\b[a-z])"
 _GOLD_ANSWER = re.compile(
     rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?"
-    r"(\$(?:\\\$|[^$\n])+\$|[^\s$*:](?:(?!(?<=[\d)}\]])\.\s|[ \t]+(?:because|since)\b)[^\n$])*)",
+    rf"({_DOLLARS}|\$?[^\s$*:](?:(?!{_ABBREVIATION_END}\.\s|[ \t]+(?:because|since)\b)[^\n$])*)",
     re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
@@ -45,7 +49,7 @@ def _marked_answer(text: str, answer_mark: re.Pattern[str] = _ANSWER) -> str | N
         matches = pattern.findall(text)
         if matches:
             # Bold marks, a full stop, the $ of a gold answer's $...$.
-            return matches[-1].strip().strip("*").strip().rstrip(".").removeprefix("$").removesuffix("$").strip() or None
+            return matches[-1].strip().strip("*").strip().rstrip(".").strip("$").strip() or None
     return None
 
 

@@ -141,6 +141,8 @@ def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the sam
             say_last(f"error: {error}")
             raise typer.Exit(2) from None
         except ReportedFailure as failure:
+            if failure.line:
+                say_last(f"error: {failure.line}")
             raise typer.Exit(failure.exit_code) from None
         except KeyboardInterrupt:
             quiet_teardown()

@@ -6,8 +6,9 @@ class TsdkdError(Exception):
 
 
 class ReportedFailure(Exception):
-    """A process this one started failed and has printed why: end with its exit code and print nothing more."""
+    """A process this one started failed: end with its exit code, printing `line` as the error, or nothing more
+    where the process has printed why itself."""
 
-    def __init__(self, exit_code: int) -> None:
-        super().__init__(f"exit code {exit_code}")
-        self.exit_code = exit_code
+    def __init__(self, exit_code: int, line: str | None = None) -> None:
+        super().__init__(line or f"exit code {exit_code}")
+        self.exit_code, self.line = exit_code, line

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tsdkd.errors import ReportedFailure, TsdkdError
+from tsdkd.errors import ReportedFailure
 
 PR_SET_PDEATHSIG = 1
 
@@ -94,19 +94,25 @@ def run_processes(args: list[str], processes: int, logs: Path) -> None:
 
 
 def _judge(codes: list[int | None], log_files: dict[int, Path]) -> None:
-    """Process 0 saves the student and prints the command's own errors: its success is the run's (another's
-    failure after it, such as a gloo teardown abort, is a note); its bad-input error (exit 2) is the cause.
-    Otherwise the processes that failed by themselves (None: still running, stopped here) are named."""
-    def how(rank: int, code: int) -> str:
-        ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
+    """Process 0 saves the student and prints the command's own errors: its success is the run's (the others'
+    failures are notes, e.g. a gloo teardown abort); its bad-input error (exit 2) is the cause. Otherwise the
+    processes that failed by themselves (None: still running, stopped here) are named, with process 0's exit code
+    or 1."""
+    def how(rank: int, code: int | None) -> str:
+        if code is None:
+            ended = "had not ended, and was stopped"
+        else:
+            ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
         return f"process {rank} of {len(codes)} {ended}" + (f" (its output is in {log_files[rank]})" if rank else "")
 
-    others = [how(rank, code) for rank, code in enumerate(codes) if rank and code not in (None, 0)]
     if codes[0] == 0:
+        others = [how(rank, code) for rank, code in enumerate(codes) if rank and code != 0]
         if others:
-            print(f"note: {'; '.join(others)}, after process 0 had finished")
+            print(f"note: the distillation finished in process 0; {'; '.join(others)}")
         return
+    others = [how(rank, code) for rank, code in enumerate(codes) if rank and code not in (None, 0)]
+    exit_code = codes[0] if codes[0] is not None and codes[0] > 0 else 1
     if codes[0] is not None and codes[0] > 0 and (codes[0] == 2 or not others):
-        raise ReportedFailure(codes[0])  # it printed why
+        raise ReportedFailure(exit_code)  # it printed why
     failed = ([how(0, codes[0])] if codes[0] is not None else []) + others
-    raise TsdkdError(f"{'; '.join(failed)}; rerun the same command to continue")
+    raise ReportedFailure(exit_code, f"{'; '.join(failed)}; rerun the same command to continue")
