@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import shutil
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -216,8 +217,9 @@ def create_output(cfg: DistillConfig, out: Path, signals_sha256: str, student: d
                        "student_identity": student, "complete": False}, out / DISTILL_RUN_INFO)
 
 
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole.
+def last_complete_checkpoint(folder: Path, say: bool = True) -> str | None:
+    """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole and whose weight, optimizer
+    and state files are not cut short (damaged_file); a damaged newer one is named in a note (when `say`).
 
     A kill during a save leaves a newer, partial checkpoint that the Trainer's own lookup would pick.
     """
@@ -227,10 +229,38 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     for checkpoint in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
         try:
             json.loads((checkpoint / "trainer_state.json").read_text())
-            return str(checkpoint)
         except (OSError, json.JSONDecodeError):
             continue
+        damaged = damaged_file(checkpoint)
+        if damaged is None:
+            return str(checkpoint)
+        if say:
+            print(f"note: {checkpoint.name} is damaged ({damaged.relative_to(checkpoint)} is cut short or corrupt); "
+                  "continuing from an earlier checkpoint, if there is one")
     return None
+
+
+def damaged_file(checkpoint: Path) -> Path | None:
+    """A file of the checkpoint that cannot be whole: torch's (a zip archive) without its closing directory, or
+    safetensors shorter than its header says (a copy cut short, a full disk, a bad sector). Checked before the
+    Trainer loads them: it would fail with a traceback, on every rerun. FSDP's sharded files are not checked."""
+    for path in sorted(checkpoint.rglob("*")):
+        if path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            return path
+        if path.suffix == ".safetensors" and not _safetensors_whole(path):
+            return path
+    return None
+
+
+def _safetensors_whole(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + header_size + data_end
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return False
 
 
 def load_student(cfg: DistillConfig) -> torch.nn.Module:
@@ -348,7 +378,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),
         logit_chunk_tokens=cfg.logit_chunk_tokens, rank_items=cfg.rank_items,
     )
-    resume_from = last_complete_checkpoint(out / CHECKPOINTS) if continuing else None
+    resume_from = last_complete_checkpoint(out / CHECKPOINTS, processes.is_main_process) if continuing else None
     if processes.is_main_process and continuing:
         drop_metrics_after(out / METRICS, resume_from)
         print(f"{out}: continuing from {Path(resume_from).name}" if resume_from else f"{out}: no checkpoint yet; starting over")

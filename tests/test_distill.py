@@ -233,6 +233,26 @@ def test_accelerate_launch_with_zero3(small_dataset, tmp_path):
     assert_resumed_after_step_2(resumed, final_zero3)
 
 
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "rng_state.pth", "model.safetensors"])
+def test_a_damaged_checkpoint_is_passed_over(small_dataset, tmp_path, damaged):
+    """The newest checkpoint with a file cut short (a copy cut short, a full disk) is named in a note and the run
+    continues from the one before, ending as the uninterrupted run did; the Trainer would fail on it with a
+    traceback on every rerun."""
+    options = ["--max-steps", "3", "--save-steps", "1", "--save-total-limit", "3", "--keep-checkpoints"]
+    assert run_cli(*distill_args(small_dataset, tmp_path / "run", *options)).exit_code == 0
+    resumed = as_if_killed_after_step_2(tmp_path / "run", tmp_path / "resumed")
+    cut = resumed / "checkpoints/checkpoint-2" / damaged
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    result = run_cli(*distill_args(small_dataset, resumed, *options))
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    assert f"note: checkpoint-2 is damaged ({damaged} is cut short or corrupt)" in result.stdout
+    assert f"{resumed}: continuing from checkpoint-1" in result.stdout
+    assert [r["step"] for r in step_records(resumed)] == [1, 2, 3]
+    final, expected = load_file(resumed / "model.safetensors"), load_file(tmp_path / "run/model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
 def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_path):
     args = [*distill_args(small_dataset, "OUT", "--max-steps", "40", "--save-steps", "4", "--save-total-limit", "20")]
     clean = tmp_path / "clean"
