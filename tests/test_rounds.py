@@ -230,10 +230,10 @@ def test_a_killed_run_ends_its_distill_processes_and_continues(two_process_run, 
     ([0, None], None, "note: the distillation finished in process 0; process 1 of 2 had not ended, and was stopped (its output is in L1)"),
     ([2, 1], 2, None),  # process 0's bad-input line is the cause; the other failed because it left
     ([1, None], 1, None),  # only process 0 failed: its traceback says why
-    ([1, 3], 1, "process 0 of 2 failed (exit code 1); process 1 of 2 failed (exit code 3) (its output is in L1)"),
+    ([1, 3], 1, "process 1 of 2 failed (exit code 3) (its output is in L1); process 0 of 2 failed (exit code 1)"),
     ([None, 3], 1, "process 1 of 2 failed (exit code 3) (its output is in L1)"),
     ([-9, None], 1, "process 0 of 2 was killed by SIGKILL"),
-    ([1, 0, -6], 1, "process 0 of 3 failed (exit code 1); process 2 of 3 was killed by SIGABRT (its output is in L2)"),
+    ([1, 0, -6], 1, "process 2 of 3 was killed by SIGABRT (its output is in L2); process 0 of 3 failed (exit code 1)"),
 ])
 def test_how_distill_processes_end_is_judged(codes, exit_code, line, capsys):
     """Exit codes of the processes when the wait ended (None: still running, then stopped): success (with notes),
@@ -260,7 +260,8 @@ def test_a_failure_in_distill_processes_ends_in_its_one_line(tmp_path):
     result = rerun_tsdkd(run_args(config, tmp_path / "run", "--distill-processes", "2"))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and sum("error:" in line for line in lines) == 1, result.stderr[-3000:]
-    assert lines[-1].startswith("error: --rank-items 400 exceeds the student's vocabulary"), lines[-1]
+    # With the round's context, as one process gives it.
+    assert lines[-1].startswith("error: round 1, distill: --rank-items 400 exceeds the student's vocabulary"), lines[-1]
     assert "Traceback" not in result.stderr
     assert "rank-items" in (tmp_path / "run/round-1/rank-1.log").read_text()
 
@@ -370,7 +371,7 @@ def test_any_setting_may_change_until_a_round_makes_something(tmp_path):
     assert json.loads((out / "tsdkd_run.json").read_text())["settings"]["generate"]["top_k"] == 8
 
 
-def test_distill_settings_may_change_until_a_round_distils(tmp_path):
+def test_distill_settings_may_change_until_a_round_distils(tmp_path, monkeypatch):
     """Round 1 stops at the start of its distillation on a setting only the student can refuse (top-m
     above its vocabulary): the rerun with that setting fixed keeps round 1's signals and goes on. Once a
     round has distilled, the distill settings are fixed again."""
@@ -382,10 +383,14 @@ def test_distill_settings_may_change_until_a_round_distils(tmp_path):
     assert failed.stderr.strip().splitlines()[-1] == "error: round 1, distill: --rank-items 400 exceeds the student's vocabulary (325 tokens)"
     shards = {path: path.stat().st_mtime_ns for path in (out / "round-1" / "signals" / "data").glob("*.parquet")}
     assert shards
+    assert json.loads((out / "round-1" / "distill.json").read_text())["rank_items"] == 400  # the round's settings, as tried
     config.write_text(one_round)
     # The number of distillation processes counts as a distill setting (it changes the optimizer batch).
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
     result = run_cli(*run_args(config, out, "--distill-processes", "2"))
     assert result.exit_code == 0 and "new distill settings" in result.stdout, (result.stderr[-2000:], result.exception)
+    assert "note: 2 processes share 1 CPU core on this machine without GPUs" in result.stdout
+    assert json.loads((out / "round-1" / "distill.json").read_text())["rank_items"] == 10
     assert {path: path.stat().st_mtime_ns for path in shards} == shards  # sampled once
     assert (out / "round-1" / "student" / "model.safetensors").is_file()
     config.write_text(one_round + "  jsd-beta: 0.5\n")

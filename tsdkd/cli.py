@@ -15,6 +15,7 @@ import typer
 import typer.core
 
 from tsdkd.errors import ReportedFailure, TsdkdError
+from tsdkd.launch import ERROR_CONTEXT
 
 
 class Commands(typer.core.TyperGroup):
@@ -138,7 +139,8 @@ def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the sam
             with sigterm_like_ctrl_c():
                 return command(*args, **kwargs)
         except TsdkdError as error:
-            say_last(f"error: {error}")
+            # Started by `tsdkd run` for a round: the round's context, as its own errors give it.
+            say_last(f"error: {os.environ.get(ERROR_CONTEXT, '')}{error}")
             raise typer.Exit(2) from None
         except ReportedFailure as failure:
             if failure.line:

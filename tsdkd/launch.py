@@ -24,6 +24,14 @@ from typing import Callable
 from tsdkd.errors import ReportedFailure
 
 PR_SET_PDEATHSIG = 1
+# What a started process puts before its error line (the CLI reads it), e.g. "round 2, distill: ".
+ERROR_CONTEXT = "TSDKD_ERROR_CONTEXT"
+
+
+def torch_has_gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def free_port() -> int:
@@ -57,9 +65,14 @@ def _stop(workers: list[subprocess.Popen]) -> None:
             worker.wait()
 
 
-def run_processes(args: list[str], processes: int, logs: Path) -> None:
-    """`python -m tsdkd *args` in `processes` processes, the output of process r > 0 appended to logs/rank-r.log;
-    returns when process 0 succeeds. An interrupt of this process stops them all, then goes on."""
+def run_processes(args: list[str], processes: int, logs: Path, context: str = "") -> None:
+    """`python -m tsdkd *args` in `processes` processes, the output of process r > 0 appended to logs/rank-r.log,
+    `context` before their error lines; returns when process 0 succeeds. An interrupt of this process stops them
+    all, then goes on."""
+    cores = os.cpu_count() or 1
+    if not torch_has_gpus() and processes > cores:
+        print(f"note: {processes} processes share {cores} CPU core{'s' if cores > 1 else ''} on this machine without "
+              "GPUs: each gets a fraction of one")
     port = free_port()
     end_with_parent = _parent_death_signal()
     log_files = {rank: logs / f"rank-{rank}.log" for rank in range(1, processes)}
@@ -70,7 +83,8 @@ def run_processes(args: list[str], processes: int, logs: Path) -> None:
         for rank in range(processes):
             # OMP_NUM_THREADS: 1 unless set, as torchrun does, so that the processes do not fight over the cores.
             env = {"OMP_NUM_THREADS": "1", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                   "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   ERROR_CONTEXT: context}
             with contextlib.ExitStack() as output:
                 log = None
                 if rank:
@@ -114,5 +128,6 @@ def _judge(codes: list[int | None], log_files: dict[int, Path]) -> None:
     exit_code = codes[0] if codes[0] is not None and codes[0] > 0 else 1
     if codes[0] is not None and codes[0] > 0 and (codes[0] == 2 or not others):
         raise ReportedFailure(exit_code)  # it printed why
-    failed = ([how(0, codes[0])] if codes[0] is not None else []) + others
+    # The others first: process 0 failing after another was killed is mostly its peer gone from a collective.
+    failed = others + ([how(0, codes[0])] if codes[0] is not None else [])
     raise ReportedFailure(exit_code, f"{'; '.join(failed)}; rerun the same command to continue")

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RESUMABLE_GENERATE_CHANGES, RUN_SECTIONS, DistillConfig,
                           GenerateConfig, RunConfig, build_config)
-from tsdkd.errors import TsdkdError
+from tsdkd.errors import ReportedFailure, TsdkdError
 from tsdkd.fingerprint import with_real_paths
 from tsdkd.launch import run_processes
 from tsdkd.loading import release_memory
@@ -137,12 +137,16 @@ def round_configs(cfg: RunConfig, round_index: int) -> tuple[GenerateConfig, Dis
 
 
 @contextlib.contextmanager
-def in_round(round_index: int, command: str) -> Iterator[None]:
-    """A round's refusal says which round and command it comes from (its --out is a folder the run chose)."""
+def in_round(round_index: int, command: str) -> Iterator[str]:
+    """A round's refusal says which round and command it comes from (its --out is a folder the run chose); the
+    context yielded is that prefix, for the processes the round starts to put before their own error lines."""
+    context = f"round {round_index}, {command}: "
     try:
-        yield
+        yield context
     except TsdkdError as error:
-        raise TsdkdError(f"round {round_index}, {command}: {error}") from None
+        raise TsdkdError(f"{context}{error}") from None
+    except ReportedFailure as failure:
+        raise ReportedFailure(failure.exit_code, failure.line and f"{context}{failure.line}") from None
 
 
 def check_processes(distill_processes: int) -> None:
@@ -164,21 +168,22 @@ def check_processes(distill_processes: int) -> None:
                          "visible (one process per GPU)")
 
 
-def distill_round(cfg: DistillConfig, processes: int) -> None:
+def distill_round(cfg: DistillConfig, processes: int, context: str) -> None:
     """In this process, or in `processes` started as torchrun would, which read the round's settings from
-    round-r/distill.json (written there each time: the file to rerun the round's distillation by hand with)."""
+    round-r/distill.json (written there each time, as a record and the file to rerun the round's distillation
+    by hand with) and put `context` before their error lines."""
     from stage2_distill.distill import distill
 
-    if processes == 1:
-        distill(cfg)
-        return
     folder = Path(cfg.out).parent
     # Real paths: the file is valid from any working directory.
     settings = {**with_real_paths(vars(cfg), ("signals", "student")), "out": str(Path(cfg.out).resolve())}
     write_json_atomic(settings, folder / ROUND_DISTILL_SETTINGS)
+    if processes == 1:
+        distill(cfg)
+        return
     # What sampling left in this process's CUDA cache would stay out of reach of process 0 on the same GPU.
     release_memory()
-    run_processes(["distill", "--config", str(folder / ROUND_DISTILL_SETTINGS)], processes, folder)
+    run_processes(["distill", "--config", str(folder / ROUND_DISTILL_SETTINGS)], processes, folder, context)
 
 
 def run_rounds(cfg: RunConfig) -> Path:
@@ -212,8 +217,8 @@ def run_rounds(cfg: RunConfig) -> Path:
                 generate(generate_cfg)
             state["signals"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
-            with in_round(round_index, "distill"):
-                distill_round(distill_cfg, cfg.distill_processes)
+            with in_round(round_index, "distill") as context:
+                distill_round(distill_cfg, cfg.distill_processes, context)
             state["student"] = True
             write_json_atomic(manifest, out / RUN_MANIFEST)
         later = sorted(int(r) for r in manifest["rounds"] if int(r) > cfg.rounds)
