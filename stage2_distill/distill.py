@@ -217,36 +217,52 @@ def create_output(cfg: DistillConfig, out: Path, signals_sha256: str, student: d
                        "student_identity": student, "complete": False}, out / DISTILL_RUN_INFO)
 
 
-def last_complete_checkpoint(folder: Path, say: bool = True) -> str | None:
+def last_complete_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
     """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole and whose weight, optimizer
-    and state files are not cut short (damaged_file); a damaged newer one is named in a note (when `say`).
+    and state files are not cut short (damaged_file), and the newer ones passed over for a damaged file.
 
     A kill during a save leaves a newer, partial checkpoint that the Trainer's own lookup would pick.
     """
     if not folder.is_dir():
-        return None
+        return None, []
     numbered = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    damaged = []
     for checkpoint in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
         try:
             json.loads((checkpoint / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        damaged = damaged_file(checkpoint)
-        if damaged is None:
-            return str(checkpoint)
-        if say:
-            print(f"note: {checkpoint.name} is damaged ({damaged.relative_to(checkpoint)} is cut short or corrupt); "
-                  "continuing from an earlier checkpoint, if there is one")
-    return None
+        if damaged_file(checkpoint) is None:
+            return str(checkpoint), damaged
+        damaged.append(checkpoint)
+    return None, damaged
+
+
+def set_aside_damaged(checkpoints: list[Path]) -> None:
+    """Renamed out of the Trainer's sight (`damaged-checkpoint-N`), kept for a look: it would save into the folder
+    again, and its rotation could keep it over whole ones."""
+    for checkpoint in checkpoints:
+        print(f"note: {checkpoint.name} is damaged ({damaged_file(checkpoint).relative_to(checkpoint)} is cut short or "
+              f"corrupt); set aside as damaged-{checkpoint.name}")
+        target = checkpoint.with_name(f"damaged-{checkpoint.name}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(checkpoint, target)
+
+
+TORCH_ZIP, PICKLE = b"PK\x03\x04", b"\x80"  # torch.save's zip format, and its older one (a pickle stream)
 
 
 def damaged_file(checkpoint: Path) -> Path | None:
-    """A file of the checkpoint that cannot be whole: torch's (a zip archive) without its closing directory, or
-    safetensors shorter than its header says (a copy cut short, a full disk, a bad sector). Checked before the
-    Trainer loads them: it would fail with a traceback, on every rerun. FSDP's sharded files are not checked."""
+    """A file of the checkpoint that cannot be whole: a torch file (zip format) without its closing directory, or
+    one that is neither format; safetensors with a header that does not parse or data shorter than it says (a copy
+    cut short, a full disk, a bad sector). Checked before the Trainer loads them: it would fail with a traceback, on
+    every rerun. FSDP's sharded files are not checked."""
     for path in sorted(checkpoint.rglob("*")):
-        if path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
-            return path
+        if path.suffix in (".pt", ".pth", ".bin"):
+            with open(path, "rb") as handle:
+                start = handle.read(4)
+            if not (start.startswith(PICKLE) or (start == TORCH_ZIP and zipfile.is_zipfile(path))):
+                return path
         if path.suffix == ".safetensors" and not _safetensors_whole(path):
             return path
     return None
@@ -254,11 +270,16 @@ def damaged_file(checkpoint: Path) -> Path | None:
 
 def _safetensors_whole(path: Path) -> bool:
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
             header_size = int.from_bytes(handle.read(8), "little")
+            if header_size > size - 8:
+                return False
             header = json.loads(handle.read(header_size))
+        if not isinstance(header, dict):
+            return False
         data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-        return path.stat().st_size == 8 + header_size + data_end
+        return size >= 8 + header_size + data_end
     except (OSError, ValueError, TypeError, KeyError, IndexError):
         return False
 
@@ -378,8 +399,11 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),
         logit_chunk_tokens=cfg.logit_chunk_tokens, rank_items=cfg.rank_items,
     )
-    resume_from = last_complete_checkpoint(out / CHECKPOINTS, processes.is_main_process) if continuing else None
+    resume_from, damaged = last_complete_checkpoint(out / CHECKPOINTS) if continuing else (None, [])
+    # Every process has looked before the main one moves a folder.
+    processes.wait_for_everyone()
     if processes.is_main_process and continuing:
+        set_aside_damaged(damaged)
         drop_metrics_after(out / METRICS, resume_from)
         print(f"{out}: continuing from {Path(resume_from).name}" if resume_from else f"{out}: no checkpoint yet; starting over")
     try:

@@ -245,12 +245,32 @@ def test_a_damaged_checkpoint_is_passed_over(small_dataset, tmp_path, damaged):
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     result = run_cli(*distill_args(small_dataset, resumed, *options))
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
-    assert f"note: checkpoint-2 is damaged ({damaged} is cut short or corrupt)" in result.stdout
+    assert f"note: checkpoint-2 is damaged ({damaged} is cut short or corrupt); set aside as damaged-checkpoint-2" in result.stdout
     assert f"{resumed}: continuing from checkpoint-1" in result.stdout
+    assert (resumed / "checkpoints/damaged-checkpoint-2").is_dir()
     assert [r["step"] for r in step_records(resumed)] == [1, 2, 3]
     final, expected = load_file(resumed / "model.safetensors"), load_file(tmp_path / "run/model.safetensors")
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
+def test_damaged_file_judges_formats_not_names(tmp_path):
+    """Whole files of either torch format and safetensors with padding or no tensors pass; a header that is garbage,
+    too large or not an object, and a torch file of neither format, are damaged."""
+    from stage2_distill.distill import damaged_file
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    torch.save({"step": 1}, checkpoint / "zip.pt")
+    torch.save({"step": 1}, checkpoint / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file({"w": torch.ones(3)}, checkpoint / "model.safetensors")
+    save_file({}, checkpoint / "empty.safetensors", metadata={"format": "pt"})
+    assert damaged_file(checkpoint) is None
+    for name, content in (("bad.safetensors", b"\xff" * 16), ("huge.safetensors", (10**12).to_bytes(8, "little") + b"{}"),
+                          ("list.safetensors", (2).to_bytes(8, "little") + b"[]"), ("text.bin", b"not a torch file")):
+        (checkpoint / name).write_bytes(content)
+        assert damaged_file(checkpoint) == checkpoint / name
+        (checkpoint / name).unlink()
 
 
 def test_resume_after_kill_ends_like_an_uninterrupted_run(small_dataset, tmp_path):

@@ -251,6 +251,16 @@ def test_how_distill_processes_end_is_judged(codes, exit_code, line, capsys):
     assert (failure.value.exit_code, failure.value.line and failure.value.line.removesuffix("; rerun the same command to continue")) == (exit_code, line)
 
 
+def test_a_rounds_started_processes_failure_gets_the_rounds_prefix():
+    from tsdkd.errors import ReportedFailure
+    from tsdkd.rounds import in_round
+
+    for line, expected in (("process 1 of 2 failed", "round 3, distill: process 1 of 2 failed"), (None, None)):
+        with pytest.raises(ReportedFailure) as failure, in_round(3, "distill"):
+            raise ReportedFailure(7, line)
+        assert (failure.value.exit_code, failure.value.line) == (7, expected)
+
+
 def test_a_failure_in_distill_processes_ends_in_its_one_line(tmp_path):
     """Refused by the round's distillation itself (the vocabulary is known there only): process 0 says why, the
     run ends with its exit code and says nothing more; the other process's output is in its log."""
@@ -386,7 +396,7 @@ def test_distill_settings_may_change_until_a_round_distils(tmp_path, monkeypatch
     assert json.loads((out / "round-1" / "distill.json").read_text())["rank_items"] == 400  # the round's settings, as tried
     config.write_text(one_round)
     # The number of distillation processes counts as a distill setting (it changes the optimizer batch).
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr("tsdkd.validate.usable_cores", lambda: 1)
     result = run_cli(*run_args(config, out, "--distill-processes", "2"))
     assert result.exit_code == 0 and "new distill settings" in result.stdout, (result.stderr[-2000:], result.exception)
     assert "note: 2 processes share 1 CPU core on this machine without GPUs" in result.stdout

@@ -139,8 +139,10 @@ def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the sam
             with sigterm_like_ctrl_c():
                 return command(*args, **kwargs)
         except TsdkdError as error:
-            # Started by `tsdkd run` for a round: the round's context, as its own errors give it.
-            say_last(f"error: {os.environ.get(ERROR_CONTEXT, '')}{error}")
+            # A process `tsdkd run` started for a round (as a launcher's worker): the round's context, as the run's
+            # own errors give it.
+            context = os.environ.get(ERROR_CONTEXT, "") if "LOCAL_RANK" in os.environ else ""
+            say_last(f"error: {context}{error}")
             raise typer.Exit(2) from None
         except ReportedFailure as failure:
             if failure.line:

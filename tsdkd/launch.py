@@ -69,7 +69,9 @@ def run_processes(args: list[str], processes: int, logs: Path, context: str = ""
     """`python -m tsdkd *args` in `processes` processes, the output of process r > 0 appended to logs/rank-r.log,
     `context` before their error lines; returns when process 0 succeeds. An interrupt of this process stops them
     all, then goes on."""
-    cores = os.cpu_count() or 1
+    from tsdkd.validate import usable_cores
+
+    cores = usable_cores()
     if not torch_has_gpus() and processes > cores:
         print(f"note: {processes} processes share {cores} CPU core{'s' if cores > 1 else ''} on this machine without "
               "GPUs: each gets a fraction of one")

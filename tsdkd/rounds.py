@@ -4,8 +4,8 @@ into round r; each round is a folder with its signals and its student, under a r
     OUT/tsdkd_run.json      settings and the state of each round
     OUT/round-1/signals     signals sampled by the initial student
     OUT/round-1/student     the student distilled from them
-    OUT/round-1/distill.json, rank-*.log   with --distill-processes N > 1: the settings its N processes read,
-                            and the output of processes 1..N-1
+    OUT/round-1/distill.json the round's distill settings (what its processes read with --distill-processes N),
+    OUT/round-1/rank-*.log  and with N > 1 the output of processes 1..N-1
     OUT/round-2/...
 
 Rerunning the same command continues where a crash stopped it: finished rounds are kept, a
