@@ -254,13 +254,16 @@ TORCH_ZIP, PICKLE = b"PK\x03\x04", b"\x80"  # torch.save's zip format, and its o
 
 def damaged_file(checkpoint: Path) -> Path | None:
     """A file of the checkpoint that cannot be whole: a torch file (zip format) without its closing directory, or
-    one that is neither format; safetensors with a header that does not parse or data shorter than it says (a copy
-    cut short, a full disk, a bad sector). Checked before the Trainer loads them: it would fail with a traceback, on
-    every rerun. FSDP's sharded files are not checked."""
-    for path in sorted(checkpoint.rglob("*")):
+    one that is neither format; safetensors with a header that does not parse or a size other than it says (a copy
+    cut short, a full disk). Checked before the Trainer loads them: it would fail with a traceback, on every rerun.
+    Not checked: damage inside a file of the right size, FSDP's sharded files."""
+    for path in sorted(p for p in checkpoint.rglob("*") if not p.is_dir()):
         if path.suffix in (".pt", ".pth", ".bin"):
-            with open(path, "rb") as handle:
-                start = handle.read(4)
+            try:
+                with open(path, "rb") as handle:
+                    start = handle.read(4)
+            except OSError:
+                return path
             if not (start.startswith(PICKLE) or (start == TORCH_ZIP and zipfile.is_zipfile(path))):
                 return path
         if path.suffix == ".safetensors" and not _safetensors_whole(path):
@@ -279,7 +282,7 @@ def _safetensors_whole(path: Path) -> bool:
         if not isinstance(header, dict):
             return False
         data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-        return size >= 8 + header_size + data_end
+        return size == 8 + header_size + data_end  # safetensors refuses a file with bytes after its data
     except (OSError, ValueError, TypeError, KeyError, IndexError):
         return False
 

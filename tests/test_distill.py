@@ -266,7 +266,9 @@ def test_damaged_file_judges_formats_not_names(tmp_path):
     save_file({"w": torch.ones(3)}, checkpoint / "model.safetensors")
     save_file({}, checkpoint / "empty.safetensors", metadata={"format": "pt"})
     assert damaged_file(checkpoint) is None
-    for name, content in (("bad.safetensors", b"\xff" * 16), ("huge.safetensors", (10**12).to_bytes(8, "little") + b"{}"),
+    longer = (checkpoint / "model.safetensors").read_bytes() + b"\0" * 8  # safetensors refuses bytes after the data
+    for name, content in (("longer.safetensors", longer), ("bad.safetensors", b"\xff" * 16),
+                          ("huge.safetensors", (10**12).to_bytes(8, "little") + b"{}"),
                           ("list.safetensors", (2).to_bytes(8, "little") + b"[]"), ("text.bin", b"not a torch file")):
         (checkpoint / name).write_bytes(content)
         assert damaged_file(checkpoint) == checkpoint / name
