@@ -177,7 +177,13 @@ def distill_round(cfg: DistillConfig, processes: int, context: str) -> None:
     folder = Path(cfg.out).parent
     # Real paths: the file is valid from any working directory.
     settings = {**with_real_paths(vars(cfg), ("signals", "student")), "out": str(Path(cfg.out).resolve())}
-    write_json_atomic(settings, folder / ROUND_DISTILL_SETTINGS)
+    record = folder / ROUND_DISTILL_SETTINGS
+    try:
+        unchanged = json.loads(record.read_text()) == json.loads(json.dumps(settings))
+    except (OSError, ValueError):
+        unchanged = False
+    if not unchanged:  # a rerun of a finished run leaves every file as it was
+        write_json_atomic(settings, record)
     if processes == 1:
         distill(cfg)
         return
