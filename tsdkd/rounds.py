@@ -170,7 +170,7 @@ def check_processes(distill_processes: int) -> None:
 
 def distill_round(cfg: DistillConfig, processes: int, context: str) -> None:
     """In this process, or in `processes` started as torchrun would, which read the round's settings from
-    round-r/distill.json (written there each time, as a record and the file to rerun the round's distillation
+    round-r/distill.json (kept up to date there, as a record and the file to rerun the round's distillation
     by hand with) and put `context` before their error lines."""
     from stage2_distill.distill import distill
 
