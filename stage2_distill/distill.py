@@ -217,9 +217,9 @@ def create_output(cfg: DistillConfig, out: Path, signals_sha256: str, student: d
                        "student_identity": student, "complete": False}, out / DISTILL_RUN_INFO)
 
 
-def last_complete_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
+def last_complete_checkpoint(folder: Path) -> tuple[str | None, list[tuple[Path, Path]]]:
     """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole and whose weight, optimizer
-    and state files are not cut short (damaged_file), and the newer ones passed over for a damaged file.
+    and state files are not cut short (damaged_file), and the newer ones passed over, each with its damaged file.
 
     A kill during a save leaves a newer, partial checkpoint that the Trainer's own lookup would pick.
     """
@@ -232,18 +232,19 @@ def last_complete_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
             json.loads((checkpoint / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if damaged_file(checkpoint) is None:
+        file = damaged_file(checkpoint)
+        if file is None:
             return str(checkpoint), damaged
-        damaged.append(checkpoint)
+        damaged.append((checkpoint, file))
     return None, damaged
 
 
-def set_aside_damaged(checkpoints: list[Path]) -> None:
-    """Renamed out of the Trainer's sight (`damaged-checkpoint-N`), kept for a look: it would save into the folder
-    again, and its rotation could keep it over whole ones."""
-    for checkpoint in checkpoints:
-        print(f"note: {checkpoint.name} is damaged ({damaged_file(checkpoint).relative_to(checkpoint)} is cut short or "
-              f"corrupt); set aside as damaged-{checkpoint.name}")
+def set_aside_damaged(damaged: list[tuple[Path, Path]]) -> None:
+    """Each (checkpoint, its damaged file) renamed out of the Trainer's sight (`damaged-checkpoint-N`), kept for a
+    look: it would save into the folder again, and its rotation could keep it over whole ones."""
+    for checkpoint, file in damaged:
+        print(f"note: {checkpoint.name} is damaged ({file.relative_to(checkpoint)} is cut short or corrupt); "
+              f"set aside as damaged-{checkpoint.name}")
         target = checkpoint.with_name(f"damaged-{checkpoint.name}")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(checkpoint, target)

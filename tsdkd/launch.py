@@ -28,12 +28,6 @@ PR_SET_PDEATHSIG = 1
 ERROR_CONTEXT = "TSDKD_ERROR_CONTEXT"
 
 
-def torch_has_gpus() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -69,10 +63,12 @@ def run_processes(args: list[str], processes: int, logs: Path, context: str = ""
     """`python -m tsdkd *args` in `processes` processes, the output of process r > 0 appended to logs/rank-r.log,
     `context` before their error lines; returns when process 0 succeeds. An interrupt of this process stops them
     all, then goes on."""
+    import torch
+
     from tsdkd.validate import usable_cores
 
     cores = usable_cores()
-    if not torch_has_gpus() and processes > cores:
+    if not torch.cuda.is_available() and processes > cores:
         print(f"note: {processes} processes share {cores} CPU core{'s' if cores > 1 else ''} on this machine without "
               "GPUs: each gets a fraction of one")
     port = free_port()

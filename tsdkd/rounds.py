@@ -189,7 +189,7 @@ def distill_round(cfg: DistillConfig, processes: int, context: str) -> None:
         return
     # What sampling left in this process's CUDA cache would stay out of reach of process 0 on the same GPU.
     release_memory()
-    run_processes(["distill", "--config", str(folder / ROUND_DISTILL_SETTINGS)], processes, folder, context)
+    run_processes(["distill", "--config", str(record)], processes, folder, context)
 
 
 def run_rounds(cfg: RunConfig) -> Path:
