@@ -221,16 +221,19 @@ def last_complete_checkpoint(folder: Path) -> tuple[str | None, list[tuple[Path,
     """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole and whose weight, optimizer
     and state files are not cut short (damaged_file), and the newer ones passed over, each with its damaged file.
 
-    A kill during a save leaves a newer, partial checkpoint that the Trainer's own lookup would pick.
+    A kill during a save leaves a newer, partial checkpoint that the Trainer's own lookup would pick, and that a
+    later save of the same step would write into over the old files.
     """
     if not folder.is_dir():
         return None, []
     numbered = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     damaged = []
     for checkpoint in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        state = checkpoint / "trainer_state.json"
         try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            json.loads(state.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            damaged.append((checkpoint, state))
             continue
         file = damaged_file(checkpoint)
         if file is None:
@@ -243,7 +246,8 @@ def set_aside_damaged(damaged: list[tuple[Path, Path]]) -> None:
     """Each (checkpoint, its damaged file) renamed out of the Trainer's sight (`damaged-checkpoint-N`), kept for a
     look: it would save into the folder again, and its rotation could keep it over whole ones."""
     for checkpoint, file in damaged:
-        print(f"note: {checkpoint.name} is damaged ({file.relative_to(checkpoint)} is cut short or corrupt); "
+        problem = "is cut short or corrupt" if file.exists() else "is missing: a save was cut short"
+        print(f"note: {checkpoint.name} is damaged ({file.relative_to(checkpoint)} {problem}); "
               f"set aside as damaged-{checkpoint.name}")
         target = checkpoint.with_name(f"damaged-{checkpoint.name}")
         shutil.rmtree(target, ignore_errors=True)

@@ -233,19 +233,27 @@ def test_accelerate_launch_with_zero3(small_dataset, tmp_path):
     assert_resumed_after_step_2(resumed, final_zero3)
 
 
-@pytest.mark.parametrize("damaged", ["optimizer.pt", "rng_state.pth", "model.safetensors"])
-def test_a_damaged_checkpoint_is_passed_over(small_dataset, tmp_path, damaged):
-    """The newest checkpoint with a file cut short (a copy cut short, a full disk) is named in a note and the run
-    continues from the one before, ending as the uninterrupted run did; the Trainer would fail on it with a
-    traceback on every rerun."""
+@pytest.mark.parametrize("damaged, problem", [
+    ("optimizer.pt", "is cut short or corrupt"), ("rng_state.pth", "is cut short or corrupt"),
+    ("model.safetensors", "is cut short or corrupt"), ("trainer_state.json", "is cut short or corrupt"),
+    ("trainer_state.json", "is missing: a save was cut short"),
+])
+def test_a_damaged_checkpoint_is_passed_over(small_dataset, tmp_path, damaged, problem):
+    """The newest checkpoint with a file cut short (a copy cut short, a full disk) or without its trainer state (a
+    kill during the save) is named in a note, set aside, and the run continues from the one before, ending as the
+    uninterrupted run did; the Trainer would fail on a damaged file with a traceback on every rerun, or save into
+    the folder again over the old files."""
     options = ["--max-steps", "3", "--save-steps", "1", "--save-total-limit", "3", "--keep-checkpoints"]
     assert run_cli(*distill_args(small_dataset, tmp_path / "run", *options)).exit_code == 0
     resumed = as_if_killed_after_step_2(tmp_path / "run", tmp_path / "resumed")
     cut = resumed / "checkpoints/checkpoint-2" / damaged
-    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    if "missing" in problem:
+        cut.unlink()
+    else:
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     result = run_cli(*distill_args(small_dataset, resumed, *options))
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
-    assert f"note: checkpoint-2 is damaged ({damaged} is cut short or corrupt); set aside as damaged-checkpoint-2" in result.stdout
+    assert f"note: checkpoint-2 is damaged ({damaged} {problem}); set aside as damaged-checkpoint-2" in result.stdout
     assert f"{resumed}: continuing from checkpoint-1" in result.stdout
     assert (resumed / "checkpoints/damaged-checkpoint-2").is_dir()
     assert [r["step"] for r in step_records(resumed)] == [1, 2, 3]
