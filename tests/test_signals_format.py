@@ -56,14 +56,21 @@ def test_round_trip(tmp_path, vocab_size, id_type):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_loads_with_datasets_and_no_tsdkd(small_dataset):
+def test_loads_with_datasets_and_no_tsdkd(small_dataset, tmp_path):
+    """Each folder loads its own rows, also two folders of one name (every round of `tsdkd run` writes `signals/`)
+    read through one `datasets` cache."""
+    shorter = tmp_path / "other" / small_dataset.name
+    shutil.copytree(small_dataset, shorter)
+    (shorter / "data" / "train-00002-of-00003.parquet").unlink()
     script = (
         "import sys; sys.modules['tsdkd'] = None\n"
         "import datasets\n"
-        f"a = datasets.load_dataset({str(small_dataset)!r}, split='train')\n"
+        f"a = datasets.load_dataset({str(small_dataset)!r}, split='train', cache_dir={str(tmp_path / 'cache')!r})\n"
         f"b = datasets.load_dataset('parquet', data_files={str(small_dataset / 'data' / '*.parquet')!r}, split='train')\n"
         "assert len(a) == len(b) == 36, (len(a), len(b))\n"
         "assert len(a[0]['teacher_topk_ids'][0]) == 8\n"
+        f"c = datasets.load_dataset({str(shorter)!r}, split='train', cache_dir={str(tmp_path / 'cache')!r})\n"
+        "assert len(c) == 24, len(c)\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -314,7 +321,7 @@ def test_a_shard_written_with_required_fields_is_valid(small_dataset, tmp_path):
 
 
 def test_shards_must_be_named_as_the_hub_finds_them(small_dataset, tmp_path):
-    """The card's glob (and `load_dataset`) reads data/train-*.parquet: a renamed shard would be left out by every
+    """`load_dataset` reads data/train-*.parquet: a renamed shard would be left out by every
     loader but tsdkd, one outside the folder not found."""
     folder = copy_of(small_dataset, tmp_path)
     (folder / "data" / "train-00001-of-00003.parquet").rename(folder / "data" / "shard1.parquet")
