@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from stage2_distill.data import SignalBatches, collate_single
@@ -312,6 +312,17 @@ def load_student(cfg: DistillConfig) -> torch.nn.Module:
     return model
 
 
+def saved_student_dtype(cfg: DistillConfig) -> torch.dtype:
+    """--save-dtype; "auto": the dtype the student was stored in (its config's), float32 where it names no float type.
+    Training keeps float32 master weights either way: a bf16 student saved as float32 would take twice its disk."""
+    if cfg.save_dtype != "auto":
+        return getattr(torch, cfg.save_dtype)
+    stored = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code).dtype
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def drop_metrics_after(path: Path, checkpoint: str | None) -> None:
     """Steps after the checkpoint a run resumes from are redone: forget their records, and the end-of-training
     summary of a run killed while saving (the resumed run writes its own)."""
@@ -398,6 +409,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
     )
     model = load_student(cfg)
+    save_dtype = saved_student_dtype(cfg)
     # Written only now: a start that fails on the student or the data leaves --out empty.
     if start and not continuing:
         create_output(cfg, out, data_checksum, student)
@@ -421,7 +433,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
             print(f"{out}: {Path(resume_from).name} is the last step's; saving the student from it")
     if batches.num_dropped:
         print(f"note: {batches.num_dropped} candidates whose prompt alone exceeds --max-length {max_length} were left out")
-    save_student(trainer, tokenizer, out, manifests, objective, cfg.keep_checkpoints)
+    save_student(trainer, tokenizer, out, manifests, objective, cfg.keep_checkpoints, save_dtype)
     # The other processes end only once the main one has put the student in place: a launcher that saw one of
     # them end (or abort in its teardown) before would stop the main one mid-save.
     trainer.accelerator.wait_for_everyone()
@@ -440,19 +452,23 @@ def student_generation_config(loaded: GenerationConfig, tokenizer: Any) -> Gener
 
 
 def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: list[dict[str, Any]], objective: Objective,
-                 keep_checkpoints: bool) -> None:
-    """safetensors, config, tokenizer and a generation config that stops at the tokenizer's EOS."""
+                 keep_checkpoints: bool, dtype: torch.dtype) -> None:
+    """safetensors in `dtype`, config, tokenizer and a generation config that stops at the tokenizer's EOS."""
     staging = out / ".model-tmp"
     # Training turns the KV cache off in the config; the saved student generates with it.
     trainer.model.config.use_cache = True
     if trainer.is_fsdp_enabled:
         # The Trainer saves whole tensors under FSDP only with this type, whatever the checkpoints used.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.student_dtype = dtype
     # Every process takes part (FSDP and DeepSpeed gather the weights); the Trainer writes on one.
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return
+    # save_pretrained names the dtype of the model in memory (float32) in the config.
+    config = json.loads((staging / "config.json").read_text())
+    write_json_atomic({**config, "dtype": str(dtype).removeprefix("torch.")}, staging / "config.json")
     for session_key in ("is_local", "local_files_only"):  # how this session loaded it, not the student's
         tokenizer.init_kwargs.pop(session_key, None)
     tokenizer.save_pretrained(staging)

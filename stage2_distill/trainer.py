@@ -39,6 +39,8 @@ class DistillTrainer(Trainer):
         self.rank_items = rank_items
         self._head: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (wrapped model, its output head)
         self._flops_per_token: int | None = None  # 6 x non-embedding parameters
+        # The dtype save_model writes the weights in (the student's); None: as trained (checkpoints).
+        self.student_dtype: torch.dtype | None = None
         # The loss terms and completion tokens summed over the micro-batches since the last log, one tensor
         # (one add per micro-batch, not one per term), and the optimizer step the window started after.
         self._metric_names: list[str] = []
@@ -150,8 +152,14 @@ class DistillTrainer(Trainer):
         return self._head[1]
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None and self.student_dtype is not None:
+            state_dict = model.state_dict()
         if state_dict is not None:
-            state_dict = without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+            state_dict = without_tied_copies(model, state_dict)
+        if self.student_dtype is not None:
+            state_dict = {name: tensor.to(self.student_dtype) if tensor.is_floating_point() else tensor
+                          for name, tensor in state_dict.items()}
         super()._save(output_dir, state_dict)
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:

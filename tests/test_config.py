@@ -38,6 +38,7 @@ SEED_RULE = r"--seed must be in \[0, 4294967295\]"
     (["--weight-decay", "-5"], "--weight-decay must be 0 or more"),
     (["--beta-p", "-1"], "--beta-p must be positive"),
     (["--save-total-limit", "-1"], "--save-total-limit must be at least 1"),
+    (["--save-dtype", "float64"], "--save-dtype must be one of auto, float32, bfloat16, float16"),
 ])
 def test_distill_refuses_out_of_range_settings_before_reading_anything(tmp_path, extra, message):
     """The signals and student do not exist: the settings must be refused before they are looked at."""

@@ -262,6 +262,32 @@ def test_a_damaged_checkpoint_is_passed_over(small_dataset, tmp_path, damaged, p
         torch.testing.assert_close(final[name], expected[name], rtol=1e-6, atol=1e-6)
 
 
+def test_the_student_is_saved_in_the_dtype_it_was_stored_in(small_dataset, tmp_path):
+    """A bf16 student comes back bf16 (half the bytes of float32), its float32 master weights rounded once, and its
+    config says so; --save-dtype float32 keeps them; checkpoints keep float32 whatever the student is saved in."""
+    bf16_student = tmp_path / "bf16-student"
+    AutoModelForCausalLM.from_pretrained(TOY_STUDENT, dtype=torch.bfloat16).save_pretrained(bf16_student)
+    AutoTokenizer.from_pretrained(TOY_STUDENT).save_pretrained(bf16_student)
+    options = ["--max-steps", "2", "--save-steps", "1", "--keep-checkpoints"]
+    for out, extra in (("auto", []), ("float32", ["--save-dtype", "float32"])):
+        result = run_cli(*distill_args(small_dataset, tmp_path / out, *options, *extra, student=bf16_student))
+        assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    saved_bf16, saved_float32 = load_file(tmp_path / "auto/model.safetensors"), load_file(tmp_path / "float32/model.safetensors")
+    assert saved_bf16.keys() == saved_float32.keys()
+    for name, tensor in saved_bf16.items():
+        assert tensor.dtype == torch.bfloat16 and saved_float32[name].dtype == torch.float32
+        assert torch.equal(tensor, saved_float32[name].to(torch.bfloat16)), name
+    for checkpoint in (tmp_path / "auto/checkpoints").glob("checkpoint-*"):
+        assert {t.dtype for t in load_file(checkpoint / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((tmp_path / "auto/config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "float32/config.json").read_text())["dtype"] == "float32"
+    bytes_bf16, bytes_float32 = ((tmp_path / out / "model.safetensors").stat().st_size for out in ("auto", "float32"))
+    assert bytes_bf16 < 0.55 * bytes_float32
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "auto", dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
 def test_damaged_file_judges_formats_not_names(tmp_path):
     """Whole files of either torch format and safetensors with padding or no tensors pass; a header that is garbage,
     too large or not an object, and a torch file of neither format, are damaged."""

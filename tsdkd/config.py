@@ -110,10 +110,11 @@ class GenerateConfig:
             raise TsdkdError("--temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
 
 
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Distill settings that change memory, speed, logs or checkpoints, not results (beyond float rounding): a continued
 # run (a rerun of `tsdkd distill` or `tsdkd run`) may change them, e.g. after running out of memory.
 RESUMABLE_DISTILL_CHANGES = ("gradient_checkpointing", "logit_chunk_tokens", "ddp_timeout", "dataloader_workers", "logging_steps",
-                             "save_steps", "save_total_limit", "keep_checkpoints", "tensorboard")
+                             "save_steps", "save_total_limit", "keep_checkpoints", "tensorboard", "save_dtype")
 # Generate settings that change memory or speed, not the dataset (`tsdkd generate` leaves them out of the settings a
 # rerun must repeat): a continued `tsdkd run` may change them, e.g. after the engine ran out of memory.
 RESUMABLE_GENERATE_CHANGES = ("score_batch_tokens", "logit_chunk_tokens", "tensor_parallel_size", "gpu_memory_utilization",
@@ -224,6 +225,8 @@ class DistillConfig:
     seed: int = 0
     logit_chunk_tokens: int = 2048
     bf16: str = "auto"
+    # The saved student's weights ("auto": the dtype the student was stored in); checkpoints keep float32.
+    save_dtype: str = "auto"
     # Recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute.
     gradient_checkpointing: bool = False
     logging_steps: int = 10
@@ -274,6 +277,7 @@ class DistillConfig:
             (0 <= self.seed <= MAX_SEED, SEED_RULE),
             (self.logit_chunk_tokens >= 1, "--logit-chunk-tokens must be at least 1"),
             (self.bf16 in ("auto", "on", "off"), "--bf16 must be auto, on or off"),
+            (self.save_dtype in SAVE_DTYPES, f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}"),
             (self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.logging_steps >= 1 and self.save_steps >= 1, "--logging-steps and --save-steps must be at least 1"),
             (self.save_total_limit >= 1, "--save-total-limit must be at least 1"),
