@@ -826,6 +826,33 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
     assert "part 1 of 2" in notes(TOY_STUDENT, part(0), three_parts)
 
 
+def test_a_hub_model_counts_by_the_commit_it_was_read_at(tmp_path):
+    """A hub id names a branch that moves: new weights pushed to it are another model, told apart by the snapshot's
+    commit (the weights of a hub model are not hashed)."""
+    repo = tmp_path / "hub" / "models--me--toy"
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(TOY_STUDENT, repo / "snapshots" / commit)
+    trained = {name: tensor + 0.01 for name, tensor in load_file(TOY_STUDENT / "model.safetensors").items()}
+    save_file(trained, repo / "snapshots" / ("b" * 40) / "model.safetensors", metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from tsdkd.fingerprint import model_identity, same_model\n"
+        "refs = Path(sys.argv[1])\n"
+        "refs.write_text('a' * 40)\n"
+        "first, again = model_identity('me/toy'), model_identity('me/toy')\n"
+        "refs.write_text('b' * 40)\n"
+        "moved = model_identity('me/toy')\n"
+        "print(json.dumps([first['revision'], moved['revision'], same_model(first, again), same_model(first, moved)]))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == ["a" * 40, "b" * 40, True, False]
+
+
 @pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),
                                                ("zero3", "root"), ("zero3", "own")])
 def test_sharded_student_equals_one_process(small_dataset, tmp_path, engine, head_unit):

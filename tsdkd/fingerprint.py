@@ -50,7 +50,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 
 def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
-    """Path or hub id, revision, config hash and (for local folders) a weights hash."""
+    """Path or hub id, revision, config hash and (for local folders) a weights hash. A hub id's revision is the commit
+    its files were read at: the revision asked for (by default `main`) may be a branch that has moved since."""
     from transformers import AutoConfig
 
     try:
@@ -66,7 +67,9 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
         "weights_sha256": None,
     }
     folder = Path(path_or_id)
-    if folder.is_dir():
+    if not folder.is_dir():
+        identity["revision"] = hub_commit(path_or_id, revision)
+    else:
         weights = sorted(folder.glob("*.safetensors"))
         if not weights:
             raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
@@ -76,6 +79,16 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
         else:
             identity["weights_files"] = sizes
     return identity
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of a hub model's snapshot that holds its config (read already, so no download), else `revision`."""
+    from transformers.utils import cached_file, extract_commit_hash
+
+    try:
+        return extract_commit_hash(cached_file(repo_id, "config.json", revision=revision), None) or revision
+    except OSError:
+        return revision
 
 
 def local_path(path_or_id: str) -> str:
