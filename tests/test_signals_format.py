@@ -77,6 +77,16 @@ def test_loads_with_datasets_and_no_tsdkd(small_dataset, tmp_path):
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
+def test_prompt_id_is_the_documented_hash(small_dataset):
+    """docs/format.md's formula, for readers without tsdkd."""
+    import hashlib
+
+    rows = pq.read_table(sorted((small_dataset / "data").glob("*.parquet"))[0], columns=["prompt_id", "messages"]).to_pylist()
+    for row in rows:
+        text = json.dumps(row["messages"], sort_keys=True, ensure_ascii=False).encode("utf-8")
+        assert row["prompt_id"] == hashlib.sha256(text).hexdigest()[:16]
+
+
 def test_compact(small_dataset):
     stats = json.loads((small_dataset / "tsdkd.json").read_text())["stats"]
     total = sum(p.stat().st_size for p in (small_dataset / "data").glob("*.parquet"))
@@ -203,6 +213,11 @@ def test_manifest_problems(small_dataset, tmp_path):
     shutil.copy(sorted((folder / "data").glob("*.parquet"))[0], folder / "data" / "train-00009-of-00010.parquet")
     expect_invalid(folder, "train-00009-of-00010.parquet", "not in the manifest")
     (folder / "data" / "train-00009-of-00010.parquet").unlink()
+    renamed = sorted((folder / "data").glob("*.parquet"))[1]
+    renamed.rename(folder / "data" / "shard1.parquet")  # not to be removed: it is the missing shard
+    expect_invalid(folder, f"shard data/{renamed.name} is missing and data/shard1.parquet, not in the manifest, is there; "
+                   "if it is that shard renamed, give it back its name, else remove it")
+    (folder / "data" / "shard1.parquet").rename(renamed)
     sorted((folder / "data").glob("*.parquet"))[2].unlink()
     expect_invalid(folder, "shard missing")
     manifest_path.write_text("{not json")

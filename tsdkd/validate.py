@@ -114,6 +114,10 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
     check_shard_names(manifest, folder)
     strays = stray_shards(folder, manifest)
     if strays:
+        missing = [entry for entry in manifest["shards"] if not (folder / entry["file"]).is_file()]
+        if missing:  # most likely renamed: removing the stray would lose the shard
+            raise TsdkdError(f"{folder}: shard {missing[0]['file']} is missing and {strays[0]}, not in the manifest, is "
+                             f"there; if it is that shard renamed, give it back its name, else remove it")
         raise TsdkdError(f"{folder}: shard {strays[0]} is not in the manifest; remove it")
     schema = signal_schema(manifest["tokenizer"]["vocab_size"])
 
@@ -169,8 +173,8 @@ def stray_shards(folder: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def check_shard_names(manifest: dict[str, Any], folder: Path) -> None:
-    """Shard i of a job of n is data/train-i-of-n.parquet, the Hub's split naming that the dataset card's glob and
-    `load_dataset` find (another name would be left out, one outside the folder not found)."""
+    """Shard i of a job of n is data/train-i-of-n.parquet, the Hub's split naming that `load_dataset` finds (another
+    name would be left out, one outside the folder not found)."""
     counts = set()
     for entry in manifest["shards"]:
         match = SHARD_FILE_NAME.fullmatch(entry["file"])
