@@ -826,31 +826,51 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
     assert "part 1 of 2" in notes(TOY_STUDENT, part(0), three_parts)
 
 
-def test_a_hub_model_counts_by_the_commit_it_was_read_at(tmp_path):
-    """A hub id names a branch that moves: new weights pushed to it are another model, told apart by the snapshot's
-    commit (the weights of a hub model are not hashed)."""
+def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
+    """A hub id names a branch that moves: new weights pushed to it are another model, a card edit is not. The hub
+    cache names each weight file by its sha256 (a link to blobs/<sha256>), so no file is read; the same files given
+    as the snapshot's folder are the same model. A record made before the weights were known counts by name."""
+    import hashlib
+
     repo = tmp_path / "hub" / "models--me--toy"
-    for commit in ("a" * 40, "b" * 40):
-        shutil.copytree(TOY_STUDENT, repo / "snapshots" / commit)
+    (repo / "blobs").mkdir(parents=True)
     trained = {name: tensor + 0.01 for name, tensor in load_file(TOY_STUDENT / "model.safetensors").items()}
-    save_file(trained, repo / "snapshots" / ("b" * 40) / "model.safetensors", metadata={"format": "pt"})
+    save_file(trained, tmp_path / "trained.safetensors", metadata={"format": "pt"})
+
+    def snapshot(commit: str, weights: Path, card: str) -> None:
+        folder = repo / "snapshots" / commit
+        shutil.copytree(TOY_STUDENT, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        blob = repo / "blobs" / hashlib.sha256(weights.read_bytes()).hexdigest()
+        shutil.copyfile(weights, blob)
+        (folder / "model.safetensors").symlink_to(os.path.relpath(blob, folder))
+        (folder / "README.md").write_text(card)
+
+    snapshot("a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    snapshot("b" * 40, TOY_STUDENT / "model.safetensors", "# toy, a better card\n")
+    snapshot("c" * 40, tmp_path / "trained.safetensors", "# toy\n")
     (repo / "refs").mkdir()
     script = (
         "import json, sys\n"
         "from pathlib import Path\n"
         "from tsdkd.fingerprint import model_identity, same_model\n"
         "refs = Path(sys.argv[1])\n"
-        "refs.write_text('a' * 40)\n"
-        "first, again = model_identity('me/toy'), model_identity('me/toy')\n"
-        "refs.write_text('b' * 40)\n"
-        "moved = model_identity('me/toy')\n"
-        "print(json.dumps([first['revision'], moved['revision'], same_model(first, again), same_model(first, moved)]))\n"
+        "identities = {}\n"
+        "for commit in 'abc':\n"
+        "    refs.write_text(commit * 40)\n"
+        "    identities[commit] = model_identity('me/toy')\n"
+        "a, b, c = identities['a'], identities['b'], identities['c']\n"
+        "folder = model_identity(str(refs.parent.parent / 'snapshots' / ('c' * 40)))\n"
+        "before = {**a, 'weights_sha256': None}\n"
+        "print(json.dumps([a['weights_sha256'] is not None, same_model(a, b), same_model(a, c), same_model(c, folder),\n"
+        "                  same_model(before, c)]))\n"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == ["a" * 40, "b" * 40, True, False]
+    assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True]
+    assert model_identity(str(TOY_STUDENT))["weights_sha256"] == \
+        model_identity(str(repo / "snapshots" / ("a" * 40)))["weights_sha256"]  # a copy's files, hashed, are its blobs
 
 
 @pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),

@@ -50,8 +50,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 
 def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
-    """Path or hub id, revision, config hash and (for local folders) a weights hash. A hub id's revision is the commit
-    its files were read at: the revision asked for (by default `main`) may be a branch that has moved since."""
+    """Path or hub id, revision, config hash and a hash of the weights: of a local folder's files (up to
+    WEIGHTS_HASH_LIMIT_BYTES, else their names and sizes), of a hub model's files in the hub cache (named by their
+    sha256 there, so free at any size; none before they are downloaded)."""
     from transformers import AutoConfig
 
     try:
@@ -67,28 +68,36 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
         "weights_sha256": None,
     }
     folder = Path(path_or_id)
-    if not folder.is_dir():
-        identity["revision"] = hub_commit(path_or_id, revision)
-    else:
+    if folder.is_dir():
         weights = sorted(folder.glob("*.safetensors"))
         if not weights:
             raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
-        sizes = [(file.name, file.stat().st_size) for file in weights]
-        if sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
-            identity["weights_sha256"] = sha256_json([(f.name, sha256_file(f)) for f in weights])
-        else:
-            identity["weights_files"] = sizes
+    else:
+        weights = cached_hub_weights(path_or_id, revision)
+    if not weights:
+        return identity
+    digests = [hub_blob_sha256(file) for file in weights]
+    sizes = [(file.name, file.stat().st_size) for file in weights]
+    if all(digests) or sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
+        identity["weights_sha256"] = sha256_json([(f.name, digest or sha256_file(f)) for f, digest in zip(weights, digests)])
+    else:
+        identity["weights_files"] = sizes
     return identity
 
 
-def hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit of a hub model's snapshot that holds its config (read already, so no download), else `revision`."""
-    from transformers.utils import cached_file, extract_commit_hash
+def cached_hub_weights(repo_id: str, revision: str | None) -> list[Path]:
+    """The safetensors files of the hub cache's snapshot that holds a hub model's config (none not yet downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        return extract_commit_hash(cached_file(repo_id, "config.json", revision=revision), None) or revision
-    except OSError:
-        return revision
+    config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return sorted(Path(config).parent.glob("*.safetensors")) if isinstance(config, str) else []
+
+
+def hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 of a file in the hub cache, a link to blobs/<its sha256> (files in git LFS, as weights are); else None."""
+    target = Path(os.path.realpath(path))
+    is_sha256 = len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name)
+    return target.name if target.parent.name == "blobs" and is_sha256 else None
 
 
 def local_path(path_or_id: str) -> str:
@@ -111,13 +120,13 @@ def with_real_paths(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str
 def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether two `model_identity` records are one model. Where both hashed their weights, the name does not
     count (a folder moved, or named by a relative path or a link, is the same model); otherwise a local folder
-    counts by its real path."""
-    def name(identity: dict[str, Any]) -> str | None:
-        if recorded.get("weights_sha256") and current.get("weights_sha256"):
-            return None
-        return local_path(identity.get("name_or_path"))
+    counts by its real path, a hub id by itself (its weights may not have been downloaded for one record)."""
+    hashed = bool(recorded.get("weights_sha256") and current.get("weights_sha256"))
 
-    others = (recorded.keys() | current.keys()) - {"name_or_path"}
+    def name(identity: dict[str, Any]) -> str | None:
+        return None if hashed else local_path(identity.get("name_or_path"))
+
+    others = (recorded.keys() | current.keys()) - {"name_or_path", *(() if hashed else ("weights_sha256",))}
     return name(recorded) == name(current) and all(recorded.get(key) == current.get(key) for key in others)
 
 
