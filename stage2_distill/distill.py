@@ -323,6 +323,15 @@ def saved_student_dtype(cfg: DistillConfig) -> torch.dtype:
     return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
+def note_saved_dtype(cfg: DistillConfig, out: Path) -> None:
+    """A finished run's student stays as it was saved: a --save-dtype given since is said to have no effect."""
+    saved = read_json_object(out / "config.json", "the student's config").get("dtype")
+    wanted = str(saved_student_dtype(cfg)).removeprefix("torch.")
+    if saved is not None and saved != wanted:
+        print(f"note: the student was saved in {saved}, not {wanted} (--save-dtype {cfg.save_dtype}): the setting applies "
+              "when a run saves its student; distil into a new --out to have it")
+
+
 def drop_metrics_after(path: Path, checkpoint: str | None) -> None:
     """Steps after the checkpoint a run resumes from are redone: forget their records, and the end-of-training
     summary of a run killed while saving (the resumed run writes its own)."""
@@ -398,6 +407,8 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         if processes.is_main_process and not cfg.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a kill may have come between marking and removing
         print(f"{out}: already trained; nothing to do")
+        if processes.is_main_process:
+            note_saved_dtype(cfg, out)
         return out
     if not start:  # the other processes (the main one has validated them)
         manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
@@ -433,7 +444,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
             print(f"{out}: {Path(resume_from).name} is the last step's; saving the student from it")
     if batches.num_dropped:
         print(f"note: {batches.num_dropped} candidates whose prompt alone exceeds --max-length {max_length} were left out")
-    save_student(trainer, tokenizer, out, manifests, objective, cfg.keep_checkpoints, save_dtype)
+    save_student(trainer, tokenizer, cfg, manifests, objective, save_dtype)
     # The other processes end only once the main one has put the student in place: a launcher that saw one of
     # them end (or abort in its teardown) before would stop the main one mid-save.
     trainer.accelerator.wait_for_everyone()
@@ -451,9 +462,10 @@ def student_generation_config(loaded: GenerationConfig, tokenizer: Any) -> Gener
     return generation
 
 
-def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: list[dict[str, Any]], objective: Objective,
-                 keep_checkpoints: bool, dtype: torch.dtype) -> None:
-    """safetensors in `dtype`, config, tokenizer and a generation config that stops at the tokenizer's EOS."""
+def save_student(trainer: DistillTrainer, tokenizer: Any, cfg: DistillConfig, manifests: list[dict[str, Any]],
+                 objective: Objective, dtype: torch.dtype) -> None:
+    """safetensors in `dtype`, config, tokenizer, a generation config that stops at the tokenizer's EOS, a model card."""
+    out = Path(cfg.out)
     staging = out / ".model-tmp"
     # Training turns the KV cache off in the config; the saved student generates with it.
     trainer.model.config.use_cache = True
@@ -476,6 +488,7 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
     (staging / "training_args.bin").unlink(missing_ok=True)
     generation = student_generation_config(trainer.accelerator.unwrap_model(trainer.model).generation_config, tokenizer)
     generation.save_pretrained(staging)
+    write_model_card(staging, cfg, manifests, trainer.state.global_step)
     saved = {}
     for item in staging.iterdir():
         default_permissions(item)  # safetensors writes the weights readable by their owner only
@@ -492,8 +505,52 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, out: Path, manifests: 
         "global_step": trainer.state.global_step,
     })
     write_json_atomic(info, out / DISTILL_RUN_INFO)
-    if not keep_checkpoints:
+    if not cfg.keep_checkpoints:
         # A finished student needs no optimizer state: for a 1.5B model that is ~18 GB a checkpoint.
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     steps = trainer.state.global_step
     print(f"{out}: student saved after {steps} step{'s' if steps != 1 else ''}")
+
+
+# Files of a student's folder that its license terms ask to pass on with any model made from it.
+LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
+
+
+def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:
+    """A Hub model card (README.md) saying how the student was distilled and from which teacher's signals, with the
+    student's base model and license carried over: from a hub id, or from a local student's own card and license files."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    student = Path(cfg.student)
+    earlier = ModelCardData()
+    if student.is_dir():
+        for item in sorted(student.iterdir()):
+            if item.is_file() and item.name.upper().startswith(LICENSE_FILES):
+                shutil.copyfile(item, folder / item.name)
+        if (student / "README.md").is_file():
+            try:
+                earlier = ModelCard.load(student / "README.md").data
+            except (OSError, ValueError) as error:  # a header that does not parse: nothing to carry over
+                print(f"note: {student / 'README.md'}: its card header does not parse ({error}); the student's card "
+                      "names no base model or license")
+    data = ModelCardData(base_model=earlier.base_model if student.exists() else cfg.student, license=earlier.license,
+                         license_name=earlier.license_name, license_link=earlier.license_link,
+                         library_name="transformers", tags=["tsdkd", "knowledge-distillation"])
+    rows = "\n".join(f"| `{_shown(folder_name)}` | {manifest['round']} | `{_shown(manifest['teacher']['name_or_path'])}` | "
+                     f"{manifest['stats']['candidates']} |" for folder_name, manifest in zip(cfg.signals, manifests))
+    body = f"""# A student distilled with tsdkd
+
+`tsdkd distill` (loss `{cfg.loss}`) trained `{_shown(cfg.student)}` for {steps} optimizer step{'s' if steps != 1 else ''} on the teacher signals of
+
+| signals | round | teacher | candidates |
+|---|---|---|---|
+{rows}
+
+The run's settings are in `{DISTILL_RUN_INFO}`, its losses per step in `{METRICS}`.
+"""
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(folder / "README.md")
+
+
+def _shown(name_or_path: str) -> str:
+    """A hub id as it is; a local path by its last part (a card is for sharing; the rest names this machine's folders)."""
+    return Path(name_or_path).resolve().name if Path(name_or_path).exists() else name_or_path

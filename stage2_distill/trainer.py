@@ -158,8 +158,7 @@ class DistillTrainer(Trainer):
         if state_dict is not None:
             state_dict = without_tied_copies(model, state_dict)
         if self.student_dtype is not None:
-            state_dict = {name: tensor.to(self.student_dtype) if tensor.is_floating_point() else tensor
-                          for name, tensor in state_dict.items()}
+            state_dict = cast_keeping_shared(state_dict, self.student_dtype)
         super()._save(output_dir, state_dict)
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
@@ -231,6 +230,22 @@ def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tens
               "saved untied (tie_word_embeddings: false)")
         model.config.tie_word_embeddings = False
     return {key: value for key, value in state_dict.items() if key not in shared}
+
+
+def cast_keeping_shared(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The floating-point tensors in `dtype`; tensors that shared memory (ties save_pretrained finds by storage, not
+    by the model's declared ties) still share it, so they are saved once."""
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def to_dtype(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if view not in cast:
+            cast[view] = tensor.to(dtype)
+        return cast[view]
+
+    return {name: to_dtype(tensor) for name, tensor in state_dict.items()}
 
 
 def keep_float32_outputs(plugin: Any) -> None:

@@ -78,6 +78,29 @@ def test_output_is_a_hub_style_student(small_dataset, tmp_path):
     assert info["complete"] and info["token_weight_entropy"] == "exact"
 
 
+def test_the_student_has_a_model_card_with_the_students_license(small_dataset, tmp_path):
+    """A Hub card (README.md): how the student was made, from which signals; the base model and license of the student's
+    own card carried over, with its license file; the card of a student without one names neither."""
+    from huggingface_hub import ModelCard
+
+    student = tmp_path / "student"
+    shutil.copytree(TOY_STUDENT, student)
+    (student / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n"
+                                       "tags:\n- math\n---\n# The toy student\n")
+    (student / "LICENSE").write_text("Apache License, Version 2.0 (toy copy)\n")
+    for folder, source in (("carried", student), ("plain", TOY_STUDENT)):
+        assert run_cli(*distill_args(small_dataset, tmp_path / folder, "--max-steps", "2", student=source)).exit_code == 0
+    card = ModelCard.load(tmp_path / "carried/README.md")
+    assert (card.data.license, card.data.base_model, card.data.library_name) == \
+        ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "transformers")
+    assert "tsdkd" in card.data.tags
+    assert f"trained `student` for 2 optimizer steps" in card.text
+    assert f"| `{small_dataset.name}` | 0 | `{TOY_TEACHER.name}` |" in card.text
+    assert (tmp_path / "carried/LICENSE").read_text() == (student / "LICENSE").read_text()
+    plain = ModelCard.load(tmp_path / "plain/README.md").data
+    assert plain.license is None and plain.base_model is None and not (tmp_path / "plain/LICENSE").exists()
+
+
 def test_the_students_generation_config_is_kept(small_dataset, tmp_path):
     """Its sampling defaults and stop ids (Qwen2.5-Instruct has two) carry over; the tokenizer's EOS is added."""
     student, out = tmp_path / "student", tmp_path / "run"
@@ -286,6 +309,24 @@ def test_the_student_is_saved_in_the_dtype_it_was_stored_in(small_dataset, tmp_p
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "auto", dtype="auto")
     assert loaded.dtype == torch.bfloat16
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    # A finished run keeps its student; another dtype asked for since is said to have no effect.
+    rerun = run_cli(*distill_args(small_dataset, tmp_path / "auto", *options, "--save-dtype", "float32", student=bf16_student))
+    assert rerun.exit_code == 0 and "already trained" in rerun.stdout
+    assert "note: the student was saved in bfloat16, not float32 (--save-dtype float32)" in rerun.stdout
+    assert torch.equal(load_file(tmp_path / "auto/model.safetensors")["model.norm.weight"], saved_bf16["model.norm.weight"])
+
+
+def test_a_cast_keeps_tensors_that_shared_memory_shared():
+    """save_pretrained saves tensors that share memory once (ties it finds by storage); a cast copy of each would be
+    saved twice, and loaded untied."""
+    from stage2_distill.trainer import cast_keeping_shared
+
+    weight = torch.randn(4, 3)
+    state = {"embed": weight, "head": weight.detach(), "other": weight.clone(), "step": torch.tensor(3)}
+    cast = cast_keeping_shared(state, torch.bfloat16)
+    assert cast["embed"].dtype == cast["other"].dtype == torch.bfloat16 and cast["step"].dtype == torch.int64
+    assert cast["embed"].data_ptr() == cast["head"].data_ptr() != cast["other"].data_ptr()
+    assert torch.equal(cast["embed"], weight.to(torch.bfloat16))
 
 
 def test_damaged_file_judges_formats_not_names(tmp_path):

@@ -237,7 +237,7 @@ def distill(
     seed: Optional[int] = typer.Option(None, help="Seed for batches and initialisation [0]."),
     logit_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens whose full log-softmax may exist at once [2048]."),
     bf16: Optional[str] = typer.Option(None, help="auto | on | off: bf16 autocast (fp32 master weights) [auto: on a bf16 GPU; on: also on a CPU-only machine]."),
-    save_dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16: the saved student's weights; checkpoints stay float32 [auto: the dtype the student was stored in]."),
+    save_dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16: the saved student's weights, not the checkpoints' [auto: the dtype the student was stored in]."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute layer activations in the backward: less memory, more compute [off]."),
     logging_steps: Optional[int] = typer.Option(None, help="Steps between metric records [10]."),
     save_steps: Optional[int] = typer.Option(None, help="Steps between checkpoints [200]."),

@@ -225,7 +225,7 @@ class DistillConfig:
     seed: int = 0
     logit_chunk_tokens: int = 2048
     bf16: str = "auto"
-    # The saved student's weights ("auto": the dtype the student was stored in); checkpoints keep float32.
+    # The saved student's weights ("auto": the dtype the student was stored in); checkpoints are not cast.
     save_dtype: str = "auto"
     # Recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute.
     gradient_checkpointing: bool = False
