@@ -71,6 +71,48 @@ def test_bad_prompt_file(tmp_path, name, content, fragments):
     assert not (tmp_path / "out" / "tsdkd.json").exists()
 
 
+def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
+    """A `save_to_disk` folder (one split, or splits with 'train'), and a dataset folder as the Hub lays it out
+    (data files, perhaps a card naming them: a download), read their own rows, also two folders of one name;
+    the Hub download's `.cache/` does not count in the prompts' fingerprint; a folder of neither is one line."""
+    import datasets
+
+    from tsdkd.fingerprint import source_fingerprint
+    from tsdkd.prompts import load_prompts
+
+    def golds(folder):
+        return [record.gold_answer for record in load_prompts(folder, None, None, None)]
+
+    rows = {"question": ["1 + 1?", "2 + 2?"], "answer": ["2", "4"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(tmp_path / "saved")
+    splits = datasets.DatasetDict({"test": datasets.Dataset.from_dict({"question": ["3 + 3?"], "answer": ["6"]}),
+                                   "train": datasets.Dataset.from_dict(rows)})
+    splits.save_to_disk(tmp_path / "splits")
+    assert golds(tmp_path / "saved") == golds(tmp_path / "splits") == ["2", "4"]
+    for parent, answers in (("one", ["2", "4"]), ("two", ["7"])):
+        hub = tmp_path / parent / "gsm"
+        (hub / "data").mkdir(parents=True)
+        table = datasets.Dataset.from_dict({"question": [f"q{a}" for a in answers], "answer": answers})
+        table.to_parquet(hub / "data" / "train-00000-of-00001.parquet")
+        (hub / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                       "    path: data/train-*.parquet\n---\n# prompts\n")
+        assert golds(hub) == answers
+    (tmp_path / "files").mkdir()
+    for split, answer in (("train", "5"), ("test", "9")):
+        (tmp_path / "files" / f"{split}.jsonl").write_text(json.dumps({"question": "2 + 3?", "answer": answer}) + "\n")
+    assert golds(tmp_path / "files") == ["5"]
+    fingerprint = source_fingerprint(tmp_path / "one" / "gsm")
+    (tmp_path / "one" / "gsm" / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / "one" / "gsm" / ".cache" / "huggingface" / "README.md.metadata").write_text("downloaded now")
+    assert source_fingerprint(tmp_path / "one" / "gsm") == fingerprint
+    datasets.DatasetDict({"test": splits["test"]}).save_to_disk(tmp_path / "no-train")
+    with pytest.raises(TsdkdError, match=r"a dataset with splits needs a 'train' split, found \['test'\]"):
+        load_prompts(tmp_path / "no-train", None, None, None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TsdkdError, match="empty: cannot read prompts"):
+        load_prompts(tmp_path / "empty", None, None, None)
+
+
 def test_eval_reports_bad_benchmark_files(tmp_path):
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')

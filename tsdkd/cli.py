@@ -163,7 +163,7 @@ def one_line_errors(command: Callable[..., Any], next_step: str = "rerun the sam
 @app.command()
 @one_line_errors
 def generate(
-    prompts: Optional[str] = typer.Option(None, help="Prompt file (.jsonl/.json/.parquet/.csv) or saved datasets folder [required]."),
+    prompts: Optional[str] = typer.Option(None, help="Prompt file (.jsonl/.json/.parquet/.csv), saved datasets folder, or dataset folder downloaded from the Hub [required]."),
     student: Optional[str] = typer.Option(None, help="Student model folder or hub id (samples the candidates) [required]."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model folder or hub id (scores and ranks them) [required]."),
     out: Optional[str] = typer.Option(None, help="Output dataset folder (rerun the same command to resume) [required]."),
@@ -272,7 +272,7 @@ def distill(
 @app.command()
 @one_line_errors
 def run(
-    prompts: Optional[str] = typer.Option(None, help="Prompt file or saved datasets folder [required]."),
+    prompts: Optional[str] = typer.Option(None, help="Prompt file, saved datasets folder, or dataset folder downloaded from the Hub [required]."),
     student: Optional[str] = typer.Option(None, help="Initial student (round 0) [required]."),
     teacher: Optional[str] = typer.Option(None, help="Teacher, the same in every round [required]."),
     out: Optional[str] = typer.Option(None, help="Run folder: round-1/, round-2/, ... and tsdkd_run.json [required]."),

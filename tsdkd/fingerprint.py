@@ -138,8 +138,9 @@ def differing_settings(recorded: dict[str, Any], current: dict[str, Any], ignore
 
 
 def source_fingerprint(path: Path) -> str:
-    """Hash of a prompt file, or of every file in a saved `datasets` folder."""
+    """Hash of a prompt file, or of every file in a dataset folder but hidden ones (a Hub download's `.cache/`
+    records its own download times)."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         return sha256_json([(str(p.relative_to(path)), sha256_file(p)) for p in files])
     return sha256_file(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,17 +93,17 @@ def load_table(path: Path) -> tuple[Any, str | None]:
     datasets.disable_progress_bars()
     if path.is_dir():
         try:
-            loaded = datasets.load_from_disk(str(path))
+            loaded = load_folder(path)
         except Exception as error:  # datasets/pyarrow raise many types for unreadable folders
             raise TsdkdError(f"{path}: cannot read prompts ({library_reason(error)})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
-                raise TsdkdError(f"{path}: a saved DatasetDict needs a 'train' split, found {list(loaded)}")
+                raise TsdkdError(f"{path}: a dataset with splits needs a 'train' split, found {list(loaded)}")
             loaded = loaded["train"]
         return loaded, None
     builder = FILE_FORMATS.get(path.suffix.lower())
     if builder is None:
-        raise TsdkdError(f"{path}: unknown prompt file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv or a saved datasets folder")
+        raise TsdkdError(f"{path}: unknown prompt file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv, a saved datasets folder or a dataset folder from the Hub")
     # The library reads bytes as UTF-8 unchecked, so a file in another encoding would fail later, mid-run.
     text = None if builder == "parquet" else read_text(path)
     verbosity = datasets.logging.get_verbosity()
@@ -116,6 +117,18 @@ def load_table(path: Path) -> tuple[Any, str | None]:
         raise TsdkdError(f"{path}: cannot read prompts ({reason}); correct the file") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
+
+
+def load_folder(path: Path) -> Any:
+    """A folder that `save_to_disk` wrote, or one laid out as on the Hub (a dataset downloaded from it: data files,
+    perhaps a card naming them), read into memory through a cache of its own: the shared cache keys a carded
+    folder by its name, so another folder of that name would give its rows."""
+    import datasets
+
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(path))
+    with tempfile.TemporaryDirectory() as cache:
+        return datasets.load_dataset(str(path), cache_dir=cache, keep_in_memory=True)
 
 
 def row_names(path: Path, text: str | None, rows: int) -> list[str]:
