@@ -870,7 +870,8 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
 def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
     """A hub id names a branch that moves: new weights pushed to it are another model, a card edit is not. The hub
     cache names each weight file by its sha256 (a link to blobs/<sha256>), so no file is read; the same files given
-    as the snapshot's folder are the same model. A record made before the weights were known counts by name."""
+    as the snapshot's folder are the same model. A record made before the weights were in the cache (a first run)
+    counts by name and config, as every hub id did before; so does one whose weights are partly downloaded."""
     import hashlib
 
     repo = tmp_path / "hub" / "models--me--toy"
@@ -889,6 +890,12 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
     snapshot("a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
     snapshot("b" * 40, TOY_STUDENT / "model.safetensors", "# toy, a better card\n")
     snapshot("c" * 40, tmp_path / "trained.safetensors", "# toy\n")
+    # An index names the model's shards: another weights file in the snapshot (a full download's) is not one.
+    snapshot("d" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    (repo / "snapshots" / ("d" * 40) / "consolidated.safetensors").symlink_to(
+        os.path.relpath(next(repo.glob("blobs/*")), repo / "snapshots" / ("d" * 40)))
+    (repo / "snapshots" / ("d" * 40) / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model.safetensors"}}))
     (repo / "refs").mkdir()
     script = (
         "import json, sys\n"
@@ -896,20 +903,23 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
         "from tsdkd.fingerprint import model_identity, same_model\n"
         "refs = Path(sys.argv[1])\n"
         "identities = {}\n"
-        "for commit in 'abc':\n"
+        "for commit in 'abcd':\n"
         "    refs.write_text(commit * 40)\n"
         "    identities[commit] = model_identity('me/toy')\n"
         "a, b, c = identities['a'], identities['b'], identities['c']\n"
         "folder = model_identity(str(refs.parent.parent / 'snapshots' / ('c' * 40)))\n"
         "before = {**a, 'weights_sha256': None}\n"
+        "refs.write_text('c' * 40)\n"
+        "(refs.parent.parent / 'snapshots' / ('c' * 40) / 'model.safetensors').unlink()\n"
+        "partial = model_identity('me/toy')\n"
         "print(json.dumps([a['weights_sha256'] is not None, same_model(a, b), same_model(a, c), same_model(c, folder),\n"
-        "                  same_model(before, c)]))\n"
+        "                  same_model(before, c), partial['weights_sha256'], same_model(a, identities['d'])]))\n"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True]
+    assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True, None, True]
     assert model_identity(str(TOY_STUDENT))["weights_sha256"] == \
         model_identity(str(repo / "snapshots" / ("a" * 40)))["weights_sha256"]  # a copy's files, hashed, are its blobs
 

@@ -50,9 +50,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 
 def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
-    """Path or hub id, revision, config hash and a hash of the weights: of a local folder's files (up to
-    WEIGHTS_HASH_LIMIT_BYTES, else their names and sizes), of a hub model's files in the hub cache (named by their
-    sha256 there, so free at any size; none before they are downloaded)."""
+    """Path or hub id, revision, config hash and a hash of the weights: of a local folder's safetensors files (up to
+    WEIGHTS_HASH_LIMIT_BYTES, else their names and sizes), of a hub model's from the hub cache (see
+    cached_hub_weights_sha256)."""
     from transformers import AutoConfig
 
     try:
@@ -68,29 +68,37 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
         "weights_sha256": None,
     }
     folder = Path(path_or_id)
-    if folder.is_dir():
-        weights = sorted(folder.glob("*.safetensors"))
-        if not weights:
-            raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
-    else:
-        weights = cached_hub_weights(path_or_id, revision)
-    if not weights:
+    if not folder.is_dir():
+        identity["weights_sha256"] = cached_hub_weights_sha256(path_or_id, revision)
         return identity
-    digests = [hub_blob_sha256(file) for file in weights]
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
     sizes = [(file.name, file.stat().st_size) for file in weights]
-    if all(digests) or sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
-        identity["weights_sha256"] = sha256_json([(f.name, digest or sha256_file(f)) for f, digest in zip(weights, digests)])
+    if sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
+        identity["weights_sha256"] = sha256_json([(f.name, sha256_file(f)) for f in weights])
     else:
         identity["weights_files"] = sizes
     return identity
 
 
-def cached_hub_weights(repo_id: str, revision: str | None) -> list[Path]:
-    """The safetensors files of the hub cache's snapshot that holds a hub model's config (none not yet downloaded)."""
+def cached_hub_weights_sha256(repo_id: str, revision: str | None) -> str | None:
+    """A hub model's weights hash from the hub cache, which names each file by its sha256 (so free at any size): over
+    the shards its index names, else model.safetensors, as a local folder's would be. None where they are not all
+    in the cache (a first run, before the model is loaded): such a record counts by name and config."""
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    return sorted(Path(config).parent.glob("*.safetensors")) if isinstance(config, str) else []
+    def cached(name: str) -> Path | None:
+        path = try_to_load_from_cache(repo_id, name, revision=revision)
+        return Path(path) if isinstance(path, str) else None  # None, or a marker of a file known to be missing
+
+    index = cached("model.safetensors.index.json")
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index else ["model.safetensors"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    digests = [(name, hub_blob_sha256(path) if (path := cached(name)) else None) for name in names]
+    return sha256_json(digests) if all(digest for _, digest in digests) else None
 
 
 def hub_blob_sha256(path: Path) -> str | None:
