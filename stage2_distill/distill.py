@@ -492,8 +492,10 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, cfg: DistillConfig, ma
     saved = {}
     for item in staging.iterdir():
         default_permissions(item)  # safetensors writes the weights readable by their owner only
-        # The weights by hash, the small files by name: a rerun checks them before it calls the run done.
-        saved[item.name] = sha256_file(item) if item.suffix == ".safetensors" else None
+        # The weights by hash, the small files by name: a rerun checks them before it calls the run done. The card
+        # and license files are not the student: one edited or deleted since is no reason to train it again.
+        if item.name != "README.md" and not item.name.upper().startswith(LICENSE_FILES):
+            saved[item.name] = sha256_file(item) if item.suffix == ".safetensors" else None
         os.replace(item, out / item.name)
     staging.rmdir()
     info = read_run_info(out)
@@ -518,7 +520,8 @@ LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 
 def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:
     """A Hub model card (README.md) saying how the student was distilled and from which teacher's signals, with the
-    student's base model and license carried over: from a hub id, or from a local student's own card and license files."""
+    student's base model and license carried over: a hub id as the base model, a local student's own card's and its
+    license files. Nothing in the student's folder stops the save: what cannot be read is left out, with a note."""
     from huggingface_hub import ModelCard, ModelCardData
 
     student = Path(cfg.student)
@@ -526,21 +529,24 @@ def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str,
     if student.is_dir():
         for item in sorted(student.iterdir()):
             if item.is_file() and item.name.upper().startswith(LICENSE_FILES):
-                shutil.copyfile(item, folder / item.name)
+                try:
+                    shutil.copyfile(item, folder / item.name)
+                except OSError as error:
+                    print(f"note: {item}: cannot copy it to the student ({error.strerror}); copy it by hand")
         if (student / "README.md").is_file():
             try:
                 earlier = ModelCard.load(student / "README.md").data
-            except (OSError, ValueError) as error:  # a header that does not parse: nothing to carry over
-                print(f"note: {student / 'README.md'}: its card header does not parse ({error}); the student's card "
+            except Exception as error:  # yaml, OSError, ValueError: any card that does not read carries nothing
+                print(f"note: {student / 'README.md'}: cannot read its card ({type(error).__name__}); the student's card "
                       "names no base model or license")
     data = ModelCardData(base_model=earlier.base_model if student.exists() else cfg.student, license=earlier.license,
                          license_name=earlier.license_name, license_link=earlier.license_link,
                          library_name="transformers", tags=["tsdkd", "knowledge-distillation"])
-    rows = "\n".join(f"| `{_shown(folder_name)}` | {manifest['round']} | `{_shown(manifest['teacher']['name_or_path'])}` | "
+    rows = "\n".join(f"| {_shown(folder_name)} | {manifest['round']} | {_shown(manifest['teacher']['name_or_path'])} | "
                      f"{manifest['stats']['candidates']} |" for folder_name, manifest in zip(cfg.signals, manifests))
     body = f"""# A student distilled with tsdkd
 
-`tsdkd distill` (loss `{cfg.loss}`) trained `{_shown(cfg.student)}` for {steps} optimizer step{'s' if steps != 1 else ''} on the teacher signals of
+`tsdkd distill` (loss `{cfg.loss}`) trained {_shown(cfg.student)} for {steps} optimizer step{'s' if steps != 1 else ''} on the teacher signals of
 
 | signals | round | teacher | candidates |
 |---|---|---|---|
@@ -552,5 +558,9 @@ The run's settings are in `{DISTILL_RUN_INFO}`, its losses per step in `{METRICS
 
 
 def _shown(name_or_path: str) -> str:
-    """A hub id as it is; a local path by its last part (a card is for sharing; the rest names this machine's folders)."""
-    return Path(name_or_path).resolve().name if Path(name_or_path).exists() else name_or_path
+    """A hub id as it is, a path by its last part (a card is for sharing; the rest names one machine's folders), as
+    Markdown code."""
+    is_hub_id = not Path(name_or_path).exists() and len(name_or_path.split("/")) == 2 and \
+        not name_or_path.startswith((".", "~"))
+    name = name_or_path if is_hub_id else Path(name_or_path).resolve().name
+    return "`" + " ".join(name.replace("`", "'").replace("|", "/").split()) + "`"

@@ -99,6 +99,16 @@ def test_the_student_has_a_model_card_with_the_students_license(small_dataset, t
     assert (tmp_path / "carried/LICENSE").read_text() == (student / "LICENSE").read_text()
     plain = ModelCard.load(tmp_path / "plain/README.md").data
     assert plain.license is None and plain.base_model is None and not (tmp_path / "plain/LICENSE").exists()
+    # The card is not the student: deleted, the finished run is still finished.
+    (tmp_path / "carried/README.md").unlink()
+    rerun = run_cli(*distill_args(small_dataset, tmp_path / "carried", "--max-steps", "2", student=student))
+    assert rerun.exit_code == 0 and "already trained" in rerun.stdout
+    # A card header that does not parse (YAML's own errors) stops nothing.
+    (student / "README.md").write_text("---\nlicense: [apache\n---\n# broken\n")
+    broken = run_cli(*distill_args(small_dataset, tmp_path / "broken", "--max-steps", "1", student=student))
+    assert broken.exit_code == 0, (broken.stderr[-2000:], broken.exception)
+    assert "README.md: cannot read its card" in broken.stdout
+    assert ModelCard.load(tmp_path / "broken/README.md").data.license is None
 
 
 def test_the_students_generation_config_is_kept(small_dataset, tmp_path):
