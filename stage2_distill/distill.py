@@ -323,6 +323,29 @@ def saved_student_dtype(cfg: DistillConfig) -> torch.dtype:
     return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
+def finished_run(cfg: DistillConfig) -> bool:
+    """Whether --out holds this run finished, its student as saved (then handled as `tsdkd distill` would): a round's
+    rerun need not start its distillation processes. Settings changed since are refused as there."""
+    out = Path(cfg.out)
+    record = read_run_info(out) if (out / DISTILL_RUN_INFO).is_file() else {}
+    if not record.get("complete") or lost_student_files(out, record):
+        return False  # the processes continue it, or train the student again, and say so
+    student = {**model_identity(cfg.student, cfg.trust_remote_code), "name_or_path": local_path(cfg.student)}
+    if not check_output(cfg, out, student, record):
+        return False
+    say_trained(cfg)
+    return True
+
+
+def say_trained(cfg: DistillConfig) -> None:
+    """A finished run's rerun: the checkpoints a kill left between marking it finished and removing them go."""
+    out = Path(cfg.out)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    print(f"{out}: already trained; nothing to do")
+    note_saved_dtype(cfg, out)
+
+
 def note_saved_dtype(cfg: DistillConfig, out: Path) -> None:
     """A finished run's student stays as it was saved: a --save-dtype given since is said to have no effect."""
     saved = read_json_object(out / "config.json", "the student's config").get("dtype")
@@ -404,11 +427,8 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     # The main process knows; the others read what it found.
     done = finished if processes.is_main_process else (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete")
     if done:
-        if processes.is_main_process and not cfg.keep_checkpoints:
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a kill may have come between marking and removing
-        print(f"{out}: already trained; nothing to do")
         if processes.is_main_process:
-            note_saved_dtype(cfg, out)
+            say_trained(cfg)
         return out
     if not start:  # the other processes (the main one has validated them)
         manifests = [read_manifest(Path(folder)) for folder in cfg.signals]

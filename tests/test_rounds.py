@@ -180,8 +180,11 @@ def test_distill_processes_train_like_accumulation(two_process_run, tmp_path):
     two_processes = load_file(two / "round-1/student/model.safetensors")
     for key, value in load_file(tmp_path / "one/round-1/student/model.safetensors").items():
         torch.testing.assert_close(two_processes[key], value, rtol=1e-5, atol=1e-6)
+    log = (two / "round-1/rank-1.log").read_text()
     rerun = run_cli(*run_args(config, two, "--distill-processes", "2"))
     assert rerun.exit_code == 0, rerun.stderr[-2000:]
+    assert "round-1/student: already trained; nothing to do" in rerun.stdout
+    assert (two / "round-1/rank-1.log").read_text() == log  # no process was started for it
     after = load_file(two / "round-1/student/model.safetensors")
     assert all(torch.equal(after[key], value) for key, value in two_processes.items())
 

@@ -172,7 +172,7 @@ def distill_round(cfg: DistillConfig, processes: int, context: str) -> None:
     """In this process, or in `processes` started as torchrun would, which read the round's settings from
     round-r/distill.json (kept up to date there, as a record and the file to rerun the round's distillation
     by hand with) and put `context` before their error lines."""
-    from stage2_distill.distill import distill
+    from stage2_distill.distill import distill, finished_run
 
     folder = Path(cfg.out).parent
     # Real paths: the file is valid from any working directory.
@@ -186,6 +186,8 @@ def distill_round(cfg: DistillConfig, processes: int, context: str) -> None:
         write_json_atomic(settings, record)
     if processes == 1:
         distill(cfg)
+        return
+    if finished_run(cfg):  # a finished round's rerun starts no processes
         return
     # What sampling left in this process's CUDA cache would stay out of reach of process 0 on the same GPU.
     release_memory()
