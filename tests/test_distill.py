@@ -94,7 +94,7 @@ def test_the_student_has_a_model_card_with_the_students_license(small_dataset, t
     assert (card.data.license, card.data.base_model, card.data.library_name) == \
         ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "transformers")
     assert "tsdkd" in card.data.tags
-    assert f"trained `student` for 2 optimizer steps" in card.text
+    assert "trained `student` for 2 optimizer steps" in card.text
     assert f"| `{small_dataset.name}` | 0 | `{TOY_TEACHER.name}` |" in card.text
     assert (tmp_path / "carried/LICENSE").read_text() == (student / "LICENSE").read_text()
     plain = ModelCard.load(tmp_path / "plain/README.md").data
