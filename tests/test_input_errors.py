@@ -113,6 +113,17 @@ def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
         load_prompts(tmp_path / "empty", None, None, None)
 
 
+def test_message_fields_other_than_role_and_content_are_noted_as_not_kept(tmp_path, capsys):
+    from tsdkd.prompts import load_prompts
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi", "name": "bob"}], "answer": "1"}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "2 + 2?"}], "answer": "4"}) + "\n")
+    records = load_prompts(path, None, None, None)
+    assert [record.messages for record in records] == [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "2 + 2?"}]]
+    assert f"note: {path}: message field name not kept" in capsys.readouterr().out
+
+
 def test_eval_reports_bad_benchmark_files(tmp_path):
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')

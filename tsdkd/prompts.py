@@ -191,6 +191,7 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
     records = []
+    dropped: set[str] = set()  # message fields other than role and content, which a signal dataset does not store
     for row, item in enumerate(table):
         answer = item.get(answer_field) if answer_field else None
         if golds_checked and answer_field_found and answer is not None and unmarked_solution(str(answer)):
@@ -208,6 +209,12 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
                 gold_answer=str(answer) if answer is not None and str(answer).strip() else None,
             )
         )
+        if isinstance(item[prompt_field], list):  # the library gives every message every key, None where absent
+            dropped.update(key for message in item[prompt_field] for key, value in message.items()
+                           if key not in ("role", "content") and value is not None)
+    if dropped:
+        print(f"note: {path}: message field{'s' if len(dropped) > 1 else ''} {', '.join(sorted(dropped))} not kept: "
+              "prompts are rendered and stored with each message's role and content only")
     return records
 
 
