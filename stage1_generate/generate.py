@@ -76,6 +76,17 @@ def backend_version(backend: str) -> str | None:
     return transformers.__version__
 
 
+def backend_dtype(backend: str, dtype: str) -> str:
+    """The dtype the backend runs the models in on this machine (`auto` resolved), for the manifest's readers."""
+    if backend == "vllm":
+        from stage1_generate.vllm_backend import engine_dtype
+
+        return engine_dtype(dtype)
+    from stage1_generate.hf_backend import resolve_device_dtype
+
+    return str(resolve_device_dtype(dtype)[1]).removeprefix("torch.")
+
+
 def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateConfig, context: int | None) -> list[Prompt]:
     """Render each prompt with the student's template, keep the ids, check the length."""
     prompts = []
@@ -250,7 +261,7 @@ def new_manifest(cfg: GenerateConfig, settings: dict[str, Any], fingerprint: dic
         "sampling": settings["sampling"],
         "top_k": cfg.top_k,
         "teacher_entropy": "exact" if backend == "hf" else "estimated_topk_buckets",
-        "backend": {"name": backend, "version": backend_version(backend), "dtype": cfg.dtype},
+        "backend": {"name": backend, "version": backend_version(backend), "dtype": backend_dtype(backend, cfg.dtype)},
         "verifier": cfg.verifier,
         "prompts": {**settings["prompts"], "source": str(cfg.prompts), "duplicates_dropped": duplicates},
         "job": settings["job"],

@@ -87,6 +87,16 @@ def test_prompt_id_is_the_documented_hash(small_dataset):
         assert row["prompt_id"] == hashlib.sha256(text).hexdigest()[:16]
 
 
+def test_the_manifest_names_the_dtype_the_models_ran_in(small_dataset):
+    """`--dtype auto` (the default) resolved: float32 on a machine without a GPU, bf16 on one that has it."""
+    import torch
+
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    manifest = json.loads((small_dataset / "tsdkd.json").read_text())
+    assert manifest["settings"]["dtype"] == "auto"
+    assert manifest["backend"]["dtype"] == ("bfloat16" if gpu_bf16 else "float32")
+
+
 def test_compact(small_dataset):
     stats = json.loads((small_dataset / "tsdkd.json").read_text())["stats"]
     total = sum(p.stat().st_size for p in (small_dataset / "data").glob("*.parquet"))
