@@ -24,8 +24,8 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile, TrainingComplete
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import (differing_settings, local_path, model_identity, same_model, sha256_file, sha256_json, tokenizer_fingerprint,
-                               with_real_paths)
+from tsdkd.fingerprint import (differing_settings, hub_file, local_path, model_identity, same_model, sha256_file, sha256_json,
+                               tokenizer_fingerprint, with_real_paths)
 from tsdkd.loading import context_length, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
@@ -540,11 +540,15 @@ LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 
 def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:
     """A Hub model card (README.md) saying how the student was distilled and from which teacher's signals, with the
-    student's base model and license carried over: a hub id as the base model, a local student's own card's and its
-    license files. Nothing in the student's folder stops the save: what cannot be read is left out, with a note."""
+    student's base model (a hub id itself), license and language carried over from its own card, and its license
+    files (a hub id's from the hub cache). Nothing in the student's folder stops the save: what cannot be read is
+    left out, with a note."""
     from huggingface_hub import ModelCard, ModelCardData
 
     student = Path(cfg.student)
+    if not student.exists():  # a hub id: its card and license where the hub has them (fetched into the cache)
+        found = [hub_file(cfg.student, name) for name in ("config.json", "README.md", "LICENSE")]
+        student = found[0].parent if found[0] else student
     earlier = ModelCardData()
     if student.is_dir():
         for item in sorted(student.iterdir()):
@@ -559,9 +563,9 @@ def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str,
             except Exception as error:  # yaml, OSError, ValueError: any card that does not read carries nothing
                 print(f"note: {student / 'README.md'}: cannot read its card ({type(error).__name__}); the student's card "
                       "names no base model or license")
-    data = ModelCardData(base_model=earlier.base_model if student.exists() else cfg.student, license=earlier.license,
-                         license_name=earlier.license_name, license_link=earlier.license_link,
-                         library_name="transformers", tags=["tsdkd", "knowledge-distillation"])
+    data = ModelCardData(base_model=earlier.base_model if Path(cfg.student).exists() else cfg.student,
+                         license=earlier.license, license_name=earlier.license_name, license_link=earlier.license_link,
+                         language=earlier.language, library_name="transformers", tags=["tsdkd", "knowledge-distillation"])
     rows = "\n".join(f"| {_shown(folder_name)} | {manifest['round']} | {_shown(manifest['teacher']['name_or_path'])} | "
                      f"{manifest['stats']['candidates']} |" for folder_name, manifest in zip(cfg.signals, manifests))
     body = f"""# A student distilled with tsdkd

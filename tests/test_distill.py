@@ -111,6 +111,24 @@ def test_the_student_has_a_model_card_with_the_students_license(small_dataset, t
     assert ModelCard.load(tmp_path / "broken/README.md").data.license is None
 
 
+def test_a_hub_students_card_and_license_come_from_the_hub_cache(small_dataset, tmp_path):
+    repo = tmp_path / "hub" / "models--me--toy"
+    snapshot = hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\nlanguage: en\n---\n")
+    (snapshot / "LICENSE").write_text("Apache License, Version 2.0 (toy copy)\n")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "tsdkd", *distill_args(small_dataset, tmp_path / "out", "--max-steps", "1",
+                                                                          student="me/toy")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "out/README.md").data
+    assert (card.base_model, card.license, card.language) == ("me/toy", "apache-2.0", "en")
+    assert (tmp_path / "out/LICENSE").read_text() == (snapshot / "LICENSE").read_text()
+
+
 def test_the_students_generation_config_is_kept(small_dataset, tmp_path):
     """Its sampling defaults and stop ids (Qwen2.5-Instruct has two) carry over; the tokenizer's EOS is added."""
     student, out = tmp_path / "student", tmp_path / "run"
@@ -877,35 +895,41 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
     assert "part 1 of 2" in notes(TOY_STUDENT, part(0), three_parts)
 
 
+def hub_snapshot(repo: Path, commit: str, weights: Path, card: str) -> Path:
+    """A snapshot of the toy student in a hub cache laid out as huggingface_hub writes it (`repo` is
+    HF_HUB_CACHE/models--owner--name): its weights a link to blobs/<their sha256>, with `card` as README.md."""
+    import hashlib
+
+    folder = repo / "snapshots" / commit
+    shutil.copytree(TOY_STUDENT, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    blob = repo / "blobs" / hashlib.sha256(weights.read_bytes()).hexdigest()
+    blob.parent.mkdir(exist_ok=True)
+    shutil.copyfile(weights, blob)
+    (folder / "model.safetensors").symlink_to(os.path.relpath(blob, folder))
+    (folder / "README.md").write_text(card)
+    return folder
+
+
 def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
     """A hub id names a branch that moves: new weights pushed to it are another model, a card edit is not. The hub
     cache names each weight file by its sha256 (a link to blobs/<sha256>), so no file is read; the same files given
-    as the snapshot's folder are the same model. A record made before the weights were in the cache (a first run)
-    counts by name and config, as every hub id did before; so does one whose weights are partly downloaded."""
-    import hashlib
-
+    as the snapshot's folder are the same model; a cache of copies hashes them. Weights that cannot be had (offline,
+    not in the cache) give no hash: such a record counts by name and config, as every hub id did before."""
     repo = tmp_path / "hub" / "models--me--toy"
-    (repo / "blobs").mkdir(parents=True)
     trained = {name: tensor + 0.01 for name, tensor in load_file(TOY_STUDENT / "model.safetensors").items()}
     save_file(trained, tmp_path / "trained.safetensors", metadata={"format": "pt"})
-
-    def snapshot(commit: str, weights: Path, card: str) -> None:
-        folder = repo / "snapshots" / commit
-        shutil.copytree(TOY_STUDENT, folder, ignore=shutil.ignore_patterns("*.safetensors"))
-        blob = repo / "blobs" / hashlib.sha256(weights.read_bytes()).hexdigest()
-        shutil.copyfile(weights, blob)
-        (folder / "model.safetensors").symlink_to(os.path.relpath(blob, folder))
-        (folder / "README.md").write_text(card)
-
-    snapshot("a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
-    snapshot("b" * 40, TOY_STUDENT / "model.safetensors", "# toy, a better card\n")
-    snapshot("c" * 40, tmp_path / "trained.safetensors", "# toy\n")
+    hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    hub_snapshot(repo, "b" * 40, TOY_STUDENT / "model.safetensors", "# toy, a better card\n")
+    hub_snapshot(repo, "c" * 40, tmp_path / "trained.safetensors", "# toy\n")
     # An index names the model's shards: another weights file in the snapshot (a full download's) is not one.
-    snapshot("d" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    hub_snapshot(repo, "d" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
     (repo / "snapshots" / ("d" * 40) / "consolidated.safetensors").symlink_to(
         os.path.relpath(next(repo.glob("blobs/*")), repo / "snapshots" / ("d" * 40)))
     (repo / "snapshots" / ("d" * 40) / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": "model.safetensors"}}))
+    # A cache without symlinks (huggingface_hub's fallback) holds copies: read and hashed.
+    shutil.copytree(TOY_STUDENT, repo / "snapshots" / ("e" * 40), ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copyfile(tmp_path / "trained.safetensors", repo / "snapshots" / ("e" * 40) / "model.safetensors")
     (repo / "refs").mkdir()
     script = (
         "import json, sys\n"
@@ -913,7 +937,7 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
         "from tsdkd.fingerprint import model_identity, same_model\n"
         "refs = Path(sys.argv[1])\n"
         "identities = {}\n"
-        "for commit in 'abcd':\n"
+        "for commit in 'abcde':\n"
         "    refs.write_text(commit * 40)\n"
         "    identities[commit] = model_identity('me/toy')\n"
         "a, b, c = identities['a'], identities['b'], identities['c']\n"
@@ -923,13 +947,14 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
         "(refs.parent.parent / 'snapshots' / ('c' * 40) / 'model.safetensors').unlink()\n"
         "partial = model_identity('me/toy')\n"
         "print(json.dumps([a['weights_sha256'] is not None, same_model(a, b), same_model(a, c), same_model(c, folder),\n"
-        "                  same_model(before, c), partial['weights_sha256'], same_model(a, identities['d'])]))\n"
+        "                  same_model(before, c), partial['weights_sha256'], same_model(a, identities['d']),\n"
+        "                  same_model(c, identities['e'])]))\n"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True, None, True]
+    assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True, None, True, True]
     assert model_identity(str(TOY_STUDENT))["weights_sha256"] == \
         model_identity(str(repo / "snapshots" / ("a" * 40)))["weights_sha256"]  # a copy's files, hashed, are its blobs
 

@@ -51,8 +51,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
     """Path or hub id, revision, config hash and a hash of the weights: of a local folder's safetensors files (up to
-    WEIGHTS_HASH_LIMIT_BYTES, else their names and sizes), of a hub model's from the hub cache (see
-    cached_hub_weights_sha256)."""
+    WEIGHTS_HASH_LIMIT_BYTES, else their names and sizes), of a hub model's from the hub cache (hub_weights_sha256)."""
     from transformers import AutoConfig
 
     try:
@@ -69,7 +68,7 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
     }
     folder = Path(path_or_id)
     if not folder.is_dir():
-        identity["weights_sha256"] = cached_hub_weights_sha256(path_or_id, revision)
+        identity["weights_sha256"] = hub_weights_sha256(path_or_id, revision)
         return identity
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
@@ -82,23 +81,36 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
     return identity
 
 
-def cached_hub_weights_sha256(repo_id: str, revision: str | None) -> str | None:
-    """A hub model's weights hash from the hub cache, which names each file by its sha256 (so free at any size): over
-    the shards its index names, else model.safetensors, as a local folder's would be. None where they are not all
-    in the cache (a first run, before the model is loaded): such a record counts by name and config."""
-    from huggingface_hub import try_to_load_from_cache
+def hub_file(repo_id: str, name: str, revision: str | None = None) -> Path | None:
+    """A file of a hub model in the hub cache, fetched where it is not there yet (online); None where it cannot be
+    had (not in the repository; offline and not cached)."""
+    from huggingface_hub import hf_hub_download
 
-    def cached(name: str) -> Path | None:
-        path = try_to_load_from_cache(repo_id, name, revision=revision)
-        return Path(path) if isinstance(path, str) else None  # None, or a marker of a file known to be missing
+    try:
+        return Path(hf_hub_download(repo_id, name, revision=revision))
+    except Exception:  # huggingface_hub raises errors of many kinds for a file it cannot give
+        return None
 
-    index = cached("model.safetensors.index.json")
+
+def hub_weights_sha256(repo_id: str, revision: str | None) -> str | None:
+    """A hub model's weights hash, as a local folder's would be: over the shards its index names, else
+    model.safetensors, fetched where they are not in the hub cache yet (loading the model would fetch them now
+    anyway). The cache names each file by its sha256, so none is read; copies (a cache without symlinks) are
+    hashed, up to WEIGHTS_HASH_LIMIT_BYTES in all. None where they cannot be had: such a record counts by name."""
+    index = hub_file(repo_id, "model.safetensors.index.json", revision)
     try:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index else ["model.safetensors"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    digests = [(name, hub_blob_sha256(path) if (path := cached(name)) else None) for name in names]
-    return sha256_json(digests) if all(digest for _, digest in digests) else None
+    files = [hub_file(repo_id, name, revision) for name in names]
+    if not all(files):
+        return None
+    digests = [hub_blob_sha256(file) for file in files]
+    if not all(digests):
+        if sum(file.stat().st_size for file in files) > WEIGHTS_HASH_LIMIT_BYTES:
+            return None
+        digests = [digest or sha256_file(file) for file, digest in zip(files, digests)]
+    return sha256_json(list(zip(names, digests)))
 
 
 def hub_blob_sha256(path: Path) -> str | None:
@@ -147,8 +159,9 @@ def differing_settings(recorded: dict[str, Any], current: dict[str, Any], ignore
 
 def source_fingerprint(path: Path) -> str:
     """Hash of a prompt file, or of every file in a dataset folder but hidden ones (a Hub download's `.cache/`
-    records its own download times)."""
+    records its own download times) and its card (README.md), which hold no rows."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != "README.md"
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         return sha256_json([(str(p.relative_to(path)), sha256_file(p)) for p in files])
     return sha256_file(path)

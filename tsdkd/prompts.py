@@ -95,6 +95,10 @@ def load_table(path: Path) -> tuple[Any, str | None]:
         try:
             loaded = load_folder(path)
         except Exception as error:  # datasets/pyarrow raise many types for unreadable folders
+            if "Config name is missing" in str(error):
+                configs = ", ".join(datasets.get_dataset_config_names(str(path)))
+                raise TsdkdError(f"{path}: a dataset of several configs ({configs}); give the train data file of the "
+                                 "one to use as --prompts (its card names it)") from None
             raise TsdkdError(f"{path}: cannot read prompts ({library_reason(error)})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
