@@ -26,7 +26,8 @@ from stage1_generate.types import SampledCandidate, SamplingSettings, StudentSam
 from tsdkd import __version__
 from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import differing_settings, model_identity, sha256_file, sha256_json, source_fingerprint, tokenizer_fingerprint
+from tsdkd.fingerprint import (differing_settings, local_path, model_identity, sha256_file, sha256_json, source_fingerprint,
+                               tokenizer_fingerprint)
 from tsdkd.loading import context_length, load_tokenizer, padding_id
 from tsdkd.locks import exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
@@ -156,6 +157,11 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
     if "sha256" in changed and changed <= {"sha256", "count"}:  # an edited file (perhaps with more or fewer prompts)
         differing[differing.index("prompts")] = "the prompt file's contents, changed since the dataset was started"
     # The models count by their weights; the prompts were rendered with the student's tokenizer and chat template.
+    for model in ("student", "teacher"):
+        names = {local_path(identity[model]["name_or_path"]) for identity in (manifest["settings"], settings)}
+        if model in differing and len(names) == 1:
+            differing[differing.index(model)] = f"{model} (the same name, other weights or config: a hub branch that " \
+                                                "moved, or a folder changed)"
     if manifest["tokenizer"]["sha256"] != tokenizer["sha256"]:
         differing.append("tokenizer (vocabulary, special tokens or chat template)")
     if differing:

@@ -68,9 +68,11 @@ def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]], studen
     job whose other parts are not given."""
     for folder, manifest in zip(cfg.signals, manifests):
         if not same_model(manifest["student"], student):
-            print(f"note: --signals {folder} was sampled by {manifest['student']['name_or_path']}, not by --student "
-                  f"{cfg.student}: off-policy data for it, and the sequence-level ranking scores its log-probs against "
-                  "the sampler's")
+            sampler = manifest["student"]["name_or_path"]
+            other = f"at other weights or config than --student {cfg.student} now" \
+                if local_path(sampler) == local_path(cfg.student) else f"not by --student {cfg.student}"
+            print(f"note: --signals {folder} was sampled by {sampler}, {other}: off-policy data for it, and the "
+                  "sequence-level ranking scores its log-probs against the sampler's")
         num_parts = manifest["job"]["num_shards"]
         parts_given = {m["job"]["shard_index"] for m in manifests
                        if m["job"]["num_shards"] == num_parts and not differing_settings(manifest["settings"], m["settings"], ("job",))}

@@ -883,6 +883,8 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
     assert notes(TOY_STUDENT, manifest) == ""
     assert notes(linked / TOY_STUDENT.name, manifest) == ""  # the sampler named by another path
     assert "was sampled by" in notes(TOY_TEACHER, manifest) and "off-policy" in notes(TOY_TEACHER, manifest)
+    retrained = {**manifest, "student": {**manifest["student"], "weights_sha256": "0" * 64}}
+    assert f"at other weights or config than --student {TOY_STUDENT} now" in notes(TOY_STUDENT, retrained)
 
     def part(index, **settings):
         job = {"shard_index": index, "num_shards": 2}

@@ -99,6 +99,14 @@ def test_rerun_with_other_settings_is_refused(small_dataset, tmp_path):
     assert_one_line_error(run_cli("generate", *job, "--out", small_dataset),
                           "differs in: the prompt file's contents, changed since the dataset was started")
     assert tree_state(small_dataset) == before
+    # The same student's name with other weights (a hub branch that moved, a folder trained since): said so.
+    moved = tmp_path / "moved"
+    shutil.copytree(small_dataset, moved)
+    manifest = json.loads((moved / "tsdkd.json").read_text())
+    manifest["settings"]["student"]["weights_sha256"] = "0" * 64
+    (moved / "tsdkd.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--out", moved),
+                          "differs in: student (the same name, other weights or config: a hub branch that moved")
 
 
 def write_jsonl(path, rows):
