@@ -330,8 +330,8 @@ def finished_run(cfg: DistillConfig) -> bool:
     rerun need not start its distillation processes. Settings changed since are refused as there."""
     out = Path(cfg.out)
     record = read_run_info(out) if (out / DISTILL_RUN_INFO).is_file() else {}
-    if not record.get("complete") or lost_student_files(out, record):
-        return False  # the processes continue it, or train the student again, and say so
+    if not record.get("complete"):
+        return False  # the processes continue it
     student = {**model_identity(cfg.student, cfg.trust_remote_code), "name_or_path": local_path(cfg.student)}
     if not check_output(cfg, out, student, record):
         return False
@@ -543,14 +543,14 @@ LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:
     """A Hub model card (README.md) saying how the student was distilled and from which teacher's signals, with the
     student's base model (a hub id itself), license and language carried over from its own card, and its license
-    files (a hub id's from the hub cache). Nothing in the student's folder stops the save: what cannot be read is
+    files (a hub id's from the hub cache, where a download put them: `from_pretrained` fetches neither). Nothing in the student's folder stops the save: what cannot be read is
     left out, with a note."""
     from huggingface_hub import ModelCard, ModelCardData
 
     student = Path(cfg.student)
-    if not student.exists():  # a hub id: its card and license where the hub has them (fetched into the cache)
-        found = [hub_file(cfg.student, name) for name in ("config.json", "README.md", "LICENSE")]
-        student = found[0].parent if found[0] else student
+    if not student.exists():  # a hub id: its card and license files where the hub cache has them
+        config = hub_file(cfg.student, "config.json")
+        student = config.parent if config else student
     earlier = ModelCardData()
     if student.is_dir():
         for item in sorted(student.iterdir()):

@@ -74,8 +74,8 @@ def test_bad_prompt_file(tmp_path, name, content, fragments):
 def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
     """A `save_to_disk` folder (one split, or splits with 'train'), and a dataset folder as the Hub lays it out
     (data files, perhaps a card naming them: a download), read their own rows, also two folders of one name;
-    the Hub download's `.cache/` and the card do not count in the prompts' fingerprint; a folder of neither, or
-    of several configs, is one line."""
+    the Hub download's `.cache/` does not count in the prompts' fingerprint (the card does); a folder of neither,
+    or of several configs, is one line."""
     import datasets
 
     from tsdkd.fingerprint import source_fingerprint
@@ -105,9 +105,10 @@ def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
     fingerprint = source_fingerprint(tmp_path / "one" / "gsm")
     (tmp_path / "one" / "gsm" / ".cache" / "huggingface").mkdir(parents=True)
     (tmp_path / "one" / "gsm" / ".cache" / "huggingface" / "README.md.metadata").write_text("downloaded now")
-    with open(tmp_path / "one" / "gsm" / "README.md", "a") as card:
-        card.write("A card edited since.\n")
     assert source_fingerprint(tmp_path / "one" / "gsm") == fingerprint
+    with open(tmp_path / "one" / "gsm" / "README.md", "a") as card:  # a card may name other data files: it counts
+        card.write("A card edited since.\n")
+    assert source_fingerprint(tmp_path / "one" / "gsm") != fingerprint
     datasets.DatasetDict({"test": splits["test"]}).save_to_disk(tmp_path / "no-train")
     with pytest.raises(TsdkdError, match=r"a dataset with splits needs a 'train' split, found \['test'\]"):
         load_prompts(tmp_path / "no-train", None, None, None)
@@ -121,7 +122,7 @@ def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
         datasets.Dataset.from_dict(rows).to_parquet(configs / config / "train-00000-of-00001.parquet")
         card += f"- config_name: {config}\n  data_files:\n  - split: train\n    path: {config}/train-*\n"
     (configs / "README.md").write_text(card + "---\n")
-    with pytest.raises(TsdkdError, match=r"configs: a dataset of several configs \(main, socratic\); give the train data file"):
+    with pytest.raises(TsdkdError, match=r"configs: a dataset of several configs \('main', 'socratic'\); give the data file"):
         load_prompts(configs, None, None, None)
     assert golds(configs / "main" / "train-00000-of-00001.parquet") == ["2", "4"]
 

@@ -82,21 +82,19 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
 
 
 def hub_file(repo_id: str, name: str, revision: str | None = None) -> Path | None:
-    """A file of a hub model in the hub cache, fetched where it is not there yet (online); None where it cannot be
-    had (not in the repository; offline and not cached)."""
-    from huggingface_hub import hf_hub_download
+    """A file of a hub model where the hub cache has it, else None. Never fetched: a check must not download a
+    teacher's weights before it refuses, nor wait on a network that is not there."""
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        return Path(hf_hub_download(repo_id, name, revision=revision))
-    except Exception:  # huggingface_hub raises errors of many kinds for a file it cannot give
-        return None
+    path = try_to_load_from_cache(repo_id, name, revision=revision)
+    return Path(path) if isinstance(path, str) else None  # None, or a marker of a file known to be missing
 
 
 def hub_weights_sha256(repo_id: str, revision: str | None) -> str | None:
-    """A hub model's weights hash, as a local folder's would be: over the shards its index names, else
-    model.safetensors, fetched where they are not in the hub cache yet (loading the model would fetch them now
-    anyway). The cache names each file by its sha256, so none is read; copies (a cache without symlinks) are
-    hashed, up to WEIGHTS_HASH_LIMIT_BYTES in all. None where they cannot be had: such a record counts by name."""
+    """A hub model's weights hash from the hub cache, as a local folder's would be: over the shards its index names,
+    else model.safetensors. The cache names each file by its sha256, so none is read; copies (a cache without
+    symlinks) are hashed, up to WEIGHTS_HASH_LIMIT_BYTES in all. None where they are not all in the cache (a first
+    run, before the model was ever loaded): such a record counts by name and config."""
     index = hub_file(repo_id, "model.safetensors.index.json", revision)
     try:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index else ["model.safetensors"]
@@ -159,9 +157,8 @@ def differing_settings(recorded: dict[str, Any], current: dict[str, Any], ignore
 
 def source_fingerprint(path: Path) -> str:
     """Hash of a prompt file, or of every file in a dataset folder but hidden ones (a Hub download's `.cache/`
-    records its own download times) and its card (README.md), which hold no rows."""
+    records its own download times; the card, which may name the data files, counts)."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != "README.md"
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         return sha256_json([(str(p.relative_to(path)), sha256_file(p)) for p in files])
     return sha256_file(path)

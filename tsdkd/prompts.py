@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,9 @@ def load_table(path: Path) -> tuple[Any, str | None]:
             loaded = load_folder(path)
         except Exception as error:  # datasets/pyarrow raise many types for unreadable folders
             if "Config name is missing" in str(error):
-                configs = ", ".join(datasets.get_dataset_config_names(str(path)))
-                raise TsdkdError(f"{path}: a dataset of several configs ({configs}); give the train data file of the "
-                                 "one to use as --prompts (its card names it)") from None
+                configs = re.search(r"available configs: \[(.*?)\]", str(error))
+                raise TsdkdError(f"{path}: a dataset of several configs ({configs[1] if configs else 'see its card'}); "
+                                 "give the data file or folder of the one to use instead (the card names them)") from None
             raise TsdkdError(f"{path}: cannot read prompts ({library_reason(error)})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
@@ -215,7 +216,7 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
         )
         if isinstance(item[prompt_field], list):  # the library gives every message every key, None where absent
             dropped.update(key for message in item[prompt_field] for key, value in message.items()
-                           if key not in ("role", "content") and value is not None)
+                           if key not in ("role", "content") and value not in (None, "", [], {}))
     if dropped:
         print(f"note: {path}: message field{'s' if len(dropped) > 1 else ''} {', '.join(sorted(dropped))} not kept: "
               "prompts are rendered and stored with each message's role and content only")
