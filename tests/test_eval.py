@@ -217,6 +217,9 @@ def test_results_record_the_settings_and_a_rerun_replaces_the_whole_eval(tmp_pat
     assert (settings["data"], settings["limit"], settings["max_new_tokens"]) == ([str(bench)], 3, 24)
     record = json.loads((out / "tsdkd_eval.json").read_text())
     assert record["settings"]["model"] == [str(TOY_STUDENT), str(TOY_TEACHER)] and len(record["data_sha256"]) == 1
+    from tsdkd.loading import gpu_has_bf16
+
+    assert record["backend"] == {"name": "hf", "dtype": "bfloat16" if gpu_has_bf16() else "float32"}  # --dtype auto, as run
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700

@@ -144,8 +144,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     check_output(out, settings)
     # Every model and benchmark is checked before the first one spends hours generating.
     jobs = [prepare_model(cfg, index, model) for index, model in enumerate(cfg.model, start=1)]
+    from stage1_generate.generate import backend_dtype, resolve_backend
+
+    backend = resolve_backend(cfg.backend)
     record = {"settings": settings, "data_sha256": [source_fingerprint(Path(data)) for data in cfg.data],
-              "models": [job.identity for job in jobs]}
+              "models": [job.identity for job in jobs], "backend": {"name": backend, "dtype": backend_dtype(backend, cfg.dtype)}}
     target = out.resolve()  # a name to put the staging folder beside, also for `--out .`
     staging = staging_folder(target, "partial", out)  # its own: two evals at once never share one
     keep = False
