@@ -26,9 +26,9 @@ from stage1_generate.types import SampledCandidate, SamplingSettings, StudentSam
 from tsdkd import __version__
 from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import (differing_settings, local_path, model_identity, sha256_file, sha256_json, source_fingerprint,
-                               tokenizer_fingerprint)
-from tsdkd.loading import context_length, load_tokenizer, padding_id
+from tsdkd.fingerprint import (differing_settings, local_path, model_identity, note_unchecked_weights, sha256_file, sha256_json,
+                               source_fingerprint, tokenizer_fingerprint)
+from tsdkd.loading import context_length, dtype_name, load_tokenizer, padding_id
 from tsdkd.locks import exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
@@ -78,14 +78,15 @@ def backend_version(backend: str) -> str | None:
 
 
 def backend_dtype(backend: str, dtype: str) -> str:
-    """The dtype the backend runs the models in on this machine (`auto` resolved), for the manifest's readers."""
+    """The dtype the backend runs the models in on this machine (`auto` resolved), for readers of a manifest or an
+    eval record."""
     if backend == "vllm":
         from stage1_generate.vllm_backend import engine_dtype
 
         return engine_dtype(dtype)
     from stage1_generate.hf_backend import resolve_device_dtype
 
-    return str(resolve_device_dtype(dtype)[1]).removeprefix("torch.")
+    return dtype_name(resolve_device_dtype(dtype)[1])
 
 
 def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateConfig, context: int | None) -> list[Prompt]:
@@ -153,6 +154,8 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
         return None
     manifest = read_checked_manifest(out)
     differing = differing_settings(manifest["settings"], settings)
+    for model in ("student", "teacher"):
+        note_unchecked_weights(manifest["settings"][model], settings[model], f"the dataset in {out}")
     changed = {k for k, v in manifest["settings"]["prompts"].items() if settings["prompts"].get(k) != v}
     if "sha256" in changed and changed <= {"sha256", "count"}:  # an edited file (perhaps with more or fewer prompts)
         differing[differing.index("prompts")] = "the prompt file's contents, changed since the dataset was started"
@@ -226,6 +229,9 @@ def generate(cfg: GenerateConfig) -> Path:
         if manifest is None:
             manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
             write_json_atomic(manifest, out / MANIFEST_NAME)
+        elif manifest["backend"]["dtype"] != backend_dtype(backend, cfg.dtype):  # `auto` on another machine
+            print(f"note: {out} was started with the models in {manifest['backend']['dtype']} (as its manifest says); "
+                  f"on this machine they run in {backend_dtype(backend, cfg.dtype)}, so its new shards differ by that rounding")
 
         mine = [j for j in range(total_shards) if j % cfg.num_shards == cfg.shard_index]
         manifest["shards"] = [entry for entry in manifest["shards"] if entry["index"] in done]

@@ -24,15 +24,17 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile, TrainingComplete
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import (differing_settings, hub_file, local_path, model_identity, same_model, sha256_file, sha256_json,
-                               tokenizer_fingerprint, with_real_paths)
-from tsdkd.loading import context_length, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id
+from tsdkd.fingerprint import (differing_settings, hub_file, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
+                               sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
+from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+# Files of a student's folder that its license terms ask to pass on with any model made from it.
+LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 
 
 def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,6 +69,7 @@ def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]], studen
     another model than --student (`student`: its model_identity), or is one part of a split `tsdkd generate`
     job whose other parts are not given."""
     for folder, manifest in zip(cfg.signals, manifests):
+        note_unchecked_weights(manifest["student"], student, f"--signals {folder}")
         if not same_model(manifest["student"], student):
             sampler = manifest["student"]["name_or_path"]
             other = f"at other weights or config than --student {cfg.student} now" \
@@ -169,6 +172,8 @@ def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any], record:
     by_content = {key for key, recorded in (("signals", "signals_sha256"), ("student", "student_identity")) if record.get(recorded)}
     changes = [f"{k}: {earlier.get(k)!r} in the run, {settings[k]!r} now"
                for k in sorted(settings) if k not in by_content and earlier.get(k) != settings[k]]
+    if "student" in by_content:
+        note_unchecked_weights(record["student_identity"], student, f"the run in {out}")
     if "student" in by_content and not same_model(record["student_identity"], student):
         changes.append(f"student: {cfg.student} is not the model the run started from ({earlier['student']}: weights or config differ)")
     if "signals" in by_content and record.get("complete") and earlier["signals"] != settings["signals"] and \
@@ -325,6 +330,12 @@ def saved_student_dtype(cfg: DistillConfig) -> torch.dtype:
     return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
+def student_identity(cfg: DistillConfig) -> dict[str, Any]:
+    """--student's model_identity, by real path: a student too large to hash is known by it, whatever the rerun's
+    working directory."""
+    return {**model_identity(cfg.student, cfg.trust_remote_code), "name_or_path": local_path(cfg.student)}
+
+
 def finished_run(cfg: DistillConfig) -> bool:
     """Whether --out holds this run finished, its student as saved (then handled as `tsdkd distill` would): a round's
     rerun need not start its distillation processes. Settings changed since are refused as there."""
@@ -332,15 +343,15 @@ def finished_run(cfg: DistillConfig) -> bool:
     record = read_run_info(out) if (out / DISTILL_RUN_INFO).is_file() else {}
     if not record.get("complete"):
         return False  # the processes continue it
-    student = {**model_identity(cfg.student, cfg.trust_remote_code), "name_or_path": local_path(cfg.student)}
-    if not check_output(cfg, out, student, record):
+    if not check_output(cfg, out, student_identity(cfg), record):
         return False
-    say_trained(cfg)
+    finish_trained_run(cfg)
     return True
 
 
-def say_trained(cfg: DistillConfig) -> None:
-    """A finished run's rerun: the checkpoints a kill left between marking it finished and removing them go."""
+def finish_trained_run(cfg: DistillConfig) -> None:
+    """A finished run's rerun: removes the checkpoints a kill left between marking it finished and removing them,
+    and says it is trained."""
     out = Path(cfg.out)
     if not cfg.keep_checkpoints:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -351,7 +362,7 @@ def say_trained(cfg: DistillConfig) -> None:
 def note_saved_dtype(cfg: DistillConfig, out: Path) -> None:
     """A finished run's student stays as it was saved: a --save-dtype given since is said to have no effect."""
     saved = read_json_object(out / "config.json", "the student's config").get("dtype")
-    wanted = str(saved_student_dtype(cfg)).removeprefix("torch.")
+    wanted = dtype_name(saved_student_dtype(cfg))
     if saved is not None and saved != wanted:
         print(f"note: the student was saved in {saved}, not {wanted} (--save-dtype {cfg.save_dtype}): the setting applies "
               "when a run saves its student; distil into a new --out to have it")
@@ -403,9 +414,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     # A rerun of the same command continues the run in --out. Every process looks before the main one
     # writes the run record (after the next barrier), so all agree.
     continuing = (out / DISTILL_RUN_INFO).is_file()
-    # By real path: a student too large to hash is known by it, whatever the rerun's working directory.
-    student = {**model_identity(cfg.student, cfg.trust_remote_code), "name_or_path": local_path(cfg.student)} \
-        if processes.is_main_process else {}
+    student = student_identity(cfg) if processes.is_main_process else {}
     record = read_run_info(out) if continuing and processes.is_main_process else {}
     finished = processes.is_main_process and check_output(cfg, out, student, record)
     start = processes.is_main_process and not finished
@@ -430,7 +439,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     done = finished if processes.is_main_process else (out / DISTILL_RUN_INFO).is_file() and read_run_info(out).get("complete")
     if done:
         if processes.is_main_process:
-            say_trained(cfg)
+            finish_trained_run(cfg)
         return out
     if not start:  # the other processes (the main one has validated them)
         manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
@@ -502,7 +511,7 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, cfg: DistillConfig, ma
         return
     # save_pretrained names the dtype of the model in memory (float32) in the config.
     config = json.loads((staging / "config.json").read_text())
-    write_json_atomic({**config, "dtype": str(dtype).removeprefix("torch.")}, staging / "config.json")
+    write_json_atomic({**config, "dtype": dtype_name(dtype)}, staging / "config.json")
     for session_key in ("is_local", "local_files_only"):  # how this session loaded it, not the student's
         tokenizer.init_kwargs.pop(session_key, None)
     tokenizer.save_pretrained(staging)
@@ -536,19 +545,16 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, cfg: DistillConfig, ma
     print(f"{out}: student saved after {steps} step{'s' if steps != 1 else ''}")
 
 
-# Files of a student's folder that its license terms ask to pass on with any model made from it.
-LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
-
 
 def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:
     """A Hub model card (README.md) saying how the student was distilled and from which teacher's signals, with the
     student's base model (a hub id itself), license and language carried over from its own card, and its license
-    files (a hub id's from the hub cache, where a download put them: `from_pretrained` fetches neither). Nothing in the student's folder stops the save: what cannot be read is
-    left out, with a note."""
+    files (a hub id's from the hub cache, where a download put them: `from_pretrained` fetches neither). Nothing in
+    the student's folder stops the save: what cannot be read is left out, with a note."""
     from huggingface_hub import ModelCard, ModelCardData
 
     student = Path(cfg.student)
-    if not student.exists():  # a hub id: its card and license files where the hub cache has them
+    if is_hub_id(cfg.student):  # its card and license files where the hub cache has them
         config = hub_file(cfg.student, "config.json")
         student = config.parent if config else student
     earlier = ModelCardData()
@@ -565,7 +571,7 @@ def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str,
             except Exception as error:  # yaml, OSError, ValueError: any card that does not read carries nothing
                 print(f"note: {student / 'README.md'}: cannot read its card ({type(error).__name__}); the student's card "
                       "names no base model or license")
-    data = ModelCardData(base_model=earlier.base_model if Path(cfg.student).exists() else cfg.student,
+    data = ModelCardData(base_model=cfg.student if is_hub_id(cfg.student) else earlier.base_model,
                          license=earlier.license, license_name=earlier.license_name, license_link=earlier.license_link,
                          language=earlier.language, library_name="transformers", tags=["tsdkd", "knowledge-distillation"])
     rows = "\n".join(f"| {_shown(folder_name)} | {manifest['round']} | {_shown(manifest['teacher']['name_or_path'])} | "
@@ -584,9 +590,7 @@ The run's settings are in `{DISTILL_RUN_INFO}`, its losses per step in `{METRICS
 
 
 def _shown(name_or_path: str) -> str:
-    """A hub id as it is, a path by its last part (a card is for sharing; the rest names one machine's folders), as
-    Markdown code."""
-    is_hub_id = not Path(name_or_path).exists() and len(name_or_path.split("/")) == 2 and \
-        not name_or_path.startswith((".", "~"))
-    name = name_or_path if is_hub_id else Path(name_or_path).resolve().name
+    """A hub id as it is, a path by its last two parts (a card is for sharing; the rest names one machine's folders),
+    as Markdown code."""
+    name = name_or_path if is_hub_id(name_or_path) else "/".join(Path(name_or_path).resolve().parts[-2:])
     return "`" + " ".join(name.replace("`", "'").replace("|", "/").split()) + "`"

@@ -30,7 +30,7 @@ from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import model_identity
+from tsdkd.fingerprint import model_identity, sha256_json
 from tsdkd.locks import exclusive_use, writable_folder
 
 FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
@@ -94,8 +94,8 @@ def test_the_student_has_a_model_card_with_the_students_license(small_dataset, t
     assert (card.data.license, card.data.base_model, card.data.library_name) == \
         ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "transformers")
     assert "tsdkd" in card.data.tags
-    assert "trained `student` for 2 optimizer steps" in card.text
-    assert f"| `{small_dataset.name}` | 0 | `{TOY_TEACHER.name}` |" in card.text
+    assert f"trained `{tmp_path.name}/student` for 2 optimizer steps" in card.text  # paths by their last two parts
+    assert f"| `{small_dataset.parent.name}/{small_dataset.name}` | 0 | `data/{TOY_TEACHER.name}` |" in card.text
     assert (tmp_path / "carried/LICENSE").read_text() == (student / "LICENSE").read_text()
     plain = ModelCard.load(tmp_path / "plain/README.md").data
     assert plain.license is None and plain.base_model is None and not (tmp_path / "plain/LICENSE").exists()
@@ -885,6 +885,14 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
     assert "was sampled by" in notes(TOY_TEACHER, manifest) and "off-policy" in notes(TOY_TEACHER, manifest)
     retrained = {**manifest, "student": {**manifest["student"], "weights_sha256": "0" * 64}}
     assert f"at other weights or config than --student {TOY_STUDENT} now" in notes(TOY_STUDENT, retrained)
+    # A hub student whose weights are not in the hub cache now cannot be checked against the sampler's: said so.
+    hub = {**manifest["student"], "name_or_path": "me/toy"}
+    cfg = DistillConfig(signals=["part0"], student="me/toy", out="x")
+    note_data_origin(cfg, [{**manifest, "student": hub}], {**hub, "weights_sha256": None})
+    assert "note: me/toy's weights are not in the hub cache yet, so they could not be checked against those --signals " \
+           "part0 was made with" in capsys.readouterr().out
+    note_data_origin(cfg, [{**manifest, "student": hub}], hub)
+    assert capsys.readouterr().out == ""
 
     def part(index, **settings):
         job = {"shard_index": index, "num_shards": 2}
@@ -915,20 +923,29 @@ def hub_snapshot(repo: Path, commit: str, weights: Path, card: str) -> Path:
 def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
     """A hub id names a branch that moves: new weights pushed to it are another model, a card edit is not. The hub
     cache names each weight file by its sha256 (a link to blobs/<sha256>), so no file is read; the same files given
-    as the snapshot's folder are the same model; a cache of copies hashes them. Weights that cannot be had (offline,
-    not in the cache) give no hash: such a record counts by name and config, as every hub id did before."""
+    as the snapshot's folder are the same model; a cache of copies hashes them; a sharded model counts by the shards
+    its index names. Weights not in the cache give no hash: such a record counts by name and config."""
+    import hashlib
+
     repo = tmp_path / "hub" / "models--me--toy"
-    trained = {name: tensor + 0.01 for name, tensor in load_file(TOY_STUDENT / "model.safetensors").items()}
-    save_file(trained, tmp_path / "trained.safetensors", metadata={"format": "pt"})
+    weights = load_file(TOY_STUDENT / "model.safetensors")
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, tmp_path / "trained.safetensors", metadata={"format": "pt"})
     hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
     hub_snapshot(repo, "b" * 40, TOY_STUDENT / "model.safetensors", "# toy, a better card\n")
     hub_snapshot(repo, "c" * 40, tmp_path / "trained.safetensors", "# toy\n")
-    # An index names the model's shards: another weights file in the snapshot (a full download's) is not one.
-    hub_snapshot(repo, "d" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
-    (repo / "snapshots" / ("d" * 40) / "consolidated.safetensors").symlink_to(
-        os.path.relpath(next(repo.glob("blobs/*")), repo / "snapshots" / ("d" * 40)))
-    (repo / "snapshots" / ("d" * 40) / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"model.norm.weight": "model.safetensors"}}))
+    # Two shards and their index, as large models come; another weights file beside them (a full download's) is not one.
+    sharded = hub_snapshot(repo, "d" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    (sharded / "model.safetensors").rename(sharded / "consolidated.safetensors")
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    for shard, keys in shards.items():
+        save_file({key: weights[key] for key in keys}, tmp_path / shard, metadata={"format": "pt"})
+        blob = repo / "blobs" / hashlib.sha256((tmp_path / shard).read_bytes()).hexdigest()
+        shutil.copyfile(tmp_path / shard, blob)
+        (sharded / shard).symlink_to(os.path.relpath(blob, sharded))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {key: shard for shard, keys in shards.items() for key in keys}}))
+    expected_sharded = sha256_json([[shard, hashlib.sha256((tmp_path / shard).read_bytes()).hexdigest()] for shard in shards])
     # A cache without symlinks (huggingface_hub's fallback) holds copies: read and hashed.
     shutil.copytree(TOY_STUDENT, repo / "snapshots" / ("e" * 40), ignore=shutil.ignore_patterns("*.safetensors"))
     shutil.copyfile(tmp_path / "trained.safetensors", repo / "snapshots" / ("e" * 40) / "model.safetensors")
@@ -942,23 +959,21 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
         "for commit in 'abcde':\n"
         "    refs.write_text(commit * 40)\n"
         "    identities[commit] = model_identity('me/toy')\n"
-        "a, b, c = identities['a'], identities['b'], identities['c']\n"
+        "a, b, c, d, e = (identities[commit] for commit in 'abcde')\n"
         "folder = model_identity(str(refs.parent.parent / 'snapshots' / ('c' * 40)))\n"
         "before = {**a, 'weights_sha256': None}\n"
-        "refs.write_text('c' * 40)\n"
-        "(refs.parent.parent / 'snapshots' / ('c' * 40) / 'model.safetensors').unlink()\n"
+        "refs.write_text('d' * 40)\n"
+        "(refs.parent.parent / 'snapshots' / ('d' * 40) / 'model-00002-of-00002.safetensors').unlink()\n"
         "partial = model_identity('me/toy')\n"
         "print(json.dumps([a['weights_sha256'] is not None, same_model(a, b), same_model(a, c), same_model(c, folder),\n"
-        "                  same_model(before, c), partial['weights_sha256'], same_model(a, identities['d']),\n"
-        "                  same_model(c, identities['e']), same_model(a, identities['e'])]))\n"
+        "                  same_model(before, c), d['weights_sha256'], partial['weights_sha256'], same_model(c, e),\n"
+        "                  same_model(a, e)]))\n"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True, None, True, True, False]
-    assert model_identity(str(TOY_STUDENT))["weights_sha256"] == \
-        model_identity(str(repo / "snapshots" / ("a" * 40)))["weights_sha256"]  # a copy's files, hashed, are its blobs
+    assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True, expected_sharded, None, True, False]
 
 
 @pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),

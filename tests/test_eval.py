@@ -123,6 +123,19 @@ def test_accuracy_is_computed_from_the_responses(tmp_path):
     assert "| right | " in result.stdout and "100.0%" in result.stdout
 
 
+def test_a_benchmark_folder_is_scored_on_its_test_split(tmp_path):
+    """A Hub download of a benchmark holds train and test: eval reads the test split, never the training questions."""
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    items = toy_items(5)
+    write_jsonl(folder / "train.jsonl", items[:3])
+    write_jsonl(folder / "test.jsonl", items[3:])
+    out = tmp_path / "out"
+    assert run_cli("eval", "--model", TOY_STUDENT, "--data", folder, "--out", out, *EVAL).exit_code == 0
+    scored = [json.loads(line)["prompt"] for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert scored == [item["prompt"] for item in items[3:]]
+
+
 def test_gsm8k_and_math_fields(tmp_path):
     gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
     math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "What is 2 + 3?", "solution": "It is $\\boxed{5}$."}])

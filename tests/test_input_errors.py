@@ -110,7 +110,7 @@ def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
         card.write("A card edited since.\n")
     assert source_fingerprint(tmp_path / "one" / "gsm") != fingerprint
     datasets.DatasetDict({"test": splits["test"]}).save_to_disk(tmp_path / "no-train")
-    with pytest.raises(TsdkdError, match=r"a dataset with splits needs a 'train' split, found \['test'\]"):
+    with pytest.raises(TsdkdError, match=r"a dataset with splits needs a 'train' split here, found \['test'\]"):
         load_prompts(tmp_path / "no-train", None, None, None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(TsdkdError, match="empty: cannot read prompts"):

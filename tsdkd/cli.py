@@ -309,7 +309,7 @@ def run(
                                                "command to evaluate again from the start")
 def evaluate(
     model: Optional[list[str]] = typer.Option(None, help="Model folder or hub id; repeat to compare several (e.g. student before, after, teacher) [required]."),
-    data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv or saved dataset); repeat for several [required]."),
+    data: Optional[list[str]] = typer.Option(None, help="Benchmark file (jsonl/json/parquet/csv), or dataset folder (saved, or downloaded from the Hub: its test split); repeat for several [required]."),
     out: Optional[str] = typer.Option(None, help="Folder for results.json, per-item <benchmark>.jsonl (one subfolder per model when several) and the settings (tsdkd_eval.json), written once all are done; a rerun with the same settings replaces it, other settings are refused [required]."),
     samples: Optional[int] = typer.Option(None, help="Samples per item; above 1 reports pass@k [1: greedy]."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature [0 for 1 sample, else 1.0]."),

@@ -79,7 +79,8 @@ def open_model(cfg: EvalConfig, model_path: str, tokenizer: Any, longest_prompt:
 
 
 def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | None) -> tuple[list[PromptRecord], list[list[int]]]:
-    records = load_prompts(path, cfg.prompt_field, cfg.answer_field, cfg.limit)
+    # A benchmark folder with splits (a Hub download) is scored on its test split, never on what models trained on.
+    records = load_prompts(path, cfg.prompt_field, cfg.answer_field, cfg.limit, split="test")
     unanswered = [r for r in records if r.gold_answer is None]
     if len(unanswered) == len(records):
         raise TsdkdError(f"{path}: no gold answer field (answer or solution), or only empty ones; pass --answer-field")

@@ -81,9 +81,15 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
     return identity
 
 
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether a model named on the command line is a hub id (`owner/name`, or a bare legacy `name`; nothing of that
+    name here), not a path."""
+    return not Path(name_or_path).exists() and len(name_or_path.split("/")) <= 2 and not name_or_path.startswith(("/", ".", "~"))
+
+
 def hub_file(repo_id: str, name: str, revision: str | None = None) -> Path | None:
     """A file of a hub model where the hub cache has it, else None. Never fetched: a check must not download a
-    teacher's weights before it refuses, nor wait on a network that is not there."""
+    teacher's weights before it refuses, nor wait for each file on a network that is not there."""
     from huggingface_hub import try_to_load_from_cache
 
     path = try_to_load_from_cache(repo_id, name, revision=revision)
@@ -133,6 +139,15 @@ def with_real_paths(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str
         return local_path(value) if isinstance(value, str) else value
 
     return {**settings, **{key: real(settings[key]) for key in keys if key in settings}}
+
+
+def note_unchecked_weights(recorded: dict[str, Any], current: dict[str, Any], made: str) -> None:
+    """Says when a hub model's weights, hashed in `recorded`, are not in the hub cache now (same_model went by name
+    and config): new weights pushed to its branch since would go unnoticed. `made`: what the record made."""
+    if recorded.get("weights_sha256") and not current.get("weights_sha256") and is_hub_id(current["name_or_path"]):
+        print(f"note: {current['name_or_path']}'s weights are not in the hub cache yet, so they could not be checked "
+              f"against those {made} was made with (new ones pushed to its branch would go unnoticed); pass its "
+              "snapshot folder instead to pin them")
 
 
 def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:

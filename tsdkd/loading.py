@@ -47,6 +47,11 @@ def context_length(path: str, trust_remote_code: bool) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def dtype_name(dtype: Any) -> str:
+    """A torch dtype as configs and records write it: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def gpu_has_bf16() -> bool:
     """A CUDA GPU with bf16 in hardware (Ampere or newer). torch's own check also accepts GPUs that only
     emulate it (V100, T4), where bf16 is slow in transformers and refused by vLLM."""

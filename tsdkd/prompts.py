@@ -1,4 +1,5 @@
-"""Reading prompt files (jsonl, json, parquet, csv, a saved `datasets` folder) into prompt records."""
+"""Reading prompt files (jsonl, json, parquet, csv, a saved `datasets` folder, a dataset folder as the Hub lays it
+out) into prompt records."""
 
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ def library_reason(error: BaseException) -> str:
     return message.splitlines()[0] if message else type(error).__name__
 
 
-def load_table(path: Path) -> tuple[Any, str | None]:
-    """The rows of a prompt file or saved dataset, as a `datasets.Dataset`, and the text of a text file."""
+def load_table(path: Path, split: str = "train") -> tuple[Any, str | None]:
+    """The rows of a prompt file, or of a dataset folder's `split`, as a `datasets.Dataset`, and the text of a text
+    file."""
     import datasets
 
     if not path.exists():
@@ -96,15 +98,17 @@ def load_table(path: Path) -> tuple[Any, str | None]:
         try:
             loaded = load_folder(path)
         except Exception as error:  # datasets/pyarrow raise many types for unreadable folders
+            # Read from the library's message (were it reworded, the generic line below would be given).
             if "Config name is missing" in str(error):
                 configs = re.search(r"available configs: \[(.*?)\]", str(error))
                 raise TsdkdError(f"{path}: a dataset of several configs ({configs[1] if configs else 'see its card'}); "
                                  "give the data file or folder of the one to use instead (the card names them)") from None
             raise TsdkdError(f"{path}: cannot read prompts ({library_reason(error)})") from None
         if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise TsdkdError(f"{path}: a dataset with splits needs a 'train' split, found {list(loaded)}")
-            loaded = loaded["train"]
+            if split not in loaded:
+                raise TsdkdError(f"{path}: a dataset with splits needs a {split!r} split here, found {list(loaded)}; "
+                                 "give the data file of the one to use instead")
+            loaded = loaded[split]
         return loaded, None
     builder = FILE_FORMATS.get(path.suffix.lower())
     if builder is None:
@@ -173,11 +177,11 @@ def as_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
 
 
 def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None, limit: int | None,
-                 golds_checked: bool = True) -> list[PromptRecord]:
-    """Prompt records in file order. A field left None is the first of PROMPT_FIELDS / ANSWER_FIELDS
-    the file has (no gold answer when it has none of the latter). With `golds_checked` (the answers are compared
-    to responses), a found answer field holding an unmarked solution of several lines is refused."""
-    table, text = load_table(path)
+                 golds_checked: bool = True, split: str = "train") -> list[PromptRecord]:
+    """Prompt records in file order (a dataset folder's `split`). A field left None is the first of PROMPT_FIELDS /
+    ANSWER_FIELDS the file has (no gold answer when it has none of the latter). With `golds_checked` (the answers are
+    compared to responses), a found answer field holding an unmarked solution of several lines is refused."""
+    table, text = load_table(path, split)
     if len(table) == 0:
         raise TsdkdError(f"{path}: the file holds no prompts")
     columns = list(table.column_names)

@@ -147,8 +147,9 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         compression="zstd",
         compression_level=9,
         row_group_size=ROW_GROUP_ROWS,
-        # Dictionaries pay for the per-row ids, strings and ranks. On the per-token lists they cost: ~12% on the
-        # log-probs (SmolLM2), ~4% on the id lists (toy data).
+        # Dictionaries for the columns of one value per row (pyarrow would not apply a list column's name to its
+        # values anyway): they pay for ids, strings and ranks, and would cost on the per-token lists (~12% on the
+        # log-probs of SmolLM2 shards, ~4% on the id lists of toy shards).
         use_dictionary=[field.name for field in table.schema
                         if not pa.types.is_list(field.type) and not field.name.endswith(FLOAT_SUFFIXES)],
         write_statistics=False,
