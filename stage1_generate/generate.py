@@ -229,7 +229,8 @@ def generate(cfg: GenerateConfig) -> Path:
         if manifest is None:
             manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
             write_json_atomic(manifest, out / MANIFEST_NAME)
-        elif manifest["backend"]["dtype"] != backend_dtype(backend, cfg.dtype):  # `auto` on another machine
+        elif manifest["backend"]["dtype"] not in ("auto", backend_dtype(backend, cfg.dtype)):
+            # --dtype auto continued on another machine ("auto": a manifest written before dtypes were resolved).
             print(f"note: {out} was started with the models in {manifest['backend']['dtype']} (as its manifest says); "
                   f"on this machine they run in {backend_dtype(backend, cfg.dtype)}, so its new shards differ by that rounding")
 

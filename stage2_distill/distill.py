@@ -590,7 +590,9 @@ The run's settings are in `{DISTILL_RUN_INFO}`, its losses per step in `{METRICS
 
 
 def _shown(name_or_path: str) -> str:
-    """A hub id as it is, a path by its last two parts (a card is for sharing; the rest names one machine's folders),
-    as Markdown code."""
-    name = name_or_path if is_hub_id(name_or_path) else "/".join(Path(name_or_path).resolve().parts[-2:])
+    """A hub id as it is, a path by its last part (a card is for sharing; the rest names one machine's folders), with
+    the round's folder for a `tsdkd run` round's `student` or `signals`, as Markdown code."""
+    parts = Path(name_or_path).resolve().parts
+    name = name_or_path if is_hub_id(name_or_path) else \
+        "/".join(parts[-2:] if parts[-1] in ("student", "signals") and len(parts) > 2 else parts[-1:])
     return "`" + " ".join(name.replace("`", "'").replace("|", "/").split()) + "`"

@@ -233,14 +233,16 @@ def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tens
 
 
 def cast_keeping_shared(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The floating-point tensors in `dtype`, on the CPU (a copy on the GPU could run out of memory at the very end,
-    beside the optimizer state); tensors that shared memory (ties save_pretrained finds by storage, not by the
-    model's declared ties) still share it, so they are saved once."""
+    """The floating-point tensors in `dtype`: those of another dtype cast into a copy on the CPU (on the GPU it could
+    run out of memory at the very end, beside the optimizer state), the others as they are; tensors that shared
+    memory (ties save_pretrained finds by storage, not by the model's declared ties) still share it, saved once."""
     cast: dict[tuple, torch.Tensor] = {}
 
     def to_dtype(tensor: torch.Tensor) -> torch.Tensor:
-        if not tensor.is_floating_point() or tensor.numel() == 0:  # empty tensors share no memory, whatever data_ptr says
-            return tensor.to("cpu", dtype) if tensor.is_floating_point() else tensor
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            return tensor
+        if tensor.numel() == 0:  # empty tensors share no memory, whatever data_ptr says
+            return tensor.to("cpu", dtype)
         view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
         if view not in cast:
             cast[view] = tensor.to("cpu", dtype)

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from conftest import SMALL_JOB, TOY_PROMPTS, TOY_TEACHER, assert_one_line_error, rerun_tsdkd, run_cli, signal_when
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import differing_settings, sha256_file
+from tsdkd.loading import gpu_has_bf16
 from tsdkd.locks import exclusive_use
 
 
@@ -283,15 +284,22 @@ def test_resume_redoes_a_damaged_shard(small_dataset, tmp_path):
     shutil.copytree(small_dataset, folder)
     manifest = json.loads((folder / "tsdkd.json").read_text())
     manifest["complete"] = False
-    manifest["backend"]["dtype"] = "bfloat16"  # as if started on a GPU with bf16 (`--dtype auto`)
+    here = "bfloat16" if gpu_has_bf16() else "float32"  # what `--dtype auto` runs the models in on this machine
+    elsewhere = manifest["backend"]["dtype"] = "float32" if here == "bfloat16" else "bfloat16"  # as if started elsewhere
     (folder / "tsdkd.json").write_text(json.dumps(manifest))
     damaged = folder / manifest["shards"][1]["file"]
     damaged.write_bytes(b"garbage")
     result = run_cli("generate", *SMALL_JOB, "--out", folder)
     assert result.exit_code == 0, result.stderr
-    assert f"note: {folder} was started with the models in bfloat16 (as its manifest says); on this machine they run " \
-           "in float32" in result.stdout or torch.cuda.is_available()
+    assert f"note: {folder} was started with the models in {elsewhere} (as its manifest says); on this machine they " \
+           f"run in {here}" in result.stdout
     assert shard_hashes(folder) == shard_hashes(small_dataset)
+    # A manifest written before dtypes were resolved says "auto": unknown, so nothing to say.
+    manifest["backend"]["dtype"] = "auto"
+    (folder / "tsdkd.json").write_text(json.dumps(manifest))
+    damaged.write_bytes(b"garbage")
+    result = run_cli("generate", *SMALL_JOB, "--out", folder)
+    assert result.exit_code == 0 and "was started with the models in" not in result.stdout
     assert sha256_file(damaged) == manifest["shards"][1]["sha256"]
 
 

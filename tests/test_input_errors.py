@@ -109,8 +109,10 @@ def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
     with open(tmp_path / "one" / "gsm" / "README.md", "a") as card:  # a card may name other data files: it counts
         card.write("A card edited since.\n")
     assert source_fingerprint(tmp_path / "one" / "gsm") != fingerprint
-    datasets.DatasetDict({"test": splits["test"]}).save_to_disk(tmp_path / "no-train")
-    with pytest.raises(TsdkdError, match=r"a dataset with splits needs a 'train' split here, found \['test'\]"):
+    datasets.DatasetDict({"test": splits["test"]}).save_to_disk(tmp_path / "one-split")
+    assert golds(tmp_path / "one-split") == ["6"]  # its only split, whatever its name
+    datasets.DatasetDict({"test": splits["test"], "validation": splits["test"]}).save_to_disk(tmp_path / "no-train")
+    with pytest.raises(TsdkdError, match=r"a dataset of splits \['test', 'validation'\] but no 'train', the one read here"):
         load_prompts(tmp_path / "no-train", None, None, None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(TsdkdError, match="empty: cannot read prompts"):

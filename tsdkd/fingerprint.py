@@ -141,13 +141,19 @@ def with_real_paths(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str
     return {**settings, **{key: real(settings[key]) for key in keys if key in settings}}
 
 
+_noted_unchecked: set[str] = set()  # said once per model and process (a run's rounds ask again)
+
+
 def note_unchecked_weights(recorded: dict[str, Any], current: dict[str, Any], made: str) -> None:
-    """Says when a hub model's weights, hashed in `recorded`, are not in the hub cache now (same_model went by name
-    and config): new weights pushed to its branch since would go unnoticed. `made`: what the record made."""
-    if recorded.get("weights_sha256") and not current.get("weights_sha256") and is_hub_id(current["name_or_path"]):
-        print(f"note: {current['name_or_path']}'s weights are not in the hub cache yet, so they could not be checked "
-              f"against those {made} was made with (new ones pushed to its branch would go unnoticed); pass its "
-              "snapshot folder instead to pin them")
+    """Says when a hub model whose weights `recorded` hashed cannot be hashed now (same_model then went by name and
+    config): new weights pushed to its branch since would go unnoticed. `made`: what the record made."""
+    name = current["name_or_path"]
+    if recorded.get("weights_sha256") and not current.get("weights_sha256") and is_hub_id(name) and \
+            local_path(recorded["name_or_path"]) == name and name not in _noted_unchecked:
+        _noted_unchecked.add(name)
+        print(f"note: {name}'s weights could not be read from the hub cache (not downloaded yet, or copies above "
+              f"2 GiB), so they were not checked against those {made} was made with (new ones pushed to its branch "
+              "would go unnoticed); pass its snapshot folder instead to pin them")
 
 
 def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:

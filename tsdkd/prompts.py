@@ -87,8 +87,8 @@ def library_reason(error: BaseException) -> str:
 
 
 def load_table(path: Path, split: str = "train") -> tuple[Any, str | None]:
-    """The rows of a prompt file, or of a dataset folder's `split`, as a `datasets.Dataset`, and the text of a text
-    file."""
+    """The rows of a prompt file, or of a dataset folder's `split` (its only one, if it has one), as a
+    `datasets.Dataset`, and the text of a text file."""
     import datasets
 
     if not path.exists():
@@ -105,10 +105,10 @@ def load_table(path: Path, split: str = "train") -> tuple[Any, str | None]:
                                  "give the data file or folder of the one to use instead (the card names them)") from None
             raise TsdkdError(f"{path}: cannot read prompts ({library_reason(error)})") from None
         if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise TsdkdError(f"{path}: a dataset with splits needs a {split!r} split here, found {list(loaded)}; "
-                                 "give the data file of the one to use instead")
-            loaded = loaded[split]
+            if split not in loaded and len(loaded) > 1:
+                raise TsdkdError(f"{path}: a dataset of splits {list(loaded)} but no {split!r}, the one read here; give "
+                                 "the data file or folder of the one to use")
+            loaded = loaded[split] if split in loaded else next(iter(loaded.values()))  # a single split: that one
         return loaded, None
     builder = FILE_FORMATS.get(path.suffix.lower())
     if builder is None:
