@@ -275,3 +275,11 @@ def test_switches_set_in_a_config_file_can_be_turned_off_on_the_command_line(tmp
         result = run_cli("distill", "--config", path, "--signals", "d", "--student", "s", "--out", "o", *given)
         assert result.exit_code == 0, result.stderr
         assert {name: getattr(seen[-1], name) for name in switches} == dict.fromkeys(switches, expected)
+    # A value setting too: hard selection from a config file, soft weights asked for on the command line.
+    path.write_text("selection_fraction: 0.2\n")
+    for given, expected in (([], 0.2), (["--selection-fraction", "0.5"], 0.5), (["--selection-fraction", "off"], None)):
+        result = run_cli("distill", "--config", path, "--signals", "d", "--student", "s", "--out", "o", *given)
+        assert result.exit_code == 0, result.stderr
+        assert seen[-1].selection_fraction == expected
+    assert_one_line_error(run_cli("distill", "--signals", "d", "--student", "s", "--out", "o", "--selection-fraction", "half"),
+                          "selection_fraction = 'half' must be float")

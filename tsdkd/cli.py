@@ -216,7 +216,7 @@ def distill(
     no_selection: Optional[bool] = typer.Option(None, "--no-selection/--with-selection", help="tsdkd with weight 1 on every token [off]."),
     jsd_beta: Optional[float] = typer.Option(None, help="Generalised JSD beta: 0 forward KL, 1 reverse KL [0.9]."),
     tau_w: Optional[float] = typer.Option(None, help="Token weight temperature in sigmoid((H_S - H_T)/tau) [1.0]."),
-    selection_fraction: Optional[float] = typer.Option(None, help="Hard selection: only the top fraction rho of tokens by H_S - H_T [off: soft weights]."),
+    selection_fraction: Optional[str] = typer.Option(None, help="Hard selection: only the top fraction rho of tokens by H_S - H_T; `off`: soft weights, also over a config file's value [off]."),
     renormalize_topk: Optional[bool] = typer.Option(None, help="Compare on the top-k only, renormalised (no tail bucket) [off]."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the ranking term [0.1]."),
     lambda_ent: Optional[float] = typer.Option(None, help="Weight of the entropy term [1.0]."),
@@ -256,7 +256,13 @@ def distill(
     from stage2_distill.distill import distill as run_distill
     from tsdkd.config import DistillConfig, build_config
 
+    # `off` turns a config file's hard selection off: an option left at None is one not given.
+    soft_selection = options["selection_fraction"] == "off"
+    if soft_selection:
+        options["selection_fraction"] = None
     cfg = build_config(DistillConfig, config_file, options)
+    if soft_selection:
+        cfg.selection_fraction = None
     # Given on the command line, a loss setting counts even at its default value (`--no-indirect --indirect both`,
     # `--loss kd --with-entropy`); a config file may hold a shared base of defaults.
     cfg.check({name for name, value in options.items() if value is not None}, config_file)
