@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback
 from stage2_distill.chunked import TokenStatistics, student_statistics
 from stage2_distill.objective import Objective, StepCounts
 from tsdkd.errors import TsdkdError
+from tsdkd.loading import dtype_name
 
 
 class DistillTrainer(Trainer):
@@ -238,7 +239,7 @@ def cast_keeping_shared(state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
     memory (ties save_pretrained finds by storage, not by the model's declared ties) still share it, saved once."""
     cast: dict[tuple, torch.Tensor] = {}
 
-    def to_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    def to_dtype(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point() or tensor.dtype == dtype:
             return tensor
         if tensor.numel() == 0:  # empty tensors share no memory, whatever data_ptr says
@@ -246,9 +247,12 @@ def cast_keeping_shared(state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
         view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
         if view not in cast:
             cast[view] = tensor.to("cpu", dtype)
+            if not torch.isfinite(cast[view]).all() and torch.isfinite(tensor).all():  # float16's range ends at 65504
+                raise TsdkdError(f"--save-dtype {dtype_name(dtype)}: {name} holds values beyond its "
+                                 "range; rerun with --save-dtype bfloat16 or float32 to save the student")
         return cast[view]
 
-    return {name: to_dtype(tensor) for name, tensor in state_dict.items()}
+    return {name: to_dtype(name, tensor) for name, tensor in state_dict.items()}
 
 
 def keep_float32_outputs(plugin: Any) -> None:
