@@ -114,6 +114,11 @@ def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
     datasets.DatasetDict({"test": splits["test"], "validation": splits["test"]}).save_to_disk(tmp_path / "no-train")
     with pytest.raises(TsdkdError, match=r"a dataset of splits \['test', 'validation'\] but no 'train', the one read here"):
         load_prompts(tmp_path / "no-train", None, None, None)
+    for name, answer in (("test_id", "7"), ("test_long", "8")):  # two benchmarks in one folder, as in data/toy/
+        (tmp_path / "files" / f"{name}.jsonl").write_text(json.dumps({"question": "1 + 6?", "answer": answer}) + "\n")
+    (tmp_path / "files" / "test.jsonl").unlink()
+    with pytest.raises(TsdkdError, match=r"its 'test' split joins files of different names \(test_id.jsonl, test_long.jsonl\)"):
+        load_prompts(tmp_path / "files", None, None, None, split="test")
     (tmp_path / "empty").mkdir()
     with pytest.raises(TsdkdError, match="empty: cannot read prompts"):
         load_prompts(tmp_path / "empty", None, None, None)

@@ -96,7 +96,9 @@ def load_table(path: Path, split: str = "train") -> tuple[Any, str | None]:
     datasets.disable_progress_bars()
     if path.is_dir():
         try:
-            loaded = load_folder(path)
+            return load_folder(path, split), None
+        except TsdkdError:
+            raise
         except Exception as error:  # datasets/pyarrow raise many types for unreadable folders
             # Read from the library's message (were it reworded, the generic line below would be given).
             if "Config name is missing" in str(error):
@@ -104,12 +106,6 @@ def load_table(path: Path, split: str = "train") -> tuple[Any, str | None]:
                 raise TsdkdError(f"{path}: a dataset of several configs ({configs[1] if configs else 'see its card'}); "
                                  "give the data file or folder of the one to use instead (the card names them)") from None
             raise TsdkdError(f"{path}: cannot read prompts ({library_reason(error)})") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded and len(loaded) > 1:
-                raise TsdkdError(f"{path}: a dataset of splits {list(loaded)} but no {split!r}, the one read here; give "
-                                 "the data file or folder of the one to use")
-            loaded = loaded[split] if split in loaded else next(iter(loaded.values()))  # a single split: that one
-        return loaded, None
     builder = FILE_FORMATS.get(path.suffix.lower())
     if builder is None:
         raise TsdkdError(f"{path}: unknown prompt file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv, a saved datasets folder or a dataset folder from the Hub")
@@ -128,16 +124,35 @@ def load_table(path: Path, split: str = "train") -> tuple[Any, str | None]:
         datasets.logging.set_verbosity(verbosity)
 
 
-def load_folder(path: Path) -> Any:
-    """A folder that `save_to_disk` wrote, or one laid out as on the Hub (a dataset downloaded from it: data files,
-    perhaps a card naming them), read into memory through a cache of its own: the shared cache keys a carded
-    folder by its name, so another folder of that name would give its rows."""
+def load_folder(path: Path, split: str) -> Any:
+    """The `split` (or only split) of a folder that `save_to_disk` wrote, or of one laid out as on the Hub (a dataset
+    downloaded from it: data files, perhaps a card naming them), read into memory through a cache of its own: the
+    shared cache keys a carded folder by its name, so another folder of that name would give its rows. A split that
+    the layout joins from files of different names (test_a.jsonl, test_b.jsonl) is refused: most likely they are
+    different sets, which one score would mix."""
     import datasets
 
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(path))
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[chosen_split(list(loaded), split, path)] if isinstance(loaded, datasets.DatasetDict) else loaded
     with tempfile.TemporaryDirectory() as cache:
-        return datasets.load_dataset(str(path), cache_dir=cache, keep_in_memory=True)
+        files = datasets.load_dataset_builder(str(path), cache_dir=cache).config.data_files or {}
+        chosen = chosen_split([str(name) for name in files], split, path)
+        names = sorted(Path(str(file)).name for file in files[chosen])
+        if len({re.sub(r"-\d+-of-\d+$", "", name.split(".")[0]) for name in names}) > 1:  # shards of one file pass
+            raise TsdkdError(f"{path}: its {chosen!r} split joins files of different names ({', '.join(names)}); "
+                             "give the file to use")
+        return datasets.load_dataset(str(path), split=chosen, cache_dir=cache, keep_in_memory=True)
+
+
+def chosen_split(splits: list[str], split: str, path: Path) -> str:
+    """`split` where the dataset has it, else its only split; several others are refused."""
+    if split in splits:
+        return split
+    if len(splits) == 1:
+        return splits[0]
+    raise TsdkdError(f"{path}: a dataset of splits {splits} but no {split!r}, the one read here; give the data file or "
+                     "folder of the one to use")
 
 
 def row_names(path: Path, text: str | None, rows: int) -> list[str]:
