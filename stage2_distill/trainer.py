@@ -248,8 +248,9 @@ def cast_keeping_shared(state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
         if view not in cast:
             cast[view] = tensor.to("cpu", dtype)
             if not torch.isfinite(cast[view]).all() and torch.isfinite(tensor).all():  # float16's range ends at 65504
-                raise TsdkdError(f"--save-dtype {dtype_name(dtype)}: {name} holds values beyond its "
-                                 "range; rerun with --save-dtype bfloat16 or float32 to save the student")
+                raise TsdkdError(f"saving the student in {dtype_name(dtype)} (--save-dtype): {name} holds values beyond "
+                                 "its range; rerun with --save-dtype bfloat16 or float32 (in `tsdkd run`: save_dtype in "
+                                 "its config's distill section) to save it")
         return cast[view]
 
     return {name: to_dtype(name, tensor) for name, tensor in state_dict.items()}

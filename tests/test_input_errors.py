@@ -71,7 +71,7 @@ def test_bad_prompt_file(tmp_path, name, content, fragments):
     assert not (tmp_path / "out" / "tsdkd.json").exists()
 
 
-def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
+def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path, capsys):
     """A `save_to_disk` folder (one split, or splits with 'train'), and a dataset folder as the Hub lays it out
     (data files, perhaps a card naming them: a download), read their own rows, also two folders of one name;
     the Hub download's `.cache/` does not count in the prompts' fingerprint (the card does); a folder of neither,
@@ -117,8 +117,15 @@ def test_prompt_folders_saved_by_datasets_or_laid_out_as_on_the_hub(tmp_path):
     for name, answer in (("test_id", "7"), ("test_long", "8")):  # two benchmarks in one folder, as in data/toy/
         (tmp_path / "files" / f"{name}.jsonl").write_text(json.dumps({"question": "1 + 6?", "answer": answer}) + "\n")
     (tmp_path / "files" / "test.jsonl").unlink()
-    with pytest.raises(TsdkdError, match=r"its 'test' split joins files of different names \(test_id.jsonl, test_long.jsonl\)"):
-        load_prompts(tmp_path / "files", None, None, None, split="test")
+    capsys.readouterr()
+    assert golds(tmp_path / "files") == ["5"] and capsys.readouterr().out == ""
+    assert [r.gold_answer for r in load_prompts(tmp_path / "files", None, None, None, split="test")] == ["7", "8"]
+    assert f"note: {tmp_path / 'files'}: its 'test' split joins test_id.jsonl, test_long.jsonl into one set" in capsys.readouterr().out
+    sharded = tmp_path / "sharded" / "data"  # the Hub's shards of one set: no note
+    sharded.mkdir(parents=True)
+    for index, suffix in enumerate(("-1a2b3c", "-4d5e6f")):
+        datasets.Dataset.from_dict(rows).to_parquet(sharded / f"train-0000{index}-of-00002{suffix}.parquet")
+    assert golds(sharded.parent) == ["2", "4", "2", "4"] and "joins" not in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     with pytest.raises(TsdkdError, match="empty: cannot read prompts"):
         load_prompts(tmp_path / "empty", None, None, None)

@@ -257,7 +257,7 @@ def distill(
     from tsdkd.config import DistillConfig, build_config
 
     # `off` turns a config file's hard selection off: an option left at None is one not given.
-    soft_selection = options["selection_fraction"] == "off"
+    soft_selection = (options["selection_fraction"] or "").lower() in ("off", "none")
     if soft_selection:
         options["selection_fraction"] = None
     cfg = build_config(DistillConfig, config_file, options)

@@ -128,8 +128,8 @@ def load_folder(path: Path, split: str) -> Any:
     """The `split` (or only split) of a folder that `save_to_disk` wrote, or of one laid out as on the Hub (a dataset
     downloaded from it: data files, perhaps a card naming them), read into memory through a cache of its own: the
     shared cache keys a carded folder by its name, so another folder of that name would give its rows. A split that
-    the layout joins from files of different names (test_a.jsonl, test_b.jsonl) is refused: most likely they are
-    different sets, which one score would mix."""
+    the layout joins from files of different names (test_a.jsonl, test_b.jsonl: perhaps different sets, which one
+    eval score would mix) is read with a note naming them."""
     import datasets
 
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -138,11 +138,19 @@ def load_folder(path: Path, split: str) -> Any:
     with tempfile.TemporaryDirectory() as cache:
         files = datasets.load_dataset_builder(str(path), cache_dir=cache).config.data_files or {}
         chosen = chosen_split([str(name) for name in files], split, path)
-        names = sorted(Path(str(file)).name for file in files[chosen])
-        if len({re.sub(r"-\d+-of-\d+$", "", name.split(".")[0]) for name in names}) > 1:  # shards of one file pass
-            raise TsdkdError(f"{path}: its {chosen!r} split joins files of different names ({', '.join(names)}); "
-                             "give the file to use")
+        names = sorted(str(Path(str(file)).relative_to(path.resolve())) for file in files[chosen])
+        if len({shard_of(name) for name in names}) > 1:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            print(f"note: {path}: its {chosen!r} split joins {shown} into one set; give one file to read it alone")
         return datasets.load_dataset(str(path), split=chosen, cache_dir=cache, keep_in_memory=True)
+
+
+def shard_of(name: str) -> str:
+    """What a data file is a shard of: its folder and name without the Hub's shard numbering (train-00000-of-00002,
+    with or without a hash after it) or a number for a name (a parquet conversion's 0000.parquet)."""
+    path = Path(name)
+    stem = "" if path.stem.isdigit() else re.sub(r"-\d+-of-\d+(-[0-9a-f]+)?$", "", path.stem)
+    return str(path.parent / stem)
 
 
 def chosen_split(splits: list[str], split: str, path: Path) -> str:

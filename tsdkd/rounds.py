@@ -73,8 +73,8 @@ def setting_changes(recorded: dict[str, Any], wanted: dict[str, Any], path: Path
         if key in RUN_SECTIONS and isinstance(recorded.get(key), dict):
             old = effective_section(key, recorded[key], f"{path}, {key} settings")
             new = effective_section(key, wanted[key], f"{key} settings")
-            # Memory and speed settings, free to change. Not the saved student's dtype: the next rounds start from it.
-            free = {"distill": set(RESUMABLE_DISTILL_CHANGES) - {"save_dtype"}, "generate": RESUMABLE_GENERATE_CHANGES}[key]
+            # Memory and speed settings, free to change.
+            free = {"distill": RESUMABLE_DISTILL_CHANGES, "generate": RESUMABLE_GENERATE_CHANGES}[key]
             changes += [(key, f"{key}.{name}: {old[name]!r} in the run, {new[name]!r} now")
                         for name in old if old[name] != new[name] and name not in free]
         elif recorded.get(key) != wanted.get(key):
