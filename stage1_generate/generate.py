@@ -26,7 +26,7 @@ from stage1_generate.types import SampledCandidate, SamplingSettings, StudentSam
 from tsdkd import __version__
 from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import (differing_settings, local_path, model_identity, note_unchecked_weights, sha256_file, sha256_json,
+from tsdkd.fingerprint import (differing_settings, model_identity, note_unchecked_weights, same_name, sha256_file, sha256_json,
                                source_fingerprint, tokenizer_fingerprint)
 from tsdkd.loading import context_length, dtype_name, load_tokenizer, padding_id
 from tsdkd.locks import exclusive_use, full_device_is_one_line, writable_folder
@@ -154,15 +154,13 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
         return None
     manifest = read_checked_manifest(out)
     differing = differing_settings(manifest["settings"], settings)
-    for model in ("student", "teacher"):
-        note_unchecked_weights(manifest["settings"][model], settings[model], f"the dataset in {out}")
     changed = {k for k, v in manifest["settings"]["prompts"].items() if settings["prompts"].get(k) != v}
     if "sha256" in changed and changed <= {"sha256", "count"}:  # an edited file (perhaps with more or fewer prompts)
         differing[differing.index("prompts")] = "the prompt file's contents, changed since the dataset was started"
     # The models count by their weights; the prompts were rendered with the student's tokenizer and chat template.
     for model in ("student", "teacher"):
-        names = {local_path(identity[model]["name_or_path"]) for identity in (manifest["settings"], settings)}
-        if model in differing and len(names) == 1:
+        note_unchecked_weights(manifest["settings"][model], settings[model], f"the dataset in {out}")
+        if model in differing and same_name(manifest["settings"][model], settings[model]):
             differing[differing.index(model)] = f"{model} (the same name, other weights or config: a hub branch that " \
                                                 "moved, or a folder changed)"
     if manifest["tokenizer"]["sha256"] != tokenizer["sha256"]:
@@ -229,10 +227,10 @@ def generate(cfg: GenerateConfig) -> Path:
         if manifest is None:
             manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
             write_json_atomic(manifest, out / MANIFEST_NAME)
-        elif manifest["backend"]["dtype"] not in ("auto", backend_dtype(backend, cfg.dtype)):
+        elif manifest["backend"]["dtype"] not in ("auto", here := backend_dtype(backend, cfg.dtype)):
             # --dtype auto continued on another machine ("auto": a manifest written before dtypes were resolved).
             print(f"note: {out} was started with the models in {manifest['backend']['dtype']} (as its manifest says); "
-                  f"on this machine they run in {backend_dtype(backend, cfg.dtype)}, so its new shards differ by that rounding")
+                  f"on this machine they run in {here}, so its new shards differ by that rounding")
 
         mine = [j for j in range(total_shards) if j % cfg.num_shards == cfg.shard_index]
         manifest["shards"] = [entry for entry in manifest["shards"] if entry["index"] in done]

@@ -25,7 +25,7 @@ from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, hub_file, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
-                               sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
+                               same_name, sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
 from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
@@ -71,11 +71,10 @@ def note_data_origin(cfg: DistillConfig, manifests: list[dict[str, Any]], studen
     for folder, manifest in zip(cfg.signals, manifests):
         note_unchecked_weights(manifest["student"], student, f"--signals {folder}")
         if not same_model(manifest["student"], student):
-            sampler = manifest["student"]["name_or_path"]
             other = f"at other weights or config than --student {cfg.student} now" \
-                if local_path(sampler) == local_path(cfg.student) else f"not by --student {cfg.student}"
-            print(f"note: --signals {folder} was sampled by {sampler}, {other}: off-policy data for it, and the "
-                  "sequence-level ranking scores its log-probs against the sampler's")
+                if same_name(manifest["student"], student) else f"not by --student {cfg.student}"
+            print(f"note: --signals {folder} was sampled by {manifest['student']['name_or_path']}, {other}: off-policy "
+                  "data for it, and the sequence-level ranking scores its log-probs against the sampler's")
         num_parts = manifest["job"]["num_shards"]
         parts_given = {m["job"]["shard_index"] for m in manifests
                        if m["job"]["num_shards"] == num_parts and not differing_settings(manifest["settings"], m["settings"], ("job",))}

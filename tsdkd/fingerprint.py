@@ -149,11 +149,16 @@ def note_unchecked_weights(recorded: dict[str, Any], current: dict[str, Any], ma
     config): new weights pushed to its branch since would go unnoticed. `made`: what the record made."""
     name = current["name_or_path"]
     if recorded.get("weights_sha256") and not current.get("weights_sha256") and is_hub_id(name) and \
-            local_path(recorded["name_or_path"]) == name and name not in _noted_unchecked:
+            same_name(recorded, current) and name not in _noted_unchecked:
         _noted_unchecked.add(name)
         print(f"note: {name}'s weights could not be read from the hub cache (not downloaded yet, or copies above "
               f"2 GiB), so they were not checked against those {made} was made with (new ones pushed to its branch "
               "would go unnoticed); pass its snapshot folder instead to pin them")
+
+
+def same_name(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two `model_identity` records name one model: one hub id, or one local folder by its real path."""
+    return local_path(recorded.get("name_or_path")) == local_path(current.get("name_or_path"))
 
 
 def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
@@ -161,12 +166,8 @@ def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     count (a folder moved, or named by a relative path or a link, is the same model); otherwise a local folder
     counts by its real path, a hub id by itself (its weights may not have been downloaded for one record)."""
     hashed = bool(recorded.get("weights_sha256") and current.get("weights_sha256"))
-
-    def name(identity: dict[str, Any]) -> str | None:
-        return None if hashed else local_path(identity.get("name_or_path"))
-
     others = (recorded.keys() | current.keys()) - {"name_or_path", *(() if hashed else ("weights_sha256",))}
-    return name(recorded) == name(current) and all(recorded.get(key) == current.get(key) for key in others)
+    return (hashed or same_name(recorded, current)) and all(recorded.get(key) == current.get(key) for key in others)
 
 
 def differing_settings(recorded: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
