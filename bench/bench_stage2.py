@@ -344,8 +344,8 @@ def breakdown(args, model, items, loss_of, trainer) -> dict[str, Any]:
 
     sections: dict[str, float] = defaultdict(float)
     in_backward = [False]
-    # The objective's terms run twice more, off the step's clock (not while profiling): alone on leaf copies of the
-    # head's statistics, forward and backward; and forward without autograd, the floor of any hand-written backward.
+    # The objective's terms run once more, off the step's clock (not while profiling): alone on leaf copies of the
+    # head's statistics, forward and backward (their gradients are computed in the forward, in closed form).
     unclocked: dict[str, float] = defaultdict(float)
     rerun_alone = [True]
 
@@ -382,10 +382,6 @@ def breakdown(args, model, items, loss_of, trainer) -> dict[str, Any]:
                     start = time.process_time()
                     objective(batch, leaves, *rest, **k)[0].backward()
                     unclocked[OBJECTIVE_ALONE] += time.process_time() - start
-                    with torch.no_grad():
-                        start = time.process_time()
-                        objective(*a, **k)
-                        unclocked[WITHOUT_AUTOGRAD] += time.process_time() - start
                 return timed("objective: loss terms", objective)(*a, **k)
 
         trainer.objective = TimedObjective()
@@ -840,10 +836,9 @@ NAMES = {"ce": "plain CE loop (baseline)", "tsdkd": "`tsdkd distill` step (Disti
          "tsdkd-direct": "same, direct term only (no indirect or entropy terms; batches grouped by prompt as above)",
          "tsdkd-loop": "TSD-KD loss in the plain loop", "ce-trainer": "transformers Trainer, CE"}
 OBJECTIVE_ALONE = "  the same terms alone, forward and backward (run again, off the clock)"
-WITHOUT_AUTOGRAD = "  the same terms alone, forward without autograd (run again, off the clock)"
 SECTION_ORDER = ["loss (forward incl. model)", "model forward", "head: student statistics, forward",
                  "  of which fused head statistics, forward",
-                 "objective: loss terms", OBJECTIVE_ALONE, WITHOUT_AUTOGRAD, "backward", "  of which fused head statistics, backward", "AdamW step + zero_grad"]
+                 "objective: loss terms", OBJECTIVE_ALONE, "backward", "  of which fused head statistics, backward", "AdamW step + zero_grad"]
 
 
 def print_tables(result: dict[str, Any]) -> None:

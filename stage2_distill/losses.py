@@ -29,12 +29,6 @@ def _zero_probability_safe(logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs.clamp(min=torch.finfo(logprobs.dtype).min)
 
 
-def _kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(p||q) = sum_i p_i (log p_i - log q_i) over the last dim.
-    Both arguments are log-probabilities."""
-    return (p_logprobs.exp() * (p_logprobs - q_logprobs)).sum(-1)
-
-
 def student_bucket_logprobs(
     student_logprobs_full: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -83,20 +77,40 @@ def generalized_jsd(
 ) -> torch.Tensor:
     """JSD_beta = beta KL(p_T||M) + (1-beta) KL(p_S||M), M = beta p_T + (1-beta) p_S, last dim.
     beta=0 is forward KL(p_T||p_S), beta=1 reverse KL(p_S||p_T): TRL's endpoints, not the limits."""
+    return _generalized_jsd(teacher_logprobs, student_logprobs, beta, with_gradient=False)[0]
+
+
+def generalized_jsd_and_gradient(
+    teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generalized_jsd [...], d JSD_beta / d log p_S [..., n] = (1-beta) p_S (log p_S - log M); at beta=0,
+    -p_T (0 where p_S = 0); at beta=1, p_S (log p_S - log p_T + 1)): the gradient without autograd."""
+    return _generalized_jsd(teacher_logprobs, student_logprobs, beta, with_gradient=True)
+
+
+def _generalized_jsd(
+    teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, beta: float, with_gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if beta == 0.0:
+        teacher_logprobs = _zero_probability_safe(teacher_logprobs)
+        teacher_probs = teacher_logprobs.exp()
+        divergence = (teacher_probs * (teacher_logprobs - _zero_probability_safe(student_logprobs))).sum(-1)
+        # At a zero student probability the clamp passes no gradient (KL(p_T||p_S) is unbounded there).
+        return divergence, torch.where(student_logprobs > -math.inf, -teacher_probs, 0.0) if with_gradient else None
     teacher_logprobs = _zero_probability_safe(teacher_logprobs)
     student_logprobs = _zero_probability_safe(student_logprobs)
-    if beta == 0.0:
-        return _kl(teacher_logprobs, student_logprobs)
+    student_probs = student_logprobs.exp()
     if beta == 1.0:
-        return _kl(student_logprobs, teacher_logprobs)
+        student_terms = student_probs * (student_logprobs - teacher_logprobs)
+        return student_terms.sum(-1), student_terms + student_probs if with_gradient else None
     mixture_logprobs = torch.logaddexp(
         teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta)
     )
-    return beta * _kl(teacher_logprobs, mixture_logprobs) + (1.0 - beta) * _kl(
-        student_logprobs, mixture_logprobs
-    )
+    student_terms = student_probs * (student_logprobs - mixture_logprobs)
+    divergence = beta * (teacher_logprobs.exp() * (teacher_logprobs - mixture_logprobs)).sum(-1) + (1.0 - beta) * student_terms.sum(-1)
+    return divergence, (1.0 - beta) * student_terms if with_gradient else None
 
 
 def token_selection_weights(
@@ -152,6 +166,22 @@ def listmle_loss(
 ) -> torch.Tensor:
     """L = -sum_{k<r} [s_k - logsumexp_{j>=k} s_j], s [..., m] best-first, r = num_ranked (or m).
     Positions >= r are tied last (denominators only); item_mask False drops an item: [...]."""
+    return _listmle(scores, num_ranked, item_mask, with_gradient=False)[0]
+
+
+def listmle_loss_and_gradient(
+    scores: torch.Tensor,
+    num_ranked: torch.Tensor | None = None,
+    item_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(listmle_loss [...], dL/ds_j = sum_{k<=j, k gives a term} exp(s_j - logsumexp_{i>=k, i kept} s_i) - [j gives
+    a term] [..., m], 0 on dropped items), a term: k < r and kept: the gradient without autograd."""
+    return _listmle(scores, num_ranked, item_mask, with_gradient=True)
+
+
+def _listmle(
+    scores: torch.Tensor, num_ranked: torch.Tensor | None, item_mask: torch.Tensor | None, with_gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     positions = torch.arange(scores.shape[-1], device=scores.device)
     if num_ranked is None:
         gives_term = torch.ones_like(scores, dtype=torch.bool)
@@ -165,7 +195,17 @@ def listmle_loss(
     # Suffix sums: position k is chosen from the items not yet placed. A prefix (front) logcumsumexp
     # would be the likelihood of the reversed ranking, the authors' bug.
     suffix_logsumexp = scores.flip(-1).logcumsumexp(-1).flip(-1)
-    return -torch.where(gives_term, scores - suffix_logsumexp, 0.0).sum(-1)
+    loss = -torch.where(gives_term, scores - suffix_logsumexp, 0.0).sum(-1)
+    if not with_gradient:
+        return loss, None
+    # sum_{k<=j} exp(s_j - lse_k) = exp(s_j + log sum_{k<=j} exp(-lse_k)), in log space: lse_k can be far
+    # below 0 (a peaked student's top-m) and exp(-lse_k) overflow.
+    with torch.no_grad():
+        chosen_before = torch.where(gives_term, -suffix_logsumexp, -math.inf).logcumsumexp(-1)
+        gradient = torch.exp(scores + chosen_before) - gives_term.to(scores.dtype)
+        if item_mask is not None:  # a kept item scoring near the most negative number would lift a dropped one's
+            gradient = gradient.masked_fill(~item_mask, 0.0)
+    return loss, gradient
 
 
 def decision_prefix_mask(
@@ -196,6 +236,29 @@ def teacher_ordered_listmle(
     """Token-level ranking at n positions: ListMLE of the student's items [n, m] (its top-m, log p_S)
     in the order of the teacher's cached log-probs [n, k]: [n]. Items outside the teacher's top-k
     are tied last, so only the r items inside it give terms."""
+    return _teacher_ordered_listmle(student_item_ids, student_item_logprobs, teacher_topk_ids, teacher_topk_logprobs,
+                                    with_gradient=False)[0]
+
+
+def teacher_ordered_listmle_and_gradient(
+    student_item_ids: torch.Tensor,
+    student_item_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher_ordered_listmle [n], its gradient with respect to student_item_logprobs [n, m]: listmle's, in the
+    items' own order): the gradient without autograd."""
+    return _teacher_ordered_listmle(student_item_ids, student_item_logprobs, teacher_topk_ids, teacher_topk_logprobs,
+                                    with_gradient=True)
+
+
+def _teacher_ordered_listmle(
+    student_item_ids: torch.Tensor,
+    student_item_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    with_gradient: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     with torch.no_grad():
         is_teacher_id = student_item_ids.unsqueeze(-1) == teacher_topk_ids.unsqueeze(-2)
         teacher_item_logprobs = torch.where(
@@ -203,7 +266,10 @@ def teacher_ordered_listmle(
         ).amax(-1)
         teacher_order = teacher_item_logprobs.sort(dim=-1, descending=True, stable=True).indices
         num_ranked = (teacher_item_logprobs > -math.inf).sum(-1)
-    return listmle_loss(student_item_logprobs.gather(-1, teacher_order), num_ranked)
+    per_position, ordered_gradient = _listmle(student_item_logprobs.gather(-1, teacher_order), num_ranked, None, with_gradient)
+    if not with_gradient:
+        return per_position, None
+    return per_position, torch.zeros_like(ordered_gradient).scatter_(-1, teacher_order, ordered_gradient)
 
 
 def token_level_ranking_loss(
@@ -233,14 +299,43 @@ def sequence_level_ranking_loss(
 ) -> torch.Tensor:
     """L_seq = mean over prompts of ListMLE(s in teacher order, rank 0 first), [P, N] -> scalar;
     s_i = beta_p (mean log p_theta(y_i) - mean log p_behaviour(y_i)); empty prompts are skipped."""
+    return _sequence_level_ranking(policy_mean_logprob, behaviour_mean_logprob, teacher_rank, candidate_mask, beta_p,
+                                   with_gradient=False)[0]
+
+
+def sequence_level_ranking_loss_and_gradient(
+    policy_mean_logprob: torch.Tensor,
+    behaviour_mean_logprob: torch.Tensor,
+    teacher_rank: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    beta_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence_level_ranking_loss, its gradient with respect to policy_mean_logprob [P, N], 0 at missing
+    candidates): the gradient without autograd."""
+    return _sequence_level_ranking(policy_mean_logprob, behaviour_mean_logprob, teacher_rank, candidate_mask, beta_p,
+                                   with_gradient=True)
+
+
+def _sequence_level_ranking(
+    policy_mean_logprob: torch.Tensor,
+    behaviour_mean_logprob: torch.Tensor,
+    teacher_rank: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    beta_p: float,
+    with_gradient: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     scores = beta_p * (policy_mean_logprob - behaviour_mean_logprob)
     with torch.no_grad():
         # Missing candidates sort last, so the valid ones form the ranked prefix.
         sort_key = teacher_rank.float().masked_fill(~candidate_mask, math.inf)
         teacher_order = sort_key.sort(dim=-1, stable=True).indices
         ordered_mask = candidate_mask.gather(-1, teacher_order)
-    per_prompt = listmle_loss(scores.gather(-1, teacher_order), item_mask=ordered_mask)
-    return per_prompt.sum() / candidate_mask.any(-1).sum().clamp(min=1)
+    per_prompt, ordered_gradient = _listmle(scores.gather(-1, teacher_order), None, ordered_mask, with_gradient)
+    prompts = candidate_mask.any(-1).sum().clamp(min=1)
+    if not with_gradient:
+        return per_prompt.sum() / prompts, None
+    gradient = torch.zeros_like(ordered_gradient).scatter_(-1, teacher_order, ordered_gradient) * beta_p / prompts
+    return per_prompt.sum() / prompts, gradient
 
 
 def entropy_regularization(
@@ -249,12 +344,25 @@ def entropy_regularization(
     """L_ent = mean of H_S(t) over completion tokens with H_S(t) >= the q-quantile of H_S over the
     batch's completion tokens (torch.quantile's linear interpolation; padding excluded): scalar.
     mask None: every entry is a completion token (flat [N] input)."""
+    entropy = student_entropy if mask is None else student_entropy[mask]
+    # The selection is not differentiated, so L_ent is linear in H_S with these coefficients.
+    return (entropy_regularization_gradient(entropy, quantile) * entropy).sum()
+
+
+def entropy_regularization_gradient(student_entropy: torch.Tensor, quantile: float = 0.1) -> torch.Tensor:
+    """dL_ent/dH_S(t) = [H_S(t) >= q-quantile of H_S] / number of such t, over completion tokens [N] -> [N]
+    (entropy_regularization's gradient with mask None; the quantile interpolates linearly, as torch.quantile)."""
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
-    entropy = student_entropy if mask is None else student_entropy[mask]
-    if entropy.numel() == 0:
-        return entropy.sum()
-    detached = entropy.detach()
-    kept = detached >= torch.quantile(detached, quantile)
-    # A sum over a where, not a boolean index: a GPU needs no sync to size it. The count is >= 1 (the maximum).
-    return torch.where(kept, entropy, 0.0).sum() / kept.sum()
+    detached = student_entropy.detach()
+    if detached.numel() == 0:
+        return detached
+    # torch.quantile's linear interpolation from one sort (torch.quantile costs several times a sort), its rank
+    # q (n - 1) computed as torch.quantile does, in the entropies' dtype, so that the same tokens are kept. On
+    # the host: no wait for a GPU.
+    rank = torch.tensor(quantile, dtype=detached.dtype) * (len(detached) - 1)
+    below, above = int(rank), int(rank.ceil())
+    ascending = detached.sort().values
+    kept = detached >= torch.lerp(ascending[below], ascending[above], float(rank - below))
+    # A division by the count, not a boolean index: a GPU needs no sync to size it. The count is >= 1 (the maximum).
+    return kept.to(detached.dtype) / kept.sum()

@@ -259,7 +259,7 @@ def cast_keeping_shared(state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
 def keep_float32_outputs(plugin: Any) -> None:
     """FSDP2's mixed precision casts the root module's float outputs to output_dtype, which accelerate sets to
     the training dtype (bf16). Here those outputs are the head's float32 statistics: bf16 would round every
-    loss input (and the entropy term's quantile refuses it). Unset before the Trainer wraps the model."""
+    loss input. Unset before the Trainer wraps the model."""
     policy = getattr(plugin, "mixed_precision_policy", None)
     if getattr(policy, "output_dtype", None) is not None:
         plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)

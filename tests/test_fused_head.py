@@ -24,6 +24,7 @@ from stage2_distill.losses import (
     sequence_level_ranking_loss,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
+    teacher_ordered_listmle,
     token_level_ranking_loss,
     token_selection_weights,
 )
@@ -437,6 +438,85 @@ def test_objective_on_fused_statistics_equals_the_autograd_composite(options, ch
     former_grads = torch.autograd.grad(former_loss, (hidden_states, weight))
     for got, expected in zip(new_grads, former_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def autograd_objective(objective: Objective, batch, stats: TokenStatistics, counts: StepCounts) -> dict[str, torch.Tensor]:
+    """Each term of the objective straight from the losses in losses.py, recorded by autograd, per-sequence means
+    by loops: the reference for the Objective's closed-form gradients."""
+    mask = batch["completion_mask"]
+    rows, steps = mask.nonzero(as_tuple=True)
+    tokens = counts.tokens
+    terms = {}
+    if objective.direct:
+        teacher = teacher_bucket_logprobs(batch["teacher_topk_logprobs"][mask], batch["teacher_tail_mass"][mask],
+                                          objective.renormalize_topk)
+        weights = torch.ones_like(stats.entropy)
+        if objective.selection:
+            student_entropy, teacher_entropy = stats.entropy, batch["teacher_entropy"][mask]
+            if objective.weight_entropy == "buckets":
+                student_entropy = bucket_entropy(stats.bucket_logprobs)
+                teacher_entropy = bucket_entropy(teacher) if objective.renormalize_topk else teacher_entropy
+            weights = token_selection_weights(student_entropy, teacher_entropy, None, objective.tau_w,
+                                              objective.selection_fraction)
+        terms["direct"] = direct_distillation_loss(teacher, stats.bucket_logprobs, weights, None, objective.jsd_beta, tokens)
+    if objective.sft:
+        terms["sft"] = -stats.target_logprob.sum() / tokens
+    if objective.token_ranking:
+        ranked_rows, ranked_steps = rows[stats.ranked_index], steps[stats.ranked_index]
+        per_position = teacher_ordered_listmle(stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"][ranked_rows, ranked_steps],
+                                               batch["teacher_topk_logprobs"][ranked_rows, ranked_steps])
+        terms["indirect_token"] = sum(per_position[ranked_rows == row].mean() for row in ranked_rows.unique()) / counts.sequences
+    if objective.sequence_ranking:
+        policy = torch.stack([stats.target_logprob[rows == row].mean() for row in range(len(mask))])
+        behaviour = torch.stack([batch["behaviour_logprobs"][row][mask[row]].mean() for row in range(len(mask))])
+        candidates = batch["candidates_by_rank"]
+        present, slots = candidates >= 0, candidates.clamp(min=0)
+        terms["indirect_sequence"] = sequence_level_ranking_loss(policy[slots], behaviour[slots], batch["teacher_rank"][slots],
+                                                                 present, objective.beta_p) * len(candidates) / counts.prompts
+    if objective.entropy:
+        terms["entropy"] = entropy_regularization(stats.entropy, None, objective.entropy_quantile) * len(rows) / tokens
+    return terms
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"loss": "sft"}, {"loss": "kd"}, {"loss": "gkd"}, {"loss": "gkd", "jsd_beta": 1.0},
+    {"renormalize_topk": True, "prefix_entropy_fraction": 0.5, "jsd_beta": 0.3, "beta_p": 0.5},
+    {"selection_fraction": 0.4, "indirect": "token", "alpha": 0.7}, {"indirect": "sequence", "lambda_ent": 0.2},
+    {"no_selection": True, "entropy_quantile": 0.6, "tau_w": 0.5},
+])
+@pytest.mark.parametrize("teacher_entropy", ["exact", "estimated_topk_buckets"])
+def test_objective_closed_form_gradients_equal_autograd(options, teacher_entropy):
+    """The Objective's loss, metrics and gradients (computed beside the value, handed to autograd at the end)
+    equal autograd through each term's loss function, for every preset and switch."""
+    batch = synthetic_batch(26)
+    # A candidate missing from the second prompt: the sequence ranking's dropped items.
+    batch["candidates_by_rank"] = torch.tensor([[1, 0], [2, -1]])
+    mask = batch["completion_mask"]
+    objective = Objective.from_config(DistillConfig(**options), teacher_entropy)
+    counts = StepCounts(mask.sum().to(F64) + 3, torch.tensor(5.0, dtype=F64), torch.tensor(3.0, dtype=F64))
+    hidden_states, weight, _, _ = random_inputs(27, tokens=int(mask.sum()), scale=2.0)
+    fused = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                               4, VOCAB, objective.renormalize_topk, 10 if objective.token_ranking else 0,
+                               objective.ranked_positions if objective.token_ranking else None)
+    stats = TokenStatistics(*(value.detach().requires_grad_(True) if value is not None and value.is_floating_point() else value
+                              for value in fused))
+    leaves = [value for value in stats if value is not None and value.requires_grad]
+    loss, metrics = objective(batch, stats, counts)
+    expected_terms = autograd_objective(objective, batch, stats, counts)
+    assert expected_terms.keys() <= metrics.keys()
+    for name, value in expected_terms.items():
+        torch.testing.assert_close(metrics[name], value.detach(), rtol=1e-12, atol=1e-14, msg=name)
+    expected_loss = sum(value * {"indirect_token": objective.alpha, "indirect_sequence": objective.alpha,
+                                 "entropy": objective.lambda_ent}.get(name, 1.0) for name, value in expected_terms.items())
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-14)
+    got = torch.autograd.grad(3 * loss, leaves, allow_unused=True)
+    expected = torch.autograd.grad(3 * expected_loss, leaves, allow_unused=True)
+    for name, got_gradient, expected_gradient in zip([n for n, v in stats._asdict().items() if v is not None and v.requires_grad],
+                                                     got, expected):
+        if expected_gradient is None:
+            assert got_gradient is None or (got_gradient == 0).all(), name
+        else:
+            torch.testing.assert_close(got_gradient, expected_gradient, rtol=1e-10, atol=1e-13, msg=name)
 
 
 @pytest.mark.parametrize("renormalize_topk", [False, True])

@@ -20,12 +20,17 @@ from stage2_distill.losses import (
     decision_prefix_mask,
     direct_distillation_loss,
     entropy_regularization,
+    entropy_regularization_gradient,
     generalized_jsd,
+    generalized_jsd_and_gradient,
     listmle_loss,
+    listmle_loss_and_gradient,
     sequence_level_ranking_loss,
+    sequence_level_ranking_loss_and_gradient,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
     teacher_ordered_listmle,
+    teacher_ordered_listmle_and_gradient,
     token_level_ranking_loss,
     token_selection_weights,
 )
@@ -565,6 +570,113 @@ def test_flat_inputs_equal_masked_inputs():
             assert (got is None) == (expected is None)
             if got is not None:
                 torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
+# ---------------------------------------------------------------- closed-form gradients (the Objective's)
+
+
+def autograd_gradient(loss_fn, inputs: torch.Tensor) -> torch.Tensor:
+    leaf = inputs.detach().clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(loss_fn(leaf).sum(), leaf)
+    return gradient
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.9, 1.0])
+def test_generalized_jsd_gradient_equals_autograd(beta):
+    """Including zero-probability buckets on either side (log-prob -inf), as a clamped tail or an
+    unreachable teacher id gives them."""
+    rng = generator(40)
+    teacher = torch.log_softmax(2 * torch.randn(6, 5, generator=rng, dtype=F64), -1)
+    student = torch.log_softmax(2 * torch.randn(6, 5, generator=rng, dtype=F64), -1)
+    teacher[0, 1] = -math.inf
+    student[1, 2] = -math.inf
+    expected = autograd_gradient(lambda s: generalized_jsd(teacher, s, beta), student)
+    divergence, got = generalized_jsd_and_gradient(teacher, student, beta)
+    assert divergence.equal(generalized_jsd(teacher, student, beta))
+    assert torch.isfinite(got[1:]).all()
+    # Reverse KL against a zero teacher probability is unbounded: both give the same huge number there.
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError):
+        generalized_jsd_and_gradient(teacher, student, -0.1)
+
+
+def test_listmle_gradient_equals_autograd():
+    """Full rankings, partial ones (num_ranked), dropped items, and a row with every item dropped."""
+    scores = 3 * torch.randn(5, 6, generator=generator(41), dtype=F64)
+    num_ranked = torch.tensor([6, 2, 0, 4, 1])
+    item_mask = torch.tensor([[True] * 6, [True, False, True, True, False, True], [True] * 6,
+                              [False] * 6, [True] * 5 + [False]])
+    for ranked, dropped in [(None, None), (num_ranked, None), (None, item_mask), (num_ranked, item_mask)]:
+        expected = autograd_gradient(lambda s: listmle_loss(s, ranked, dropped), scores)
+        loss, got = listmle_loss_and_gradient(scores, ranked, dropped)
+        assert loss.equal(listmle_loss(scores, ranked, dropped))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+        if dropped is not None:
+            assert (got[~dropped] == 0).all()
+
+
+def test_listmle_gradient_in_float32_far_below_zero():
+    """A peaked student's top-m log-probs reach -100 and beyond, where exp(-logsumexp) overflows float32: the
+    gradient (taken in log space) stays as close to float64's as autograd's own is. And a kept item at the most
+    negative number leaves a dropped item's gradient 0."""
+    scores = torch.tensor([[0.0, -40.0, -100.0, -150.0, -1e4], [-90.0, -95.0, -99.0, -200.0, -3e4]], dtype=F64)
+    exact = autograd_gradient(lambda s: listmle_loss(s), scores)
+    autograd_float32 = autograd_gradient(lambda s: listmle_loss(s), scores.float())
+    _, got = listmle_loss_and_gradient(scores.float())
+    assert torch.isfinite(got).all()
+    assert (got.double() - exact).abs().max() <= max((autograd_float32.double() - exact).abs().max().item(), 1e-6)
+    tiny = torch.tensor([[1.0, torch.finfo(torch.float32).min, -2.0]])
+    dropped_last = torch.tensor([[True, True, False]])
+    _, got = listmle_loss_and_gradient(tiny, item_mask=dropped_last)
+    assert got[0, 2] == 0
+    torch.testing.assert_close(got, autograd_gradient(lambda s: listmle_loss(s, item_mask=dropped_last), tiny))
+
+
+def test_ranking_gradients_equal_autograd():
+    """The token-level ranking's gradient with respect to the student's item log-probs (in their own order), and
+    the sequence-level one's with respect to the mean log-probs (0 at missing candidates, none for an empty prompt)."""
+    rng = generator(42)
+    item_logprobs = torch.log_softmax(torch.randn(4, 12, generator=rng, dtype=F64), -1).topk(5, -1)
+    teacher = torch.log_softmax(torch.randn(4, 12, generator=rng, dtype=F64), -1).topk(3, -1)
+    per_position, got = teacher_ordered_listmle_and_gradient(item_logprobs.indices, item_logprobs.values, teacher.indices,
+                                                             teacher.values)
+    assert per_position.equal(teacher_ordered_listmle(item_logprobs.indices, item_logprobs.values, teacher.indices, teacher.values))
+    expected = autograd_gradient(lambda s: teacher_ordered_listmle(item_logprobs.indices, s, teacher.indices, teacher.values),
+                                 item_logprobs.values)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+    policy = -torch.rand(3, 4, generator=rng, dtype=F64)
+    behaviour = -torch.rand(3, 4, generator=rng, dtype=F64)
+    rank = torch.tensor([[2, 0, 3, 1], [0, 1, 2, 3], [1, 0, 2, 3]])
+    present = torch.tensor([[True, True, True, True], [True, False, True, False], [False] * 4])
+    loss, got = sequence_level_ranking_loss_and_gradient(policy, behaviour, rank, present, 0.7)
+    assert loss.equal(sequence_level_ranking_loss(policy, behaviour, rank, present, 0.7))
+    expected = autograd_gradient(lambda p: sequence_level_ranking_loss(p, behaviour, rank, present, 0.7), policy)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert (got[~present] == 0).all()
+
+
+def test_entropy_regularization_gradient_equals_autograd():
+    """With ties at the quantile (kept, as >= keeps them), and no tokens at all."""
+    entropy = torch.tensor([0.5, 2.0, 1.0, 1.0, 3.0, 1.0, 0.1], dtype=F64)
+    for quantile in (0.0, 0.3, 0.5, 1.0):
+        expected = autograd_gradient(lambda h: entropy_regularization(h, None, quantile), entropy)
+        torch.testing.assert_close(entropy_regularization_gradient(entropy, quantile), expected, rtol=1e-15, atol=0)
+    assert entropy_regularization_gradient(torch.tensor([0.5, 1.0, 1.0, 1.0], dtype=F64), 0.5).tolist() == [0, 1 / 3, 1 / 3, 1 / 3]
+    # The same tokens as torch.quantile keeps, whose rank q (n - 1) is rounded to the input's dtype (the
+    # first of these differed when computed in double precision), with ties, in float32 and float64.
+    cases = [(51, 0.3, torch.float32, 1), *itertools.product((1, 2, 7, 51, 100, 267), (0.0, 0.1, 0.3, 0.37, 0.6, 0.95, 1.0),
+                                                              (torch.float32, F64), range(2, 8))]
+    for size, quantile, dtype, seed in cases:
+        random_entropy = torch.rand(size, generator=generator(seed), dtype=dtype) * 4
+        if seed % 3 == 0:
+            random_entropy = random_entropy.round()
+        kept = random_entropy >= torch.quantile(random_entropy, quantile)
+        assert entropy_regularization_gradient(random_entropy, quantile).equal(kept.to(dtype) / kept.sum()), (size, quantile, dtype, seed)
+    empty = torch.zeros(0, dtype=F64, requires_grad=True)
+    assert entropy_regularization(empty, None).item() == 0 and entropy_regularization_gradient(empty).shape == (0,)
+    with pytest.raises(ValueError):
+        entropy_regularization_gradient(entropy, 1.5)
 
 
 # ---------------------------------------------------------------- padding invariance
