@@ -572,7 +572,8 @@ def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str,
                       "names no base model or license")
     data = ModelCardData(base_model=cfg.student if is_hub_id(cfg.student) else earlier.base_model,
                          license=earlier.license, license_name=earlier.license_name, license_link=earlier.license_link,
-                         language=earlier.language, library_name="transformers", tags=["tsdkd", "knowledge-distillation"])
+                         language=earlier.language, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["tsdkd", "knowledge-distillation"])
     rows = "\n".join(f"| {_shown(folder_name)} | {manifest['round']} | {_shown(manifest['teacher']['name_or_path'])} | "
                      f"{manifest['stats']['candidates']} |" for folder_name, manifest in zip(cfg.signals, manifests))
     body = f"""# A student distilled with tsdkd

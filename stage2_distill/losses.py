@@ -84,7 +84,7 @@ def generalized_jsd_and_gradient(
     teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(generalized_jsd [...], d JSD_beta / d log p_S [..., n] = (1-beta) p_S (log p_S - log M); at beta=0,
-    -p_T (0 where p_S = 0); at beta=1, p_S (log p_S - log p_T + 1)): the gradient without autograd."""
+    -p_T (0 where log p_S = -inf); at beta=1, p_S (log p_S - log p_T + 1)): the gradient without autograd."""
     return _generalized_jsd(teacher_logprobs, student_logprobs, beta, with_gradient=True)
 
 
@@ -354,14 +354,16 @@ def entropy_regularization_gradient(student_entropy: torch.Tensor, quantile: flo
     (entropy_regularization's gradient with mask None; the quantile interpolates linearly, as torch.quantile)."""
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
+    if student_entropy.dim() != 1:
+        raise ValueError(f"student_entropy must be flat [N], got shape {tuple(student_entropy.shape)}")
     detached = student_entropy.detach()
     if detached.numel() == 0:
         return detached
     # torch.quantile's linear interpolation from one sort (torch.quantile costs several times a sort), its rank
-    # q (n - 1) computed as torch.quantile does, in the entropies' dtype, so that the same tokens are kept. On
-    # the host: no wait for a GPU.
-    rank = torch.tensor(quantile, dtype=detached.dtype) * (len(detached) - 1)
-    below, above = int(rank), int(rank.ceil())
+    # q (n - 1) computed as torch.quantile does, in float32 or float64 as the entropies, so that the same tokens
+    # are kept (bf16 would round it past the end). On the host: no wait for a GPU.
+    rank = torch.tensor(quantile, dtype=torch.promote_types(detached.dtype, torch.float32), device="cpu") * (len(detached) - 1)
+    below, above = int(rank), min(int(rank.ceil()), len(detached) - 1)
     ascending = detached.sort().values
     kept = detached >= torch.lerp(ascending[below], ascending[above], float(rank - below))
     # A division by the count, not a boolean index: a GPU needs no sync to size it. The count is >= 1 (the maximum).

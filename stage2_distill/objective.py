@@ -116,6 +116,7 @@ class Objective:
         gradients: dict[str, torch.Tensor] = {}
 
         def add_gradient(field: str, gradient: torch.Tensor) -> None:
+            gradient = gradient.to(getattr(stats, field).dtype)  # float64 teacher signals give float64 terms
             gradients[field] = gradients[field] + gradient if field in gradients else gradient
 
         loss = stats.entropy.new_zeros(())
@@ -183,7 +184,7 @@ class Objective:
         tokens_per_sequence = mask.sum(-1).clamp(min=1)
         policy_mean = stats.target_logprob.new_zeros(len(mask)).index_add_(0, rows, stats.target_logprob) / tokens_per_sequence
         # where, not a product with the mask: padding may hold anything, NaN included.
-        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / tokens_per_sequence
+        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1).to(policy_mean.dtype) / tokens_per_sequence
         candidates = batch["candidates_by_rank"]
         present, slots = candidates >= 0, candidates.clamp(min=0)
         value, slot_gradient = sequence_level_ranking_loss_and_gradient(

@@ -91,8 +91,8 @@ def test_the_student_has_a_model_card_with_the_students_license(small_dataset, t
     for folder, source in (("carried", student), ("plain", TOY_STUDENT)):
         assert run_cli(*distill_args(small_dataset, tmp_path / folder, "--max-steps", "2", student=source)).exit_code == 0
     card = ModelCard.load(tmp_path / "carried/README.md")
-    assert (card.data.license, card.data.base_model, card.data.library_name) == \
-        ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "transformers")
+    assert (card.data.license, card.data.base_model, card.data.library_name, card.data.pipeline_tag) == \
+        ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "transformers", "text-generation")
     assert "tsdkd" in card.data.tags
     # Paths by their last part, a `student` or `signals` folder (a round's) with its parent.
     assert f"trained `{tmp_path.name}/student` for 2 optimizer steps" in card.text

@@ -519,6 +519,28 @@ def test_objective_closed_form_gradients_equal_autograd(options, teacher_entropy
             torch.testing.assert_close(got_gradient, expected_gradient, rtol=1e-10, atol=1e-13, msg=name)
 
 
+def test_objective_gradients_take_the_statistics_dtype():
+    """float32 head statistics with float64 teacher signals: the gradients are float32 (as the statistics), and as
+    close to the float64 ones as float32 allows."""
+    batch = synthetic_batch(32)
+    mask = batch["completion_mask"]
+    objective = Objective.from_config(DistillConfig(), "exact")
+    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
+    hidden_states, weight, _, _ = random_inputs(33, tokens=int(mask.sum()), scale=2.0)
+    fused = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                               4, VOCAB, False, 10, objective.ranked_positions)
+    gradients = {}
+    for dtype in (F64, torch.float32):
+        stats = TokenStatistics(*(value.detach().to(dtype).requires_grad_(True) if value is not None and value.is_floating_point()
+                                  else value for value in fused))
+        loss, _ = objective(batch, stats, counts)
+        leaves = [value for value in stats if value is not None and value.requires_grad]
+        gradients[dtype] = torch.autograd.grad(loss, leaves)
+    for exact, rounded in zip(gradients[F64], gradients[torch.float32]):
+        assert rounded.dtype == torch.float32
+        torch.testing.assert_close(rounded.double(), exact, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("renormalize_topk", [False, True])
 def test_token_weights_compare_entropies_over_the_same_buckets(renormalize_topk):
     """With a teacher entropy estimated over its k+1 buckets (vLLM), the weight's H_S is taken over the
