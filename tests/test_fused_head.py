@@ -519,16 +519,22 @@ def test_objective_closed_form_gradients_equal_autograd(options, teacher_entropy
             torch.testing.assert_close(got_gradient, expected_gradient, rtol=1e-10, atol=1e-13, msg=name)
 
 
-def test_objective_gradients_take_the_statistics_dtype():
-    """float32 head statistics with float64 teacher signals: the gradients are float32 (as the statistics), and as
-    close to the float64 ones as float32 allows."""
-    batch = synthetic_batch(32)
+def default_objective_inputs(seed: int, chunk_size: int):
+    """(batch, the default TSD-KD objective, its counts, the fused head's statistics, (hidden states, head weight))."""
+    batch = synthetic_batch(seed)
     mask = batch["completion_mask"]
     objective = Objective.from_config(DistillConfig(), "exact")
     counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
-    hidden_states, weight, _, _ = random_inputs(33, tokens=int(mask.sum()), scale=2.0)
-    fused = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
-                               4, VOCAB, False, 10, objective.ranked_positions)
+    hidden_states, weight, _, _ = random_inputs(seed + 1, tokens=int(mask.sum()), scale=2.0)
+    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                               chunk_size, VOCAB, False, 10, objective.ranked_positions)
+    return batch, objective, counts, stats, (hidden_states, weight)
+
+
+def test_objective_gradients_take_the_statistics_dtype():
+    """float32 head statistics with float64 teacher signals: the gradients are float32 (as the statistics), and as
+    close to the float64 ones as float32 allows."""
+    batch, objective, counts, fused, _ = default_objective_inputs(32, chunk_size=4)
     gradients = {}
     for dtype in (F64, torch.float32):
         stats = TokenStatistics(*(value.detach().to(dtype).requires_grad_(True) if value is not None and value.is_floating_point()
@@ -598,13 +604,8 @@ def test_no_top_items_without_token_ranking():
 def test_objective_ignores_padded_positions():
     """NaN and out-of-range garbage in the padded positions of every batch field change no loss term,
     metric or gradient: the objective reads the completion tokens only."""
-    batch = synthetic_batch(24)
+    batch, objective, counts, stats, (hidden_states, weight) = default_objective_inputs(24, chunk_size=8)
     mask = batch["completion_mask"]
-    objective = Objective.from_config(DistillConfig(), "exact")
-    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
-    hidden_states, weight, _, _ = random_inputs(25, tokens=int(mask.sum()), scale=2.0)
-    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
-                               8, VOCAB, False, 10, objective.ranked_positions)
     garbage = dict(batch)
     for name, values in batch.items():
         if name != "completion_mask" and values.shape[:2] == mask.shape:
