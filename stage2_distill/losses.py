@@ -93,13 +93,12 @@ def _generalized_jsd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    teacher_logprobs = _zero_probability_safe(teacher_logprobs)
     if beta == 0.0:
-        teacher_logprobs = _zero_probability_safe(teacher_logprobs)
         teacher_probs = teacher_logprobs.exp()
         divergence = (teacher_probs * (teacher_logprobs - _zero_probability_safe(student_logprobs))).sum(-1)
         # At a zero student probability the clamp passes no gradient (KL(p_T||p_S) is unbounded there).
         return divergence, torch.where(student_logprobs > -math.inf, -teacher_probs, 0.0) if with_gradient else None
-    teacher_logprobs = _zero_probability_safe(teacher_logprobs)
     student_logprobs = _zero_probability_safe(student_logprobs)
     student_probs = student_logprobs.exp()
     if beta == 1.0:
@@ -174,24 +173,24 @@ def listmle_loss_and_gradient(
     num_ranked: torch.Tensor | None = None,
     item_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(listmle_loss [...], dL/ds_j = sum_{k<=j, k gives a term} exp(s_j - logsumexp_{i>=k, i kept} s_i) - [j gives
-    a term] [..., m], 0 on dropped items), a term: k < r and kept: the gradient without autograd."""
+    """(listmle_loss [...], dL/ds_j = sum_{k<=j, k in R} exp(s_j - logsumexp_{i>=k, i kept} s_i) - 1[j in R]: [..., m],
+    0 on dropped items), R = the kept positions k < r: the gradient without autograd."""
     return _listmle(scores, num_ranked, item_mask, with_gradient=True)
 
 
 def _listmle(
     scores: torch.Tensor, num_ranked: torch.Tensor | None, item_mask: torch.Tensor | None, with_gradient: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    positions = torch.arange(scores.shape[-1], device=scores.device)
-    if num_ranked is None:
-        gives_term = torch.ones_like(scores, dtype=torch.bool)
-    else:
-        gives_term = positions < num_ranked.unsqueeze(-1)
-    if item_mask is not None:
+    dropped = None if item_mask is None else ~item_mask
+    if dropped is not None:
         # exp of the most negative finite number is exactly 0, so the item leaves every denominator,
         # while logcumsumexp's backward stays finite (with -inf it returns NaN).
-        scores = scores.masked_fill(~item_mask, torch.finfo(scores.dtype).min)
-        gives_term = gives_term & item_mask
+        scores = scores.masked_fill(dropped, torch.finfo(scores.dtype).min)
+    if num_ranked is None:
+        gives_term = item_mask if item_mask is not None else torch.ones_like(scores, dtype=torch.bool)
+    else:
+        gives_term = torch.arange(scores.shape[-1], device=scores.device) < num_ranked.unsqueeze(-1)
+        gives_term = gives_term if item_mask is None else gives_term & item_mask
     # Suffix sums: position k is chosen from the items not yet placed. A prefix (front) logcumsumexp
     # would be the likelihood of the reversed ranking, the authors' bug.
     suffix_logsumexp = scores.flip(-1).logcumsumexp(-1).flip(-1)
@@ -203,8 +202,8 @@ def _listmle(
     with torch.no_grad():
         chosen_before = torch.where(gives_term, -suffix_logsumexp, -math.inf).logcumsumexp(-1)
         gradient = torch.exp(scores + chosen_before) - gives_term.to(scores.dtype)
-        if item_mask is not None:  # a kept item scoring near the most negative number would lift a dropped one's
-            gradient = gradient.masked_fill(~item_mask, 0.0)
+        if dropped is not None:  # a kept item scoring near the most negative number would lift a dropped one's
+            gradient = gradient.masked_fill(dropped, 0.0)
     return loss, gradient
 
 
@@ -246,8 +245,8 @@ def teacher_ordered_listmle_and_gradient(
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher_ordered_listmle [n], its gradient with respect to student_item_logprobs [n, m]: listmle's, in the
-    items' own order): the gradient without autograd."""
+    """(teacher_ordered_listmle [n], dL/d log p_S(item j) = listmle's dL/ds at item j's place in the teacher's order:
+    [n, m], in the items' own order): the gradient without autograd."""
     return _teacher_ordered_listmle(student_item_ids, student_item_logprobs, teacher_topk_ids, teacher_topk_logprobs,
                                     with_gradient=True)
 
@@ -299,43 +298,14 @@ def sequence_level_ranking_loss(
 ) -> torch.Tensor:
     """L_seq = mean over prompts of ListMLE(s in teacher order, rank 0 first), [P, N] -> scalar;
     s_i = beta_p (mean log p_theta(y_i) - mean log p_behaviour(y_i)); empty prompts are skipped."""
-    return _sequence_level_ranking(policy_mean_logprob, behaviour_mean_logprob, teacher_rank, candidate_mask, beta_p,
-                                   with_gradient=False)[0]
-
-
-def sequence_level_ranking_loss_and_gradient(
-    policy_mean_logprob: torch.Tensor,
-    behaviour_mean_logprob: torch.Tensor,
-    teacher_rank: torch.Tensor,
-    candidate_mask: torch.Tensor,
-    beta_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence_level_ranking_loss, its gradient with respect to policy_mean_logprob [P, N], 0 at missing
-    candidates): the gradient without autograd."""
-    return _sequence_level_ranking(policy_mean_logprob, behaviour_mean_logprob, teacher_rank, candidate_mask, beta_p,
-                                   with_gradient=True)
-
-
-def _sequence_level_ranking(
-    policy_mean_logprob: torch.Tensor,
-    behaviour_mean_logprob: torch.Tensor,
-    teacher_rank: torch.Tensor,
-    candidate_mask: torch.Tensor,
-    beta_p: float,
-    with_gradient: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
     scores = beta_p * (policy_mean_logprob - behaviour_mean_logprob)
     with torch.no_grad():
         # Missing candidates sort last, so the valid ones form the ranked prefix.
         sort_key = teacher_rank.float().masked_fill(~candidate_mask, math.inf)
         teacher_order = sort_key.sort(dim=-1, stable=True).indices
         ordered_mask = candidate_mask.gather(-1, teacher_order)
-    per_prompt, ordered_gradient = _listmle(scores.gather(-1, teacher_order), None, ordered_mask, with_gradient)
-    prompts = candidate_mask.any(-1).sum().clamp(min=1)
-    if not with_gradient:
-        return per_prompt.sum() / prompts, None
-    gradient = torch.zeros_like(ordered_gradient).scatter_(-1, teacher_order, ordered_gradient) * beta_p / prompts
-    return per_prompt.sum() / prompts, gradient
+    per_prompt = listmle_loss(scores.gather(-1, teacher_order), item_mask=ordered_mask)
+    return per_prompt.sum() / candidate_mask.any(-1).sum().clamp(min=1)
 
 
 def entropy_regularization(

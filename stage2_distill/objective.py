@@ -18,7 +18,7 @@ through losses.py's functions, for every preset and switch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +28,7 @@ from stage2_distill.losses import (
     decision_prefix_mask,
     entropy_regularization_gradient,
     generalized_jsd_and_gradient,
-    sequence_level_ranking_loss_and_gradient,
+    listmle_loss_and_gradient,
     teacher_bucket_logprobs,
     teacher_ordered_listmle_and_gradient,
     token_selection_weights,
@@ -114,12 +114,16 @@ class Objective:
         tokens = counts.tokens
         metrics: dict[str, torch.Tensor] = {"student_entropy": stats.entropy.sum() / tokens}
         gradients: dict[str, torch.Tensor] = {}
+        loss = stats.entropy.new_zeros(())
 
-        def add_gradient(field: str, gradient: torch.Tensor) -> None:
-            gradient = gradient.to(getattr(stats, field).dtype)  # float64 teacher signals give float64 terms
+        def add_term(name: str, weight: float, value: torch.Tensor, field: str, gradient: torch.Tensor) -> None:
+            """Term `name` = value enters the loss as weight x value, and its gradient d value / d stats.field alike."""
+            nonlocal loss
+            metrics[name] = value
+            loss = loss + weight * value
+            gradient = (weight * gradient).to(getattr(stats, field).dtype)  # float64 teacher signals give float64 terms
             gradients[field] = gradients[field] + gradient if field in gradients else gradient
 
-        loss = stats.entropy.new_zeros(())
         if self.direct:
             teacher_topk_logprobs = batch["teacher_topk_logprobs"][rows, steps]
             teacher = teacher_bucket_logprobs(teacher_topk_logprobs, batch["teacher_tail_mass"][rows, steps], self.renormalize_topk)
@@ -134,35 +138,28 @@ class Objective:
                 weights = token_selection_weights(student_entropy, teacher_entropy, None, self.tau_w, self.selection_fraction)
             else:
                 weights = torch.ones_like(stats.entropy)
-            # direct_distillation_loss, with its gradient.
+            # direct_distillation_loss over the step's tokens (the tests hold it to that function).
             divergence, divergence_gradient = generalized_jsd_and_gradient(teacher, stats.bucket_logprobs, self.jsd_beta)
             token_shares = weights / tokens
-            metrics["direct"] = (token_shares * divergence).sum()
-            add_gradient("bucket_logprobs", token_shares.unsqueeze(-1) * divergence_gradient)
-            metrics["token_weight_mean"] = weights.sum() / tokens
+            add_term("direct", 1.0, (token_shares * divergence).sum(), "bucket_logprobs", token_shares.unsqueeze(-1) * divergence_gradient)
+            metrics["token_weight_mean"] = token_shares.sum()
             metrics["selected_fraction"] = (weights > 0.5).sum() / tokens
-            loss = loss + metrics["direct"]
         if self.sft:
-            metrics["sft"] = -stats.target_logprob.sum() / tokens
-            add_gradient("target_logprob", (-1 / tokens).expand_as(stats.target_logprob))
-            loss = loss + metrics["sft"]
+            add_term("sft", 1.0, -stats.target_logprob.sum() / tokens, "target_logprob", (-1 / tokens).expand_as(stats.target_logprob))
         if self.token_ranking:
-            metrics["indirect_token"] = self._token_ranking(batch, stats, rows, steps, counts, add_gradient)
-            loss = loss + self.alpha * metrics["indirect_token"]
+            add_term("indirect_token", self.alpha, *self._token_ranking(batch, stats, rows, steps, counts))
         if self.sequence_ranking:
-            metrics["indirect_sequence"] = self._sequence_ranking(batch, stats, rows, counts, add_gradient)
-            loss = loss + self.alpha * metrics["indirect_sequence"]
+            add_term("indirect_sequence", self.alpha, *self._sequence_ranking(batch, stats, rows, counts))
         if self.entropy:
             # Over this micro-batch's tokens, as a share of the step's.
             coefficients = entropy_regularization_gradient(stats.entropy, self.entropy_quantile) * (len(rows) / tokens)
-            metrics["entropy"] = (coefficients * stats.entropy).sum()
-            add_gradient("entropy", self.lambda_ent * coefficients)
-            loss = loss + self.lambda_ent * metrics["entropy"]
+            add_term("entropy", self.lambda_ent, (coefficients * stats.entropy).sum(), "entropy", coefficients)
         return loss, gradients, metrics
 
     def _token_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor, steps: torch.Tensor,
-                       counts: StepCounts, add_gradient: Callable[[str, torch.Tensor], None]) -> torch.Tensor:
-        """Sum over this micro-batch's sequences of the mean ListMLE of their ranked positions, over the step's sequences."""
+                       counts: StepCounts) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """(Sum over this micro-batch's sequences of the mean ListMLE of their ranked positions, over the step's sequences;
+        "topm_logprobs"; its gradient)."""
         ranked_rows, ranked_steps = rows[stats.ranked_index], steps[stats.ranked_index]
         per_position, item_gradient = teacher_ordered_listmle_and_gradient(
             stats.topm_ids, stats.topm_logprobs, batch["teacher_topk_ids"][ranked_rows, ranked_steps],
@@ -173,37 +170,35 @@ class Objective:
         positions_per_sequence = per_position.new_zeros(len(batch["completion_mask"])).index_add_(
             0, ranked_rows, torch.ones_like(per_position)).clamp_(min=1)
         position_weights = 1 / (positions_per_sequence[ranked_rows] * counts.sequences)
-        add_gradient("topm_logprobs", item_gradient * (self.alpha * position_weights).unsqueeze(-1))
-        return (per_position * position_weights).sum()
+        return (per_position * position_weights).sum(), "topm_logprobs", item_gradient * position_weights.unsqueeze(-1)
 
-    def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor, counts: StepCounts,
-                          add_gradient: Callable[[str, torch.Tensor], None]) -> torch.Tensor:
-        """Sum over this micro-batch's prompts of the ListMLE of its candidates (laid out by the data pipeline
-        as `candidates_by_rank`), over the step's prompts; `rows` are the completion tokens' sequences."""
+    def _sequence_ranking(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, rows: torch.Tensor,
+                          counts: StepCounts) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """(Sum over this micro-batch's prompts of the ListMLE of its candidates, over the step's prompts;
+        "target_logprob"; its gradient). `rows` are the completion tokens' sequences."""
         mask = batch["completion_mask"]
         tokens_per_sequence = mask.sum(-1).clamp(min=1)
         policy_mean = stats.target_logprob.new_zeros(len(mask)).index_add_(0, rows, stats.target_logprob) / tokens_per_sequence
         # where, not a product with the mask: padding may hold anything, NaN included.
-        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1).to(policy_mean.dtype) / tokens_per_sequence
+        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / tokens_per_sequence
+        # sequence_level_ranking_loss on the data pipeline's layout (candidates_by_rank): each prompt's candidates
+        # best rank first, then -1, so no sort; every prompt has one, so its mean over prompts is a sum / P.
         candidates = batch["candidates_by_rank"]
         present, slots = candidates >= 0, candidates.clamp(min=0)
-        value, slot_gradient = sequence_level_ranking_loss_and_gradient(
-            policy_mean[slots], behaviour_mean[slots], batch["teacher_rank"][slots], present, self.beta_p)
-        scale = len(candidates) / counts.prompts
+        per_prompt, slot_gradient = listmle_loss_and_gradient(self.beta_p * (policy_mean - behaviour_mean)[slots], item_mask=present)
         # Back from the slots to the sequences' means: a missing slot names sequence 0 with a gradient of exactly 0.
-        mean_gradient = policy_mean.new_zeros(len(mask)).index_add_(0, slots.flatten(), (slot_gradient * (self.alpha * scale)).flatten())
-        add_gradient("target_logprob", (mean_gradient / tokens_per_sequence)[rows])
-        return value * scale
+        mean_gradient = slot_gradient.new_zeros(len(mask)).index_add_(0, slots.flatten(), slot_gradient.flatten())
+        return per_prompt.sum() / counts.prompts, "target_logprob", (mean_gradient * (self.beta_p / counts.prompts) / tokens_per_sequence)[rows]
 
 
 class _ClosedFormGradients(torch.autograd.Function):
     """(loss, [d loss / d input], *inputs) -> loss, whose backward hands each input its gradient, computed beside the
-    loss in closed form: autograd records one node instead of the few hundred small operators of the terms."""
+    loss in closed form: autograd records one node instead of the terms' operators."""
 
     @staticmethod
     def forward(ctx, loss, gradients, *inputs):
         ctx.gradients = gradients
-        return loss.clone()
+        return loss.clone()  # a copy made outside inference mode: an inference tensor could not enter autograd
 
     @staticmethod
     @torch.autograd.function.once_differentiable

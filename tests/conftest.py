@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from tsdkd.cli import app  # noqa: E402
@@ -100,3 +101,10 @@ def small_dataset(tmp_path_factory) -> Path:
     result = run_cli("generate", *SMALL_JOB, "--out", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
     return out
+
+
+def quantile_entropy_loss(student_entropy: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The entropy term as first written, with torch.quantile, recorded by autograd: the reference for losses.py's
+    entropy_regularization and its closed-form gradient (flat [N] entropies)."""
+    kept = student_entropy.detach() >= torch.quantile(student_entropy.detach(), quantile)
+    return torch.where(kept, student_entropy, 0.0).sum() / kept.sum()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import quantile_entropy_loss
 from stage2_distill.chunked import TokenStatistics, chunked_token_statistics, student_statistics
 from stage2_distill.losses import (
     TAIL_MASS_FLOOR,
@@ -405,23 +406,41 @@ def synthetic_batch(seed: int, k: int = 3):
     }
 
 
+def objective_inputs(seed: int, chunk_size: int, objective: Objective | None = None):
+    """(synthetic_batch(seed), the objective (default TSD-KD's), step counts of this batch alone, the fused head's
+    statistics as the objective reads them, (hidden states, head weight))."""
+    batch = synthetic_batch(seed)
+    mask = batch["completion_mask"]
+    objective = objective or Objective.from_config(DistillConfig(), "exact")
+    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
+    hidden_states, weight, _, _ = random_inputs(seed + 1, tokens=int(mask.sum()), scale=2.0)
+    ranked = objective.token_ranking
+    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
+                               chunk_size, VOCAB, objective.renormalize_topk, 10 if ranked else 0,
+                               objective.ranked_positions if ranked else None)
+    return batch, objective, counts, stats, (hidden_states, weight)
+
+
+def leaf_statistics(stats: TokenStatistics, dtype: torch.dtype = F64) -> tuple[TokenStatistics, list[str]]:
+    """`stats` with each float field a fresh leaf in `dtype` that requires grad, and those fields' names."""
+    leaves = TokenStatistics(*(value.detach().to(dtype).requires_grad_(True) if value is not None and value.is_floating_point()
+                               else value for value in stats))
+    return leaves, [name for name, value in leaves._asdict().items() if value is not None and value.requires_grad]
+
+
 @pytest.mark.parametrize("options", [{}, {"prefix_entropy_fraction": 0.5, "renormalize_topk": True},
                                      {"indirect": "token", "selection_fraction": 0.3}])
 @pytest.mark.parametrize("chunk_size", [4, 64])
 def test_objective_on_fused_statistics_equals_the_autograd_composite(options, chunk_size):
     """Loss, metrics and gradients of the TSD-KD objective with the fused head, its top-m read at the
     ranked positions == with the autograd composite."""
-    batch = synthetic_batch(20)
+    batch, objective, counts, new_stats, (hidden_states, weight) = objective_inputs(
+        20, chunk_size, Objective.from_config(DistillConfig(**options), "exact"))
     mask = batch["completion_mask"]
-    objective = Objective.from_config(DistillConfig(**options), "exact")
     assert objective.token_ranking
-    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
-    hidden_states, weight, _, _ = random_inputs(21, tokens=int(mask.sum()), scale=2.0)
     teacher_ids, targets = batch["teacher_topk_ids"][mask], batch["completion_ids"][mask]
 
     former = composite_statistics(hidden_states, weight, teacher_ids, targets, VOCAB, 10, objective.renormalize_topk)
-    new_stats = student_statistics(hidden_states, weight, mask, teacher_ids, targets, chunk_size, VOCAB,
-                                   objective.renormalize_topk, 10, objective.ranked_positions)
     entropy = torch.zeros(mask.shape, dtype=F64)
     entropy[mask] = former[1].detach()
     chosen = objective.ranked_positions(entropy, mask)[mask]
@@ -474,7 +493,7 @@ def autograd_objective(objective: Objective, batch, stats: TokenStatistics, coun
         terms["indirect_sequence"] = sequence_level_ranking_loss(policy[slots], behaviour[slots], batch["teacher_rank"][slots],
                                                                  present, objective.beta_p) * len(candidates) / counts.prompts
     if objective.entropy:
-        terms["entropy"] = entropy_regularization(stats.entropy, None, objective.entropy_quantile) * len(rows) / tokens
+        terms["entropy"] = quantile_entropy_loss(stats.entropy, objective.entropy_quantile) * len(rows) / tokens
     return terms
 
 
@@ -488,19 +507,13 @@ def autograd_objective(objective: Objective, batch, stats: TokenStatistics, coun
 def test_objective_closed_form_gradients_equal_autograd(options, teacher_entropy):
     """The Objective's loss, metrics and gradients (computed beside the value, handed to autograd at the end)
     equal autograd through each term's loss function, for every preset and switch."""
-    batch = synthetic_batch(26)
-    # A candidate missing from the second prompt: the sequence ranking's dropped items.
+    batch, objective, counts, fused, _ = objective_inputs(26, 4, Objective.from_config(DistillConfig(**options), teacher_entropy))
+    # A candidate missing from the second prompt (the sequence ranking's dropped items), and a step longer than the
+    # micro-batch.
     batch["candidates_by_rank"] = torch.tensor([[1, 0], [2, -1]])
-    mask = batch["completion_mask"]
-    objective = Objective.from_config(DistillConfig(**options), teacher_entropy)
-    counts = StepCounts(mask.sum().to(F64) + 3, torch.tensor(5.0, dtype=F64), torch.tensor(3.0, dtype=F64))
-    hidden_states, weight, _, _ = random_inputs(27, tokens=int(mask.sum()), scale=2.0)
-    fused = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
-                               4, VOCAB, objective.renormalize_topk, 10 if objective.token_ranking else 0,
-                               objective.ranked_positions if objective.token_ranking else None)
-    stats = TokenStatistics(*(value.detach().requires_grad_(True) if value is not None and value.is_floating_point() else value
-                              for value in fused))
-    leaves = [value for value in stats if value is not None and value.requires_grad]
+    counts = StepCounts(counts.tokens + 3, counts.sequences + 1, counts.prompts + 1)
+    stats, names = leaf_statistics(fused)
+    leaves = [getattr(stats, name) for name in names]
     loss, metrics = objective(batch, stats, counts)
     expected_terms = autograd_objective(objective, batch, stats, counts)
     assert expected_terms.keys() <= metrics.keys()
@@ -511,37 +524,22 @@ def test_objective_closed_form_gradients_equal_autograd(options, teacher_entropy
     torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-14)
     got = torch.autograd.grad(3 * loss, leaves, allow_unused=True)
     expected = torch.autograd.grad(3 * expected_loss, leaves, allow_unused=True)
-    for name, got_gradient, expected_gradient in zip([n for n, v in stats._asdict().items() if v is not None and v.requires_grad],
-                                                     got, expected):
+    for name, got_gradient, expected_gradient in zip(names, got, expected):
         if expected_gradient is None:
             assert got_gradient is None or (got_gradient == 0).all(), name
         else:
             torch.testing.assert_close(got_gradient, expected_gradient, rtol=1e-10, atol=1e-13, msg=name)
 
 
-def default_objective_inputs(seed: int, chunk_size: int):
-    """(batch, the default TSD-KD objective, its counts, the fused head's statistics, (hidden states, head weight))."""
-    batch = synthetic_batch(seed)
-    mask = batch["completion_mask"]
-    objective = Objective.from_config(DistillConfig(), "exact")
-    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
-    hidden_states, weight, _, _ = random_inputs(seed + 1, tokens=int(mask.sum()), scale=2.0)
-    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
-                               chunk_size, VOCAB, False, 10, objective.ranked_positions)
-    return batch, objective, counts, stats, (hidden_states, weight)
-
-
 def test_objective_gradients_take_the_statistics_dtype():
     """float32 head statistics with float64 teacher signals: the gradients are float32 (as the statistics), and as
     close to the float64 ones as float32 allows."""
-    batch, objective, counts, fused, _ = default_objective_inputs(32, chunk_size=4)
+    batch, objective, counts, fused, _ = objective_inputs(32, chunk_size=4)
     gradients = {}
     for dtype in (F64, torch.float32):
-        stats = TokenStatistics(*(value.detach().to(dtype).requires_grad_(True) if value is not None and value.is_floating_point()
-                                  else value for value in fused))
+        stats, names = leaf_statistics(fused, dtype)
         loss, _ = objective(batch, stats, counts)
-        leaves = [value for value in stats if value is not None and value.requires_grad]
-        gradients[dtype] = torch.autograd.grad(loss, leaves)
+        gradients[dtype] = torch.autograd.grad(loss, [getattr(stats, name) for name in names])
     for exact, rounded in zip(gradients[F64], gradients[torch.float32]):
         assert rounded.dtype == torch.float32
         torch.testing.assert_close(rounded.double(), exact, rtol=1e-4, atol=1e-6)
@@ -604,7 +602,7 @@ def test_no_top_items_without_token_ranking():
 def test_objective_ignores_padded_positions():
     """NaN and out-of-range garbage in the padded positions of every batch field change no loss term,
     metric or gradient: the objective reads the completion tokens only."""
-    batch, objective, counts, stats, (hidden_states, weight) = default_objective_inputs(24, chunk_size=8)
+    batch, objective, counts, stats, (hidden_states, weight) = objective_inputs(24, chunk_size=8)
     mask = batch["completion_mask"]
     garbage = dict(batch)
     for name, values in batch.items():
@@ -625,13 +623,9 @@ def test_objective_terms_equal_the_padded_reference_losses():
     """Each term of the flat objective equals the [B, T] masked loss functions (tested against loops
     in test_losses.py) applied to the same batch: direct and entropy over all tokens, the token
     ranking as a mean per sequence, the sequence ranking over each prompt's candidates."""
-    batch = synthetic_batch(26)
+    batch, objective, counts, stats, (hidden_states, weight) = objective_inputs(
+        26, 8, Objective.from_config(DistillConfig(prefix_entropy_fraction=0.4), "exact"))
     mask = batch["completion_mask"]
-    objective = Objective.from_config(DistillConfig(prefix_entropy_fraction=0.4), "exact")
-    counts = StepCounts(mask.sum().to(F64), torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64))
-    hidden_states, weight, _, _ = random_inputs(27, tokens=int(mask.sum()), scale=2.0)
-    stats = student_statistics(hidden_states, weight, mask, batch["teacher_topk_ids"][mask], batch["completion_ids"][mask],
-                               8, VOCAB, False, 10, objective.ranked_positions)
     _, metrics = objective(batch, stats, counts)
 
     logprobs = torch.zeros(mask.shape + (VOCAB,), dtype=F64)
