@@ -95,8 +95,10 @@ class Objective:
     def __call__(self, batch: dict[str, torch.Tensor], stats: TokenStatistics, counts: StepCounts,
                  completion_positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics) for one micro-batch; `stats` are flat over the completion tokens of `batch`, whose
-        (rows, steps) `completion_positions` gives when the caller has them (else mask.nonzero). The metrics are
-        inference tensors: read them, or use copies in autograd or in place."""
+        (rows, steps) `completion_positions` gives when the caller has them (else mask.nonzero). The sequence ranking
+        reads `candidates_by_rank` as the data pipeline lays it out (each prompt's candidates best teacher rank first,
+        then -1; stage2_distill.data.candidates_by_rank). The metrics are inference tensors: read them, or use copies
+        in autograd or in place."""
         # Nothing computed here is recorded or saved by autograd (inference mode skips its bookkeeping per
         # operator); the loss hands autograd the gradients computed beside it.
         with torch.inference_mode():
@@ -180,7 +182,8 @@ class Objective:
         tokens_per_sequence = mask.sum(-1).clamp(min=1)
         policy_mean = stats.target_logprob.new_zeros(len(mask)).index_add_(0, rows, stats.target_logprob) / tokens_per_sequence
         # where, not a product with the mask: padding may hold anything, NaN included.
-        behaviour_mean = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1) / tokens_per_sequence
+        behaviour_sum = torch.where(mask, batch["behaviour_logprobs"], 0.0).sum(-1)
+        behaviour_mean = behaviour_sum.to(torch.promote_types(behaviour_sum.dtype, policy_mean.dtype)) / tokens_per_sequence
         # sequence_level_ranking_loss on the data pipeline's layout (candidates_by_rank): each prompt's candidates
         # best rank first, then -1, so no sort; every prompt has one, so its mean over prompts is a sum / P.
         candidates = batch["candidates_by_rank"]
