@@ -524,7 +524,7 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, cfg: DistillConfig, ma
         default_permissions(item)  # safetensors writes the weights readable by their owner only
         # The weights by hash, the small files by name: a rerun checks them before it calls the run done. The card
         # and license files are not the student: one edited or deleted since is no reason to train it again.
-        if item.name != "README.md" and not item.name.upper().startswith(LICENSE_FILES):
+        if item.name != "README.md" and not is_license_file(item.name):
             saved[item.name] = sha256_file(item) if item.suffix == ".safetensors" else None
         os.replace(item, out / item.name)
     staging.rmdir()
@@ -544,6 +544,10 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, cfg: DistillConfig, ma
     print(f"{out}: student saved after {steps} step{'s' if steps != 1 else ''}")
 
 
+def is_license_file(name: str) -> bool:
+    """A license or use-policy file of a model (LICENSE, LICENSE.txt, NOTICE, USE_POLICY.md, ...)."""
+    return name.upper().startswith(LICENSE_FILES)
+
 
 def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:
     """A Hub model card (README.md) saying how the student was distilled and from which teacher's signals, with the
@@ -552,14 +556,14 @@ def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str,
     the student's folder stops the save: what cannot be read is left out, with a note."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    student = Path(cfg.student)
-    if is_hub_id(cfg.student):  # its card and license files where the hub cache has them
+    student, from_hub = Path(cfg.student), is_hub_id(cfg.student)
+    if from_hub:  # its card and license files where the hub cache has them
         config = hub_file(cfg.student, "config.json")
         student = config.parent if config else student
     earlier = ModelCardData()
     if student.is_dir():
         for item in sorted(student.iterdir()):
-            if item.is_file() and item.name.upper().startswith(LICENSE_FILES):
+            if item.is_file() and is_license_file(item.name):
                 try:
                     shutil.copyfile(item, folder / item.name)
                 except OSError as error:
@@ -570,7 +574,7 @@ def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str,
             except Exception as error:  # yaml, OSError, ValueError: any card that does not read carries nothing
                 print(f"note: {student / 'README.md'}: cannot read its card ({type(error).__name__}); the student's card "
                       "names no base model or license")
-    data = ModelCardData(base_model=cfg.student if is_hub_id(cfg.student) else earlier.base_model,
+    data = ModelCardData(base_model=cfg.student if from_hub else earlier.base_model,
                          license=earlier.license, license_name=earlier.license_name, license_link=earlier.license_link,
                          language=earlier.language, library_name="transformers", pipeline_tag="text-generation",
                          tags=["tsdkd", "knowledge-distillation"])

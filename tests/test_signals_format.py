@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from conftest import SMALL_JOB, TOY_STUDENT, assert_one_line_error, flip_byte, run_cli
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import sha256_file
+from tsdkd.loading import gpu_has_bf16
 from tsdkd.signals import CandidateSignal, signal_schema, signals_to_table, write_parquet_atomic
 from tsdkd.validate import check_rows, usable_cores, validate_dataset
 
@@ -89,9 +90,7 @@ def test_prompt_id_is_the_documented_hash(small_dataset):
 
 def test_the_manifest_names_the_dtype_the_models_ran_in(small_dataset):
     """`--dtype auto` (the default) resolved: float32 on a machine without a GPU, bf16 on one that has it."""
-    import torch
-
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    gpu_bf16 = gpu_has_bf16()
     manifest = json.loads((small_dataset / "tsdkd.json").read_text())
     assert manifest["settings"]["dtype"] == "auto"
     assert manifest["backend"]["dtype"] == ("bfloat16" if gpu_bf16 else "float32")

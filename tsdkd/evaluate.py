@@ -78,7 +78,8 @@ def open_model(cfg: EvalConfig, model_path: str, tokenizer: Any, longest_prompt:
                             cfg.dtype, cfg.trust_remote_code)
 
 
-def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | None) -> tuple[list[PromptRecord], list[list[int]]]:
+def read_benchmark(cfg: EvalConfig, path: Path) -> list[PromptRecord]:
+    """A benchmark's records, each with a gold answer."""
     # A benchmark folder with splits (a Hub download) is scored on its test split, never on what models trained on.
     records = load_prompts(path, cfg.prompt_field, cfg.answer_field, cfg.limit, split="test")
     unanswered = [r for r in records if r.gold_answer is None]
@@ -86,6 +87,12 @@ def load_benchmark(cfg: EvalConfig, path: Path, tokenizer: Any, context: int | N
         raise TsdkdError(f"{path}: no gold answer field (answer or solution), or only empty ones; pass --answer-field")
     if unanswered:
         raise TsdkdError(f"{unanswered[0].where}: no gold answer; fill it in or remove the row")
+    return records
+
+
+def render_benchmark(cfg: EvalConfig, records: list[PromptRecord], tokenizer: Any,
+                     context: int | None) -> tuple[list[PromptRecord], list[list[int]]]:
+    """The records and their prompts in one model's chat template, each checked against its context."""
     prompts = [render_prompt(tokenizer, r.messages, r.where) for r in records]
     for record, ids in zip(records, prompts):
         if context is not None and len(ids) + cfg.max_new_tokens > context:
@@ -123,12 +130,18 @@ def check_output(out: Path, settings: dict[str, Any]) -> None:
     print(f"{out} holds an eval with these settings: it is replaced when this one is done")
 
 
-def prepare_model(cfg: EvalConfig, index: int, model_path: str) -> ModelJob:
-    """Reads and checks one model's tokenizer, weights and benchmark prompts; loads no weights."""
+def prepare_model(cfg: EvalConfig, index: int, model_path: str, read: dict[str, list[PromptRecord]]) -> ModelJob:
+    """Reads and checks one model's tokenizer, weights and benchmark prompts; loads no weights. Each benchmark's
+    records are read once, for the first model, into `read` (by name)."""
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, "model")
     identity = model_identity(model_path, cfg.trust_remote_code)  # also refuses weights that are not safetensors
     context = context_length(model_path, cfg.trust_remote_code)
-    benchmarks = {Path(data).stem: load_benchmark(cfg, Path(data), tokenizer, context) for data in cfg.data}
+    benchmarks = {}
+    for data in cfg.data:
+        name = Path(data).stem
+        if name not in read:
+            read[name] = read_benchmark(cfg, Path(data))
+        benchmarks[name] = render_benchmark(cfg, read[name], tokenizer, context)
     return ModelJob(model_path, f"{index}-{Path(model_path.rstrip('/')).name}", tokenizer, identity, benchmarks)
 
 
@@ -144,7 +157,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     settings = eval_settings(cfg)
     check_output(out, settings)
     # Every model and benchmark is checked before the first one spends hours generating.
-    jobs = [prepare_model(cfg, index, model) for index, model in enumerate(cfg.model, start=1)]
+    read: dict[str, list[PromptRecord]] = {}
+    jobs = [prepare_model(cfg, index, model, read) for index, model in enumerate(cfg.model, start=1)]
     from stage1_generate.generate import backend_dtype, resolve_backend
 
     backend = resolve_backend(cfg.backend)

@@ -75,7 +75,8 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
         raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
     sizes = [(file.name, file.stat().st_size) for file in weights]
     if sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
-        identity["weights_sha256"] = sha256_json([(f.name, sha256_file(f)) for f in weights])
+        # A hub snapshot folder's weights link to blobs named by their sha256: the same digest, without reading them.
+        identity["weights_sha256"] = sha256_json([(f.name, hub_blob_sha256(f) or sha256_file(f)) for f in weights])
     else:
         identity["weights_files"] = sizes
     return identity

@@ -142,7 +142,9 @@ def load_folder(path: Path, split: str) -> Any:
         if len({shard_of(name) for name in names}) > 1:
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             print(f"note: {path}: its {chosen!r} split joins {shown} into one set; give one file to read it alone")
-        return datasets.load_dataset(str(path), split=chosen, cache_dir=cache, keep_in_memory=True)
+        # Only the chosen split's files: the others (a benchmark's whole train split) would be converted for nothing.
+        return datasets.load_dataset(str(path), data_files={chosen: list(files[chosen])}, split=chosen, cache_dir=cache,
+                                     keep_in_memory=True)
 
 
 def shard_of(name: str) -> str:
