@@ -162,6 +162,16 @@ class DistillTrainer(Trainer):
             state_dict = cast_keeping_shared(state_dict, self.student_dtype)
         super()._save(output_dir, state_dict)
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The Trainer's warnings about a resumed checkpoint's keys, without the tied copies `_save` leaves out (the
+        output head of a student with tied embeddings): loading the embedding loads them, so they are not missing."""
+        model = self.accelerator.unwrap_model(self.model)
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        ties = getattr(model, "all_tied_weights_keys", None) or {}
+        tied = {key for key in load_result.missing_keys if key in parameters and parameters.get(ties.get(key)) is parameters[key]}
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[key for key in load_result.missing_keys if key not in tied]))
+
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
         """The Trainer's estimate (6 x tokens x non-embedding parameters), with the parameters counted once
         rather than every step."""

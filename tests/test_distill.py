@@ -218,6 +218,7 @@ def test_two_processes_equal_one(small_dataset, tmp_path):
     resumed = as_if_killed_after_step_2(tmp_path / "ddp", tmp_path / "resumed")
     rerun = subprocess.run([*torchrun, "--out", str(resumed), "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "missing keys" not in rerun.stderr  # the tied head, left out of checkpoints as out of the student
     assert_resumed_after_step_2(resumed, final_two)
 
 
@@ -489,6 +490,23 @@ def test_a_gathered_tied_head_is_saved_once(tmp_path, trained_apart):
     assert torch.equal(loaded.lm_head.weight, state["lm_head.weight"])
     assert torch.equal(loaded.model.embed_tokens.weight, state["model.embed_tokens.weight"])
     assert loaded.config.tie_word_embeddings == (not trained_apart)
+
+
+@pytest.mark.parametrize("trained_apart", [False, True])
+def test_resuming_warns_of_missing_weights_but_not_of_a_tied_copy(tmp_path, monkeypatch, trained_apart):
+    """A checkpoint leaves out the tied head as the student does; on resume the Trainer warned it was missing (loading
+    the embedding loads it). A head trained apart, or any other weight, missing is still named."""
+    import transformers.trainer
+
+    model = AutoModelForCausalLM.from_pretrained(TOY_STUDENT)
+    if trained_apart:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    warnings = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", warnings.append)
+    keys = torch.nn.modules.module._IncompatibleKeys(missing_keys=["lm_head.weight", "model.norm.weight"], unexpected_keys=[])
+    distill_trainer(model, str(tmp_path))._issue_warnings_after_load(keys)
+    named = ["lm_head.weight", "model.norm.weight"] if trained_apart else ["model.norm.weight"]
+    assert warnings == [f"There were missing keys in the checkpoint model loaded: {named}."]
 
 
 @pytest.mark.parametrize("trained_apart", [False, True])
