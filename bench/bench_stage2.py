@@ -39,7 +39,9 @@ the peak bytes of live tensors during one step on the largest batch, allocator-i
 Paired timing (--paired workers, run after the others for `tsdkd` and `ce-trainer`): in each process
 a pass of the plain CE loop (own student and AdamW) runs right after every Trainer pass, its time
 taken out of the step clock; the ratio of each Trainer pass to its CE pass is immune to load drift between
-processes, which moves the per-round ratios above by up to +-0.15. Memory is not measured there.
+processes, which moves the per-round ratios above by up to +-0.15. Memory is not measured there. The same
+for the TSD-KD loss in the plain loop (`loop-pair`): its passes alternate with the CE loop's, so that ratio
+is the loss's own cost, both sides with the same loop and optimizer and no Trainer.
 Prints markdown tables and writes bench/results/stage2-<date>.json.
 """
 
@@ -335,6 +337,23 @@ def worker_loop(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         if args.breakdown:
             result["breakdown"] = breakdown(args, model, items, loss_of, trainer)
     return result
+
+
+def worker_loop_pair(args: argparse.Namespace) -> dict[str, Any]:
+    """The plain CE loop and the TSD-KD loss in the same loop (each its own student and AdamW), passes alternating
+    in one process: each TSD-KD pass is timed next to a CE pass, so their ratio is the loss's own cost, with the
+    same optimizer and no Trainer on either side, and immune to load drift between processes."""
+    with tempfile.TemporaryDirectory() as folder:
+        loops = {variant: loop_setup(args, variant, Path(folder) / variant) for variant in ("ce", "tsdkd-loop")}
+        cpu: dict[str, list[float]] = {variant: [] for variant in loops}
+        for _ in range(1 + args.repeats):
+            for variant, (items, _, _, step, _) in loops.items():
+                start = time.process_time()
+                for batch in items:
+                    step(batch)
+                cpu[variant].append((time.process_time() - start) / len(items))
+    # The first pass of each is its warm-up.
+    return {"pass_step_cpu_s": cpu["tsdkd-loop"][1:], "paired_ce_pass_step_cpu_s": cpu["ce"][1:]}
 
 
 def breakdown(args, model, items, loss_of, trainer) -> dict[str, Any]:
@@ -642,6 +661,8 @@ def worker_main(args: argparse.Namespace) -> None:
         result = worker_trainer(args, args.worker)
     elif args.worker in ("ce", "tsdkd-loop"):
         result = worker_loop(args, args.worker)
+    elif args.worker == "loop-pair":
+        result = worker_loop_pair(args)
     elif args.worker.startswith("tensor-memory:"):
         result = worker_tensor_memory(args, args.worker.split(":", 1)[1])
     elif args.worker == "online":
@@ -792,8 +813,8 @@ def main() -> None:
                 assert result["a"][v]["runs"][0]["completion_tokens_per_pass"] == result["a"]["ce"]["runs"][0]["completion_tokens_per_pass"]
             assert runs["ce"][0]["ce_label_tokens_per_pass"] == runs["ce"][0]["completion_tokens_per_pass"], "CE sees other tokens"
             result["a"]["paired"] = {}
-            for v in ("tsdkd", "ce-trainer"):
-                paired_runs = [run_worker(args, v, "--paired") for _ in range(args.processes)]
+            for v in ("tsdkd", "ce-trainer", "tsdkd-loop"):
+                paired_runs = [run_worker(args, "loop-pair" if v == "tsdkd-loop" else v, "--paired") for _ in range(args.processes)]
                 result["a"]["paired"][v] = {
                     "pass_ratios": [t / c for r in paired_runs for t, c in zip(r["pass_step_cpu_s"], r["paired_ce_pass_step_cpu_s"])],
                     "best_pass_ratio_per_process": [min(r["pass_step_cpu_s"]) / min(r["paired_ce_pass_step_cpu_s"]) for r in paired_runs],
@@ -865,7 +886,8 @@ def print_tables(result: dict[str, Any]) -> None:
                   f"{r['peak_rss_delta_MiB_median']:.1f} | {r['peak_rss_delta_MiB_median'] / max(base['peak_rss_delta_MiB_median'], 1e-9):.2f} |")
         if "paired" in a:
             runs = a["paired"]["tsdkd"]["runs"]
-            print("\nPaired in one process: after each pass of the Trainer over the batches, one pass of the plain CE loop "
+            print("\nPaired in one process: after each pass of the Trainer over the batches, one pass of the plain CE loop; "
+                  "for the TSD-KD loss in the plain loop, its passes alternate with the CE loop's "
                   f"({len(runs)} processes x {len(runs[0]['pass_step_cpu_s'])} timed passes per variant):\n")
             print("| variant | CPU time vs the adjacent CE pass, median of passes (range) | best pass vs best CE pass, median of processes |")
             print("|---|---|---|")
