@@ -24,7 +24,7 @@ from stage2_distill.trainer import DistillTrainer, MetricsFile, TrainingComplete
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import (differing_settings, hub_file, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
+from tsdkd.fingerprint import (differing_settings, hub_file, hub_snapshot, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
                                same_name, sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
 from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
@@ -551,12 +551,14 @@ def is_license_file(name: str) -> bool:
 
 def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:
     """A Hub model card (README.md) saying how the student was distilled and from which teacher's signals, with the
-    student's base model (a hub id itself), license and language carried over from its own card, and its license
-    files (a hub id's from the hub cache, where a download put them: `from_pretrained` fetches neither). Nothing in
-    the student's folder stops the save: what cannot be read is left out, with a note."""
+    student's base model (a hub id itself, or the id of a hub cache snapshot folder), license and language carried
+    over from its own card, and its license files (a hub id's from the hub cache, where a download put them:
+    `from_pretrained` fetches neither). Nothing in the student's folder stops the save: what cannot be read is left
+    out, with a note."""
     from huggingface_hub import ModelCard, ModelCardData
 
     student, from_hub = Path(cfg.student), is_hub_id(cfg.student)
+    snapshot = hub_snapshot(cfg.student)
     if from_hub:  # its card and license files where the hub cache has them
         config = hub_file(cfg.student, "config.json")
         student = config.parent if config else student
@@ -574,7 +576,7 @@ def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str,
             except Exception as error:  # yaml, OSError, ValueError: any card that does not read carries nothing
                 print(f"note: {student / 'README.md'}: cannot read its card ({type(error).__name__}); the student's card "
                       "names no base model or license")
-    data = ModelCardData(base_model=cfg.student if from_hub else earlier.base_model,
+    data = ModelCardData(base_model=cfg.student if from_hub else snapshot[0] if snapshot else earlier.base_model,
                          license=earlier.license, license_name=earlier.license_name, license_link=earlier.license_link,
                          language=earlier.language, library_name="transformers", pipeline_tag="text-generation",
                          tags=["tsdkd", "knowledge-distillation"])
@@ -594,9 +596,15 @@ The run's settings are in `{DISTILL_RUN_INFO}`, its losses per step in `{METRICS
 
 
 def _shown(name_or_path: str) -> str:
-    """A hub id as it is, a path by its last part (a card is for sharing; the rest names one machine's folders), with
-    the round's folder for a `tsdkd run` round's `student` or `signals`, as Markdown code."""
-    parts = Path(name_or_path).resolve().parts
-    name = name_or_path if is_hub_id(name_or_path) else \
-        "/".join(parts[-2:] if parts[-1] in ("student", "signals") and len(parts) > 2 else parts[-1:])
+    """A hub id as it is, a hub cache snapshot folder as its id and revision, other paths by their last part (a card is
+    for sharing; the rest names one machine's folders), with the round's folder for a `tsdkd run` round's `student` or
+    `signals`, as Markdown code."""
+    parts, snapshot = Path(name_or_path).resolve().parts, hub_snapshot(name_or_path)
+    if snapshot:
+        return f"{_code(snapshot[0])} at revision {_code(snapshot[1][:12])}"
+    return _code(name_or_path if is_hub_id(name_or_path) else
+                 "/".join(parts[-2:] if parts[-1] in ("student", "signals") and len(parts) > 2 else parts[-1:]))
+
+
+def _code(name: str) -> str:
     return "`" + " ".join(name.replace("`", "'").replace("|", "/").split()) + "`"

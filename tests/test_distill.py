@@ -128,6 +128,12 @@ def test_a_hub_students_card_and_license_come_from_the_hub_cache(small_dataset, 
     card = ModelCard.load(tmp_path / "out/README.md").data
     assert (card.base_model, card.license, card.language) == ("me/toy", "apache-2.0", "en")
     assert (tmp_path / "out/LICENSE").read_text() == (snapshot / "LICENSE").read_text()
+    # Its snapshot folder, passed to pin a revision: the same base model, and the revision named.
+    pinned = run_cli(*distill_args(small_dataset, tmp_path / "pinned", "--max-steps", "1", student=snapshot))
+    assert pinned.exit_code == 0, (pinned.stderr[-2000:], pinned.exception)
+    card = ModelCard.load(tmp_path / "pinned/README.md")
+    assert (card.data.base_model, card.data.license, card.data.language) == ("me/toy", "apache-2.0", "en")
+    assert f"trained `me/toy` at revision `{'a' * 12}` for 1 optimizer step" in card.text
 
 
 def test_the_students_generation_config_is_kept(small_dataset, tmp_path):

@@ -88,6 +88,15 @@ def is_hub_id(name_or_path: str) -> bool:
     return not Path(name_or_path).exists() and len(name_or_path.split("/")) <= 2 and not name_or_path.startswith(("/", ".", "~"))
 
 
+def hub_snapshot(path: str) -> tuple[str, str] | None:
+    """(hub id, commit) of a snapshot folder of the hub cache (.../models--owner--name/snapshots/<commit>, what one
+    passes to pin a revision), else None."""
+    parts = Path(path).expanduser().absolute().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
+    return None
+
+
 def hub_file(repo_id: str, name: str, revision: str | None = None) -> Path | None:
     """A file of a hub model where the hub cache has it, else None. Never fetched: a check must not download a
     teacher's weights before it refuses, nor wait for each file on a network that is not there."""
