@@ -26,7 +26,7 @@ from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillCon
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, hub_file, hub_snapshot, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
                                same_name, sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
-from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id
+from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id, pin_revisions
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
@@ -403,6 +403,7 @@ def distill(cfg: DistillConfig) -> Path:
 
 def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     cfg.check()
+    pin_revisions(cfg)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     # Under torchrun every process runs this: one checks and prepares while the others wait.

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from conftest import (SMALL_JOB, ROOT, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, flip_byte, rerun_tsdkd, run_cli,
+from conftest import (SMALL_JOB, ROOT, TOY_PROMPTS, TOY_STUDENT, TOY_TEACHER, assert_one_line_error, flip_byte, rerun_tsdkd, run_cli,
                       signal_when)
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
@@ -28,7 +28,7 @@ from stage2_distill.distill import (check_output, create_output, drop_metrics_af
                                     read_run_info, signals_checksum, training_arguments, use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
-from tsdkd.config import DistillConfig
+from tsdkd.config import DISTILL_RUN_INFO, DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity, sha256_json
 from tsdkd.locks import exclusive_use, writable_folder
@@ -134,6 +134,55 @@ def test_a_hub_students_card_and_license_come_from_the_hub_cache(small_dataset, 
     card = ModelCard.load(tmp_path / "pinned/README.md")
     assert (card.data.base_model, card.data.license, card.data.language) == ("me/toy", "apache-2.0", "en")
     assert f"trained `me/toy` at revision `{'a' * 12}` for 1 optimizer step" in card.text
+
+
+def test_a_revision_of_a_hub_model_is_its_snapshot(small_dataset, tmp_path):
+    """--student-revision / --teacher-revision (a branch, tag or commit of a hub id) read that snapshot of the hub cache:
+    it is the model trained, scored with and recorded, and the student's card names it. A revision the cache lacks
+    (offline), or one given for a folder, is one line and exit 2."""
+    from huggingface_hub import ModelCard
+
+    repo = tmp_path / "hub" / "models--me--toy"
+    hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\n---\n")
+    weights = load_file(TOY_STUDENT / "model.safetensors")
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, tmp_path / "other.safetensors", metadata={"format": "pt"})
+    tagged = hub_snapshot(repo, "b" * 40, tmp_path / "other.safetensors", "---\nlicense: mit\n---\n")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v2").write_text("b" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def tsdkd(*args):
+        return subprocess.run([sys.executable, "-m", "tsdkd", *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+
+    distill_v2 = distill_args(small_dataset, tmp_path / "out", "--max-steps", "1", "--student-revision", "v2", student="me/toy")
+    done = tsdkd(*distill_v2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = ModelCard.load(tmp_path / "out/README.md")
+    assert (card.data.base_model, card.data.license) == ("me/toy", "mit")
+    assert f"trained `me/toy` at revision `{'b' * 12}`" in card.text
+    recorded = json.loads((tmp_path / "out" / DISTILL_RUN_INFO).read_text())["student_identity"]
+    assert recorded["weights_sha256"] == model_identity(str(tagged), False)["weights_sha256"] != \
+        model_identity(str(TOY_STUDENT), False)["weights_sha256"]
+    trained = load_file(tmp_path / "out/model.safetensors")["model.norm.weight"]
+    # The only step of --max-steps 1 warms up from learning rate 0: the student is v2's weights as they were.
+    assert torch.equal(trained, weights["model.norm.weight"] + 0.01)
+    rerun = tsdkd(*distill_v2)
+    assert rerun.returncode == 0 and "already trained" in rerun.stdout, rerun.stderr[-2000:]
+    # The teacher of a dataset, pinned by its commit: the manifest records that snapshot.
+    job = [*SMALL_JOB, "--limit", "2", "--out", tmp_path / "signals"]
+    job[job.index("--teacher") + 1] = "me/toy"
+    made = tsdkd("generate", *job, "--teacher-revision", "b" * 40)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert json.loads((tmp_path / "signals/tsdkd.json").read_text())["teacher"]["name_or_path"] == str(tagged)
+    # Offline without the revision in the cache, and a revision for a folder.
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "x", "--student-revision", "v3", student="me/toy")),
+                          "--student me/toy at --student-revision v3: not in the hub cache, and the hub cannot be reached "
+                          "(offline); fetch it with `hf download me/toy --revision v3`")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "y", "--student-revision", "v2")),
+                          f"--student-revision v2: --student {TOY_STUDENT} is a folder, which holds one revision already")
+    assert_one_line_error(run_cli("run", "--prompts", TOY_PROMPTS, "--student", TOY_STUDENT, "--teacher", "me/toy",
+                                  "--teacher-revision", "v3", "--out", tmp_path / "run"), "--teacher me/toy at --teacher-revision v3")
 
 
 def test_the_students_generation_config_is_kept(small_dataset, tmp_path):

@@ -167,6 +167,8 @@ def generate(
     student: Optional[str] = typer.Option(None, help="Student model folder or hub id (samples the candidates) [required]."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model folder or hub id (scores and ranks them) [required]."),
     out: Optional[str] = typer.Option(None, help="Output dataset folder (rerun the same command to resume) [required]."),
+    student_revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub --student; its snapshot in the hub cache, fetched there if missing [the default branch]."),
+    teacher_revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub --teacher; its snapshot in the hub cache, fetched there if missing [the default branch]."),
     num_candidates: Optional[int] = typer.Option(None, help="Candidates sampled per prompt [4]."),
     top_k: Optional[int] = typer.Option(None, help="Teacher top-k stored per completion position [20]."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest candidate in tokens [1024]."),
@@ -209,6 +211,7 @@ def distill(
     signals: Optional[list[str]] = typer.Option(None, help="Signal dataset folder; repeat to train on several [required]."),
     student: Optional[str] = typer.Option(None, help="Student to train (the checkpoint that sampled the signals) [required]."),
     out: Optional[str] = typer.Option(None, help="Output folder: the trained student, checkpoints, metrics.jsonl; rerun the same command to continue a run in it [required]."),
+    student_revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub --student; its snapshot in the hub cache, fetched there if missing [the default branch]."),
     loss: Optional[str] = typer.Option(None, help="tsdkd | sft | kd | gkd [tsdkd]."),
     indirect: Optional[str] = typer.Option(None, help="tsdkd ranking term: token | sequence | both [both]."),
     no_indirect: Optional[bool] = typer.Option(None, "--no-indirect/--with-indirect", help="tsdkd without the ranking term [off]."),
@@ -282,6 +285,8 @@ def run(
     student: Optional[str] = typer.Option(None, help="Initial student (round 0) [required]."),
     teacher: Optional[str] = typer.Option(None, help="Teacher, the same in every round [required]."),
     out: Optional[str] = typer.Option(None, help="Run folder: round-1/, round-2/, ... and tsdkd_run.json [required]."),
+    student_revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub --student (round 0); its snapshot in the hub cache, fetched there if missing [the default branch]."),
+    teacher_revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub --teacher; its snapshot in the hub cache, fetched there if missing [the default branch]."),
     rounds: Optional[int] = typer.Option(None, help="Rounds of generate-then-distill; may grow on a rerun [3]."),
     seed: Optional[int] = typer.Option(None, help="Base seed; round r uses seed + r [0]."),
     distill_processes: Optional[int] = typer.Option(None, help="Processes of each round's distillation, one per GPU, as torchrun would start them (on a machine without GPUs, CPU processes) [1]."),
@@ -296,7 +301,7 @@ def run(
     epochs: Optional[float] = typer.Option(None, help="distill: epochs per round [3]."),
     max_steps: Optional[int] = typer.Option(None, help="distill: optimizer steps per round, at least 1 (overrides --epochs) [none: --epochs decides]."),
     batch_size: Optional[int] = typer.Option(None, help="distill: sequences per micro-batch [8]."),
-    config: Optional[str] = typer.Option(None, help="YAML/TOML: the keys above at the top level, plus `generate:` and `distill:` sections with any other option of those commands (not the ones the run sets: prompts, student, teacher, out, seed, round, signals, resume)."),
+    config: Optional[str] = typer.Option(None, help="YAML/TOML: the keys above at the top level, plus `generate:` and `distill:` sections with any other option of those commands (not the ones the run sets: prompts, student, teacher, their revisions, out, seed, round, signals, resume)."),
 ) -> None:
     """Self-improvement rounds of generate, then distill. Round r samples with the round r-1 student and
     distils into round r."""

@@ -46,6 +46,9 @@ class GenerateConfig:
     student: str = ""
     teacher: str = ""
     out: str = ""
+    # A branch, tag or commit of a hub id (None: its default branch); see loading.pin_revisions.
+    student_revision: str | None = None
+    teacher_revision: str | None = None
     num_candidates: int = 4
     top_k: int = 20
     max_new_tokens: int = 1024
@@ -195,6 +198,7 @@ class DistillConfig:
     signals: list[str] = dataclasses.field(default_factory=list)
     student: str = ""
     out: str = ""
+    student_revision: str | None = None
     loss: str = "tsdkd"
     # Which switches apply: `--no-indirect`, `--no-entropy`, `--no-selection` turn TSD-KD terms off.
     indirect: str = "both"
@@ -338,8 +342,8 @@ def command_line_form(name: str, value: Any) -> str:
 
 
 # The keys of each `tsdkd run` section that the run sets itself for each round.
-ROUND_KEYS = {"generate": {"prompts", "student", "teacher", "out", "round", "seed"},
-              "distill": {"signals", "student", "out", "seed", "resume"}}
+ROUND_KEYS = {"generate": {"prompts", "student", "teacher", "out", "round", "seed", "student_revision", "teacher_revision"},
+              "distill": {"signals", "student", "out", "seed", "resume", "student_revision"}}
 # The generate and distill options that `tsdkd run` also takes on its command line and at the top level
 # of its config file; each goes into its section, where it wins over the same key.
 RUN_SECTION_OPTIONS = {"generate": ("num_candidates", "top_k", "max_new_tokens", "temperature", "backend", "limit"),
@@ -355,6 +359,8 @@ class RunConfig:
     student: str = ""
     teacher: str = ""
     out: str = ""
+    student_revision: str | None = None
+    teacher_revision: str | None = None
     rounds: int = 3
     seed: int = 0
     distill_processes: int = 1
@@ -507,6 +513,9 @@ def nest_run_options(values: dict[str, Any], where: str) -> dict[str, Any]:
         inside.update({key: values.pop(key) for key in RUN_SECTION_OPTIONS[section] if key in values})
         settable = {field.name for field in dataclasses.fields(section_cls)} - ROUND_KEYS[section]
         for key in sorted(inside):
+            if key in ROUND_KEYS[section] and key.endswith("_revision"):
+                raise TsdkdError(f"{where}: {section}.{key} is set by `tsdkd run` for each round from its own top-level "
+                                 f"{key}; move it there")
             if key in ROUND_KEYS[section]:
                 raise TsdkdError(f"{where}: {section}.{key} is set by `tsdkd run` itself for each round; remove it")
             if key not in settable:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tsdkd.errors import TsdkdError
+from tsdkd.fingerprint import is_hub_id
 
 
 # Files any of which lets AutoTokenizer load a tokenizer from a folder (fast, sentencepiece, BPE/WordPiece vocab).
@@ -15,6 +16,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
+
+
+# What a pinned revision fetches where the hub cache lacks it: what loading a model reads, its weights as safetensors
+# only (never a pickle), its license and card for the student's card.
+REVISION_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt", "*.py", "tokenizer*", "LICENSE*",
+                  "README.md"]
+
+
+def pin_revisions(cfg: Any) -> None:
+    """cfg.student and cfg.teacher (where the config has them) given with a revision (`student_revision`: a branch, tag
+    or commit of a hub id) become that revision's snapshot folder in the hub cache, fetched there where it is missing
+    and the hub can be reached: every load, check and record after this reads that one revision, as for a snapshot
+    folder given by its path."""
+    for role in ("student", "teacher"):
+        revision = getattr(cfg, f"{role}_revision", None)
+        if revision is not None:
+            setattr(cfg, role, snapshot_folder(getattr(cfg, role), revision, role))
+
+
+def snapshot_folder(name: str, revision: str, role: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if not is_hub_id(name):
+        raise TsdkdError(f"--{role}-revision {revision}: --{role} {name} is a folder, which holds one revision already; "
+                         f"name a hub id, or leave out --{role}-revision")
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=REVISION_FILES)
+    except LocalEntryNotFoundError:
+        raise TsdkdError(f"--{role} {name} at --{role}-revision {revision}: not in the hub cache, and the hub cannot be "
+                         f"reached (offline); fetch it with `hf download {name} --revision {revision}`") from None
+    except (HfHubHTTPError, OSError, ValueError) as error:  # no such repo or revision, a gated one, a bad name, a full disk
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TsdkdError(f"--{role} {name} at --{role}-revision {revision}: {reason}") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool, role: str) -> Any:

@@ -25,7 +25,7 @@ from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RESUMABLE
 from tsdkd.errors import ReportedFailure, TsdkdError
 from tsdkd.fingerprint import with_real_paths
 from tsdkd.launch import run_processes
-from tsdkd.loading import release_memory
+from tsdkd.loading import pin_revisions, release_memory
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
@@ -199,6 +199,7 @@ def run_rounds(cfg: RunConfig) -> Path:
     from stage1_generate.generate import generate
 
     cfg.check()
+    pin_revisions(cfg)
     check_processes(cfg.distill_processes)
     # Both sections' values are checked before a round's generate spends hours and the run records them.
     for name, section in zip(("generate", "distill"), round_configs(cfg, cfg.rounds)):
