@@ -28,6 +28,12 @@ EVAL = ["--max-new-tokens", "24", "--backend", "hf"]
         ("first 3, then 7", "7"),
         ("no digits at all", None),
         ("He answers 7 questions, then 9", "9"),  # "answers" marks nothing
+        ("To get the answer, add 5 and 3.\n5 + 3 = 8", "8"),  # nor does "answer" without "is", ":" or "="
+        ("Therefore, the answer is 72 clips.", "72"),  # the things counted are not the answer
+        ("The answer is 72. I hope it is correct.", "72"),  # it ends at a sentence's end
+        ("The answer is 5. Then 5 + 3 = 8.", "5"),
+        ("Answer: 381. The other options are 100 and 200.", "381"),
+        ("Answer: $\\frac{1}{2}$. Done.", "\\frac{1}{2}"),
     ],
 )
 def test_extraction(text, expected):
@@ -51,6 +57,8 @@ def test_extraction(text, expected):
         ("4 * 3 = 12\nThe answer is: B", "Answer: B", True),  # MetaMathQA's mark
         ("Final Answer: The final answer is $\\$5$. I hope it is correct.", "The answer is $\\$5$", True),  # alike on both sides
         ("\\$18.90", "so the answer is $18.90", True),
+        ("72", "Therefore, the answer is 72 clips.", True),
+        ("4 * 3 = 12\nThe answer is 12 cm. Then we stop.", "The answer is 12 square centimetres", True),
     ],
 )
 def test_equivalence(gold, response, correct):
@@ -85,7 +93,7 @@ def test_equivalence(gold, response, correct):
     ("The answer is: $18.90. She pays it.", "18.90"),
     ("Answer: $$\\frac12$$", "\\frac12"),
     ("Answer: 25%. So it is a quarter.", "25%"),
-    ("The answer is 12 cm. Then we stop.", "12 cm"),
+    ("The answer is 12 cm. Then we stop.", "12"),  # a number and words: the number
     ("Answer: U.S. Army", "U.S. Army"),
 ])
 def test_the_answer_a_gold_solution_marks(gold, read):

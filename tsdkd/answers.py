@@ -10,21 +10,22 @@ import re
 
 _HASHES = re.compile(r"####\s*([^\n]+)")
 # An answer in $$...$$ or $...$ ends at its closing dollars (`\$` inside is a dollar sign); otherwise it may open with
-# a currency $ ("$12.50").
+# a currency $ ("$12.50"), and it ends at the line's end, "because"/"since", or a full stop before a space that ends no
+# abbreviation ("12. It is even", "25%. So"; not "Dr. Smith", "U.S. Army", "3 a.m. on").
 _DOLLARS = r"\$\$[^$\n]+\$\$|\$(?:\\\$|[^$\n])+\$"
-_ANSWER = re.compile(rf"\banswer\b\s*(?:is)?\s*[:=]?\s*({_DOLLARS}|\$?[^\n$]+)", re.IGNORECASE)
+_ABBREVIATION_END = "".join(rf"(?<!\b{word})" for word in ("dr", "mr", "mrs", "ms", "st", "jr", "sr", "vs", "etc", "no")) + r"(?<!\b[a-z])"
+_MARKED = rf"({_DOLLARS}|\$?[^\s$*:](?:(?!{_ABBREVIATION_END}\.\s|[ \t]+(?:because|since)\b)[^\n$])*)"
+# In a response, "answer is", "answer:" or "answer =" anywhere ("Therefore, the answer is 72."); the word alone marks
+# nothing ("to get the answer, add 5 and 3").
+_ANSWER = re.compile(rf"\banswer[ \t]*(?:is\b[ \t]*:?|[:=])[ \t*]*{_MARKED}", re.IGNORECASE)
 # In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12") and goes
 # on to the answer on the same line: the word "answer" inside the reasoning marks nothing. The mark may come twice
-# (Minerva's "Final Answer: The final answer is $5$. I hope it is correct."). Besides the dollars above, an answer
-# ends at the line's end, "because"/"since", or a full stop before a space that ends no abbreviation ("12. It is
-# even", "25%. So"; not "Dr. Smith", "U.S. Army", "3 a.m. on").
+# (Minerva's "Final Answer: The final answer is $5$. I hope it is correct.").
 _GOLD_MARK = r"(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*]*"
-_ABBREVIATION_END = "".join(rf"(?<!\b{word})" for word in ("dr", "mr", "mrs", "ms", "st", "jr", "sr", "vs", "etc", "no")) + r"(?<!\b[a-z])"
-_GOLD_ANSWER = re.compile(
-    rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?"
-    rf"({_DOLLARS}|\$?[^\s$*:](?:(?!{_ABBREVIATION_END}\.\s|[ \t]+(?:because|since)\b)[^\n$])*)",
-    re.IGNORECASE | re.MULTILINE)
+_GOLD_ANSWER = re.compile(rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?{_MARKED}", re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# A number and words only: a unit or the things counted ("72 clips", "12 square meters"), which the number answers.
+_NUMBER_AND_WORDS = re.compile(rf"({_NUMBER.pattern})[ \t]+[a-z][a-z \t]*", re.IGNORECASE)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -49,7 +50,9 @@ def _marked_answer(text: str, answer_mark: re.Pattern[str] = _ANSWER) -> str | N
         matches = pattern.findall(text)
         if matches:
             # Bold marks, a full stop, the $ of a gold answer's $...$.
-            return matches[-1].strip().strip("*").strip().rstrip(".").strip("$").strip() or None
+            answer = matches[-1].strip().strip("*").strip().rstrip(".").strip("$").strip()
+            number_and_words = _NUMBER_AND_WORDS.fullmatch(answer)
+            return (number_and_words.group(1) if number_and_words else answer) or None
     return None
 
 
