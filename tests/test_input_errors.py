@@ -152,6 +152,29 @@ def test_message_fields_other_than_role_and_content_are_noted_as_not_kept(tmp_pa
     assert f"note: {path}: message field name not kept" in capsys.readouterr().out
 
 
+def test_a_conversation_ending_with_the_assistants_reply_is_asked_without_it(tmp_path, capsys):
+    """SFT data holds the question and the assistant's solution: as a prompt, the reply would hand the models the
+    answer. The conversation before it is the prompt (with a note); one with no question before the reply is refused."""
+    from tsdkd.prompts import load_prompts
+
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}
+    reply = {"role": "assistant", "content": "2 + 2 = 4\nAnswer: 4"}
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": [system, user, reply], "answer": "4"}) + "\n"
+                    + json.dumps({"messages": [user], "answer": "4"}) + "\n"
+                    + json.dumps({"messages": [user, reply, user, reply, reply], "answer": "4"}) + "\n")
+    records = load_prompts(path, None, None, None)
+    assert [record.messages for record in records] == [[system, user], [user], [user, reply, user]]
+    assert f"note: {path}: 2 of 3 conversations end with the assistant's reply" in capsys.readouterr().out
+    path.write_text(json.dumps({"messages": [user], "answer": "4"}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": " "}, reply], "answer": "4"}) + "\n")
+    with pytest.raises(TsdkdError, match=r"sft.jsonl line 2: field 'messages' has no question before the assistant's reply"):
+        load_prompts(path, None, None, None)
+    path.write_text(json.dumps({"messages": [reply], "answer": "4"}) + "\n")
+    with pytest.raises(TsdkdError, match=r"sft.jsonl line 1: field 'messages' has no question before the assistant's reply"):
+        load_prompts(path, None, None, None)
+
+
 def test_eval_reports_bad_benchmark_files(tmp_path):
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')

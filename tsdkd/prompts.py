@@ -226,6 +226,7 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
         table = table.select(range(min(limit, len(table))))
     records = []
     dropped: set[str] = set()  # message fields other than role and content, which a signal dataset does not store
+    answered = 0  # conversations that end with the assistant's reply
     for row, item in enumerate(table):
         answer = item.get(answer_field) if answer_field else None
         if golds_checked and answer_field_found and answer is not None and unmarked_solution(str(answer)):
@@ -234,11 +235,17 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
                              "marked (\\boxed{}, ####, a line starting 'Answer:'), which no response could match; mark "
                              f"its final answer so, or, if the field is a bare answer of several lines (a matrix), give "
                              f"--answer-field {answer_field} to compare it whole")
+        messages = as_messages(item[prompt_field], names[row], prompt_field)
+        asked = prompt_messages(messages)
+        if not asked:
+            raise TsdkdError(f"{names[row]}: field {prompt_field!r} has no question before the assistant's reply (no "
+                             "message, or only empty ones, before it); fill in the user's turn or remove the row")
+        answered += len(asked) < len(messages)
         records.append(
             PromptRecord(
                 row=row,
                 where=names[row],
-                messages=as_messages(item[prompt_field], names[row], prompt_field),
+                messages=asked,
                 # An empty answer is a missing one: checked against it, every response would count as wrong.
                 gold_answer=str(answer) if answer is not None and str(answer).strip() else None,
             )
@@ -249,7 +256,19 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
     if dropped:
         print(f"note: {path}: message field{'s' if len(dropped) > 1 else ''} {', '.join(sorted(dropped))} not kept: "
               "prompts are rendered and stored with each message's role and content only")
+    if answered:
+        print(f"note: {path}: {answered} of {len(records)} conversations end with the assistant's reply (as SFT data "
+              "holds them); the prompt is the conversation before it, so that the models answer it themselves")
     return records
+
+
+def prompt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation without its closing assistant turns (a reply the models are to write themselves); empty when
+    only assistant messages are left, or every message left is empty."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return messages[:end] if any(message["content"].strip() for message in messages[:end]) else []
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[int]:
