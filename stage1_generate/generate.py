@@ -28,7 +28,7 @@ from tsdkd.config import GenerateConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, model_identity, note_unchecked_weights, same_name, sha256_file, sha256_json,
                                source_fingerprint, tokenizer_fingerprint)
-from tsdkd.loading import context_length, dtype_name, load_tokenizer, padding_id, pin_revisions
+from tsdkd.loading import context_length, dtype_name, load_tokenizer, padding_id, pinned
 from tsdkd.locks import exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
 from tsdkd.signals import (
@@ -176,7 +176,7 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
 def generate(cfg: GenerateConfig) -> Path:
     """Run stage 1 as configured; returns the dataset folder."""
     cfg.check()
-    pin_revisions(cfg)
+    cfg = pinned(cfg)
     backend = resolve_backend(cfg.backend)
     student_tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code, "teacher")

@@ -26,7 +26,7 @@ from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillCon
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, hub_file, hub_snapshot, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
                                same_name, sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
-from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, load_tokenizer, padding_id, pin_revisions
+from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, is_license_file, load_tokenizer, padding_id, pinned
 from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
@@ -34,9 +34,6 @@ from tsdkd.validate import validate_dataset
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 # Files of a student's folder that its license terms ask to pass on with any model made from it.
-LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
-
-
 def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     """Every dataset valid, made for this student's tokenizer, and usable together."""
     manifests, absolute = [], [local_path(folder) for folder in cfg.signals]
@@ -146,7 +143,8 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     """What continuing a run must repeat (the signal folders and student wherever they were named from)."""
-    settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
+    # Not student_revision: the student counts by its weights and config (student_identity), however it was named.
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", "student_revision", *RESUMABLE_DISTILL_CHANGES)}
     return with_real_paths(settings, ("signals", "student"))
 
 
@@ -403,7 +401,7 @@ def distill(cfg: DistillConfig) -> Path:
 
 def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     cfg.check()
-    pin_revisions(cfg)
+    cfg = pinned(cfg)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code, "student")
     # Under torchrun every process runs this: one checks and prepares while the others wait.
@@ -543,11 +541,6 @@ def save_student(trainer: DistillTrainer, tokenizer: Any, cfg: DistillConfig, ma
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     steps = trainer.state.global_step
     print(f"{out}: student saved after {steps} step{'s' if steps != 1 else ''}")
-
-
-def is_license_file(name: str) -> bool:
-    """A license or use-policy file of a model (LICENSE, LICENSE.txt, NOTICE, USE_POLICY.md, ...)."""
-    return name.upper().startswith(LICENSE_FILES)
 
 
 def write_model_card(folder: Path, cfg: DistillConfig, manifests: list[dict[str, Any]], steps: int) -> None:

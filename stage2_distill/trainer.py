@@ -165,10 +165,7 @@ class DistillTrainer(Trainer):
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """The Trainer's warnings about a resumed checkpoint's keys, without the tied copies `_save` leaves out (the
         output head of a student with tied embeddings): loading the embedding loads them, so they are not missing."""
-        model = self.accelerator.unwrap_model(self.model)
-        parameters = dict(model.named_parameters(remove_duplicate=False))
-        ties = getattr(model, "all_tied_weights_keys", None) or {}
-        tied = {key for key in load_result.missing_keys if key in parameters and parameters.get(ties.get(key)) is parameters[key]}
+        tied = still_tied(self.accelerator.unwrap_model(self.model))
         super()._issue_warnings_after_load(load_result._replace(
             missing_keys=[key for key in load_result.missing_keys if key not in tied]))
 
@@ -225,13 +222,14 @@ def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tens
     model still shares the parameter, the copy is dropped, as save_pretrained drops tensors that share memory.
     Where it no longer does (a tie the engine did not keep), both are written, with the tie turned off in the
     config, so that loading keeps the trained head. An engine that hides the parameters' names: equal values."""
-    parameters = dict(model.named_parameters(remove_duplicate=False))
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied = still_tied(model)
     copies = {key: source for key, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
               if key in state_dict and source in state_dict}
 
     def still_shared(key: str, source: str) -> bool:
-        if key in parameters and source in parameters:
-            return parameters[key] is parameters[source]
+        if {key, source} <= names:
+            return key in tied
         # Flattened by the engine (FSDP1 without use_orig_params): the values tell.
         return torch.equal(state_dict[key], state_dict[source])
 
@@ -241,6 +239,14 @@ def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tens
               "saved untied (tie_word_embeddings: false)")
         model.config.tie_word_embeddings = False
     return {key: value for key, value in state_dict.items() if key not in shared}
+
+
+def still_tied(model: torch.nn.Module) -> set[str]:
+    """The model's declared tied copies (all_tied_weights_keys: the output head, for tied embeddings) that are still
+    their source's very parameter."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    return {key for key, source in ties.items() if key in parameters and parameters.get(source) is parameters[key]}
 
 
 def cast_keeping_shared(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -138,12 +138,13 @@ def test_a_hub_students_card_and_license_come_from_the_hub_cache(small_dataset, 
 
 def test_a_revision_of_a_hub_model_is_its_snapshot(small_dataset, tmp_path):
     """--student-revision / --teacher-revision (a branch, tag or commit of a hub id) read that snapshot of the hub cache:
-    it is the model trained, scored with and recorded, and the student's card names it. A revision the cache lacks
-    (offline), or one given for a folder, is one line and exit 2."""
+    it is the model trained, scored with and recorded, and the student's card names it; a rerun naming the same
+    snapshot another way continues the run, one naming other weights is refused. A revision the cache lacks (offline),
+    an empty one, or one given for a folder or a path that is neither, is one line and exit 2."""
     from huggingface_hub import ModelCard
 
     repo = tmp_path / "hub" / "models--me--toy"
-    hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\n---\n")
+    main = hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\n---\n")
     weights = load_file(TOY_STUDENT / "model.safetensors")
     save_file({name: tensor + 0.01 for name, tensor in weights.items()}, tmp_path / "other.safetensors", metadata={"format": "pt"})
     tagged = hub_snapshot(repo, "b" * 40, tmp_path / "other.safetensors", "---\nlicense: mit\n---\n")
@@ -155,34 +156,46 @@ def test_a_revision_of_a_hub_model_is_its_snapshot(small_dataset, tmp_path):
     def tsdkd(*args):
         return subprocess.run([sys.executable, "-m", "tsdkd", *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
 
-    distill_v2 = distill_args(small_dataset, tmp_path / "out", "--max-steps", "1", "--student-revision", "v2", student="me/toy")
-    done = tsdkd(*distill_v2)
+    def distill_into(out, *student):
+        return tsdkd(*distill_args(small_dataset, out, "--max-steps", "1", *student[1:], student=student[0]))
+
+    done = distill_into(tmp_path / "out", "me/toy", "--student-revision", "v2")
     assert done.returncode == 0, done.stderr[-2000:]
     card = ModelCard.load(tmp_path / "out/README.md")
     assert (card.data.base_model, card.data.license) == ("me/toy", "mit")
     assert f"trained `me/toy` at revision `{'b' * 12}`" in card.text
     recorded = json.loads((tmp_path / "out" / DISTILL_RUN_INFO).read_text())["student_identity"]
     assert recorded["weights_sha256"] == model_identity(str(tagged), False)["weights_sha256"] != \
-        model_identity(str(TOY_STUDENT), False)["weights_sha256"]
-    trained = load_file(tmp_path / "out/model.safetensors")["model.norm.weight"]
-    # The only step of --max-steps 1 warms up from learning rate 0: the student is v2's weights as they were.
-    assert torch.equal(trained, weights["model.norm.weight"] + 0.01)
-    rerun = tsdkd(*distill_v2)
-    assert rerun.returncode == 0 and "already trained" in rerun.stdout, rerun.stderr[-2000:]
-    # The teacher of a dataset, pinned by its commit: the manifest records that snapshot.
-    job = [*SMALL_JOB, "--limit", "2", "--out", tmp_path / "signals"]
-    job[job.index("--teacher") + 1] = "me/toy"
-    made = tsdkd("generate", *job, "--teacher-revision", "b" * 40)
+        model_identity(str(main), False)["weights_sha256"]
+    # The same snapshot named by its commit or its folder: the run, finished; the default branch's weights: refused.
+    for same in (("me/toy", "--student-revision", "b" * 40), (tagged,)):
+        rerun = distill_into(tmp_path / "out", *same)
+        assert rerun.returncode == 0 and "already trained" in rerun.stdout, rerun.stderr[-2000:]
+    other = distill_into(tmp_path / "out", "me/toy", "--student-revision", "main")
+    assert other.returncode == 2 and "is not the model the run started from" in other.stderr, other.stderr[-2000:]
+    # A run, its teacher pinned by a tag: recorded as given, its round scored with that snapshot; a rerun is done.
+    run = ["run", "--prompts", TOY_PROMPTS, "--student", TOY_STUDENT, "--teacher", "me/toy", "--teacher-revision", "v2",
+           "--out", tmp_path / "run", "--rounds", "1", "--backend", "hf", "--limit", "2", "--num-candidates", "2",
+           "--max-new-tokens", "16", "--top-k", "8", "--max-steps", "1", "--batch-size", "4"]
+    made = tsdkd(*run)
     assert made.returncode == 0, made.stderr[-2000:]
-    assert json.loads((tmp_path / "signals/tsdkd.json").read_text())["teacher"]["name_or_path"] == str(tagged)
-    # Offline without the revision in the cache, and a revision for a folder.
+    settings = json.loads((tmp_path / "run/tsdkd_run.json").read_text())["settings"]
+    assert (settings["teacher"], settings["teacher_revision"]) == ("me/toy", "v2")
+    assert json.loads((tmp_path / "run/round-1/signals/tsdkd.json").read_text())["teacher"]["name_or_path"] == str(tagged)
+    again = tsdkd(*run)
+    assert again.returncode == 0 and "1 round done" in again.stdout, again.stderr[-2000:]
+    # Offline without the revision in the cache; an empty revision; a revision for a folder, or for neither.
     assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "x", "--student-revision", "v3", student="me/toy")),
                           "--student me/toy at --student-revision v3: not in the hub cache, and the hub cannot be reached "
                           "(offline); fetch it with `hf download me/toy --revision v3`")
-    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "y", "--student-revision", "v2")),
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "x", "--student-revision", " ", student="me/toy")),
+                          "--student-revision is empty")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "x", "--student-revision", "v2")),
                           f"--student-revision v2: --student {TOY_STUDENT} is a folder, which holds one revision already")
-    assert_one_line_error(run_cli("run", "--prompts", TOY_PROMPTS, "--student", TOY_STUDENT, "--teacher", "me/toy",
-                                  "--teacher-revision", "v3", "--out", tmp_path / "run"), "--teacher me/toy at --teacher-revision v3")
+    assert_one_line_error(run_cli(*distill_args(small_dataset, tmp_path / "x", "--student-revision", "v2", student="./nowhere")),
+                          "--student ./nowhere: no such folder, and not a hub id")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--student-revision", "v3", "--out", tmp_path / "y"),
+                          f"--student-revision v3: --student {TOY_STUDENT} is a folder")
 
 
 def test_the_students_generation_config_is_kept(small_dataset, tmp_path):

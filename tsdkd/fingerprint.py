@@ -74,9 +74,10 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
     if not weights:
         raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
     sizes = [(file.name, file.stat().st_size) for file in weights]
-    if sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
-        # A hub snapshot folder's weights link to blobs named by their sha256: the same digest, without reading them.
-        identity["weights_sha256"] = sha256_json([(f.name, hub_blob_sha256(f) or sha256_file(f)) for f in weights])
+    # A hub snapshot folder's weights link to blobs named by their sha256: the same digest, at any size, unread.
+    blobs = [hub_blob_sha256(file) for file in weights]
+    if all(blobs) or sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
+        identity["weights_sha256"] = sha256_json([(f.name, blob or sha256_file(f)) for f, blob in zip(weights, blobs)])
     else:
         identity["weights_files"] = sizes
     return identity
@@ -91,7 +92,7 @@ def is_hub_id(name_or_path: str) -> bool:
 def hub_snapshot(path: str) -> tuple[str, str] | None:
     """(hub id, commit) of a snapshot folder of the hub cache (.../models--owner--name/snapshots/<commit>, what one
     passes to pin a revision), else None."""
-    parts = Path(path).expanduser().absolute().parts
+    parts = Path(path).expanduser().resolve().parts
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
         return parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
     return None
@@ -163,7 +164,7 @@ def note_unchecked_weights(recorded: dict[str, Any], current: dict[str, Any], ma
         _noted_unchecked.add(name)
         print(f"note: {name}'s weights could not be read from the hub cache (not downloaded yet, or copies above "
               f"2 GiB), so they were not checked against those {made} was made with (new ones pushed to its branch "
-              "would go unnoticed); pass its snapshot folder instead to pin them")
+              "would go unnoticed); pin a revision (--student-revision / --teacher-revision, or its snapshot folder) to check them")
 
 
 def same_name(recorded: dict[str, Any], current: dict[str, Any]) -> bool:

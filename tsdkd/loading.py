@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import is_hub_id
+
+ConfigT = TypeVar("ConfigT")
 
 
 # Files any of which lets AutoTokenizer load a tokenizer from a folder (fast, sentencepiece, BPE/WordPiece vocab).
@@ -18,38 +21,61 @@ def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
 
 
+# A model's license and use-policy files (LICENSE, LICENSE.txt, NOTICE, USE_POLICY.md, ...): a student's card carries them.
+LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
+
+
+def is_license_file(name: str) -> bool:
+    return name.upper().startswith(LICENSE_FILES)
+
+
 # What a pinned revision fetches where the hub cache lacks it: what loading a model reads, its weights as safetensors
-# only (never a pickle), its license and card for the student's card.
-REVISION_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt", "*.py", "tokenizer*", "LICENSE*",
-                  "README.md"]
+# only (never a pickle), its card and license files (in any case) for the student's card; nothing in subfolders
+# (training checkpoints, `original/` weights) nor a second copy of the weights in Mistral's own format.
+REVISION_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt", "*.py", "tokenizer*", "README.md",
+                  *("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name) + "*" for name in LICENSE_FILES)]
+NOT_REVISION_FILES = ["*/*", "consolidated*"]
 
 
-def pin_revisions(cfg: Any) -> None:
-    """cfg.student and cfg.teacher (where the config has them) given with a revision (`student_revision`: a branch, tag
-    or commit of a hub id) become that revision's snapshot folder in the hub cache, fetched there where it is missing
-    and the hub can be reached: every load, check and record after this reads that one revision, as for a snapshot
-    folder given by its path."""
+def pinned(cfg: ConfigT) -> ConfigT:
+    """`cfg` with its student and teacher (where it has them) given with a revision (`student_revision`: a branch, tag
+    or commit of a hub id) replaced by that revision's snapshot folder in the hub cache, fetched there where it is
+    missing and the hub can be reached: whatever loads, checks or records them then reads that one revision, as for a
+    snapshot folder given by its path."""
+    changes = {}
     for role in ("student", "teacher"):
         revision = getattr(cfg, f"{role}_revision", None)
         if revision is not None:
-            setattr(cfg, role, snapshot_folder(getattr(cfg, role), revision, role))
+            changes.update({role: snapshot_folder(getattr(cfg, role), revision, role), f"{role}_revision": None})
+    return dataclasses.replace(cfg, **changes)
 
 
 def snapshot_folder(name: str, revision: str, role: str) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    if not is_hub_id(name):
+    if not revision.strip():
+        raise TsdkdError(f"--{role}-revision is empty; name a branch, tag or commit of --{role} {name}")
+    if Path(name).expanduser().exists():
         raise TsdkdError(f"--{role}-revision {revision}: --{role} {name} is a folder, which holds one revision already; "
                          f"name a hub id, or leave out --{role}-revision")
+    if not is_hub_id(name):
+        raise TsdkdError(f"--{role} {name}: no such folder, and not a hub id (owner/name) that --{role}-revision could pin")
+    where = f"--{role} {name} at --{role}-revision {revision}"
     try:
-        return snapshot_download(name, revision=revision, allow_patterns=REVISION_FILES)
+        return snapshot_download(name, revision=revision, allow_patterns=REVISION_FILES, ignore_patterns=NOT_REVISION_FILES)
     except LocalEntryNotFoundError:
-        raise TsdkdError(f"--{role} {name} at --{role}-revision {revision}: not in the hub cache, and the hub cannot be "
-                         f"reached (offline); fetch it with `hf download {name} --revision {revision}`") from None
-    except (HfHubHTTPError, OSError, ValueError) as error:  # no such repo or revision, a gated one, a bad name, a full disk
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TsdkdError(f"--{role} {name} at --{role}-revision {revision}: {reason}") from None
+        reason = f"not in the hub cache, and the hub cannot be reached (offline); fetch it with `hf download {name} --revision {revision}`"
+    except GatedRepoError:  # before RepositoryNotFoundError, of which it is a kind
+        reason = "a gated model: accept its terms on its Hub page and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        reason = "no such model on the Hub (or a private one: log in with `hf auth login`)"
+    except RevisionNotFoundError:
+        reason = f"{name} has no branch, tag or commit {revision!r}"
+    except Exception as error:  # the network (after the library's retries), a full disk, a bad name
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+    raise TsdkdError(f"{where}: {reason}")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool, role: str) -> Any:

@@ -25,7 +25,7 @@ from tsdkd.config import (DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, RESUMABLE
 from tsdkd.errors import ReportedFailure, TsdkdError
 from tsdkd.fingerprint import with_real_paths
 from tsdkd.launch import run_processes
-from tsdkd.loading import pin_revisions, release_memory
+from tsdkd.loading import pinned, release_memory
 from tsdkd.locks import exclusive_use
 from tsdkd.signals import read_json_object, write_json_atomic
 
@@ -199,10 +199,11 @@ def run_rounds(cfg: RunConfig) -> Path:
     from stage1_generate.generate import generate
 
     cfg.check()
-    pin_revisions(cfg)
+    # The hub models at their revisions, resolved before anything is written; the run records them as given.
+    models = pinned(cfg)
     check_processes(cfg.distill_processes)
     # Both sections' values are checked before a round's generate spends hours and the run records them.
-    for name, section in zip(("generate", "distill"), round_configs(cfg, cfg.rounds)):
+    for name, section in zip(("generate", "distill"), round_configs(models, cfg.rounds)):
         try:
             section.check()
         except TsdkdError as error:
@@ -221,7 +222,7 @@ def run_rounds(cfg: RunConfig) -> Path:
             state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
             print(f"round {round_index} of {cfg.rounds}")
             # A finished round is handed to its commands too: each checks its output and redoes what was lost since.
-            generate_cfg, distill_cfg = round_configs(cfg, round_index)
+            generate_cfg, distill_cfg = round_configs(models, round_index)
             with in_round(round_index, "generate"):
                 generate(generate_cfg)
             state["signals"] = True
