@@ -30,7 +30,7 @@ from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DISTILL_RUN_INFO, DistillConfig
 from tsdkd.errors import TsdkdError
-from tsdkd.fingerprint import model_identity, sha256_json
+from tsdkd.fingerprint import model_identity, sha256_file, sha256_json
 from tsdkd.locks import exclusive_use, writable_folder
 
 FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
@@ -1063,6 +1063,23 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True, expected_sharded, None, True, False]
+
+
+def test_a_snapshot_folder_counts_by_its_blob_names_at_any_size(tmp_path, monkeypatch):
+    """Weights above the hashing limit count by their names and sizes; a hub snapshot's weights link to blobs named by
+    their sha256, a hash at any size, unread. A record of sizes and one with the hash, of the same folder and config,
+    are one model (as for weights not in the cache: by name and config)."""
+    import tsdkd.fingerprint as fingerprint
+
+    snapshot = hub_snapshot(tmp_path / "hub" / "models--me--toy", "a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    monkeypatch.setattr(fingerprint, "WEIGHTS_HASH_LIMIT_BYTES", 0)
+    pinned, folder = fingerprint.model_identity(str(snapshot)), fingerprint.model_identity(str(TOY_STUDENT))
+    assert pinned["weights_sha256"] == sha256_json([("model.safetensors", sha256_file(TOY_STUDENT / "model.safetensors"))])
+    assert folder["weights_sha256"] is None and folder["weights_files"] == [("model.safetensors", (TOY_STUDENT / "model.safetensors").stat().st_size)]
+    sized = {**pinned, "weights_sha256": None, "weights_files": folder["weights_files"]}
+    assert fingerprint.same_model(sized, pinned) and fingerprint.same_model(pinned, sized)
+    assert not fingerprint.same_model({**sized, "config_sha256": "other"}, pinned)
+    assert not fingerprint.same_model(sized, {**sized, "weights_files": [("model.safetensors", 1)]})
 
 
 @pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),

@@ -177,7 +177,10 @@ def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     count (a folder moved, or named by a relative path or a link, is the same model); otherwise a local folder
     counts by its real path, a hub id by itself (its weights may not have been downloaded for one record)."""
     hashed = bool(recorded.get("weights_sha256") and current.get("weights_sha256"))
-    others = (recorded.keys() | current.keys()) - {"name_or_path", *(() if hashed else ("weights_sha256",))}
+    # Sizes (weights too large to hash) compare only with sizes: a record with a hash on one side counts by name.
+    sized = "weights_files" in recorded and "weights_files" in current
+    others = (recorded.keys() | current.keys()) - {"name_or_path", *(() if hashed else ("weights_sha256",)),
+                                                   *(() if sized else ("weights_files",))}
     return (hashed or same_name(recorded, current)) and all(recorded.get(key) == current.get(key) for key in others)
 
 
