@@ -63,9 +63,9 @@ def candidates_by_rank(prompt_group: np.ndarray, teacher_rank: np.ndarray) -> np
 class SignalBatches(torch.utils.data.Dataset):
     """Micro-batches of candidates (or of whole prompts, with group_by_prompt) from signal datasets.
 
-    The batches are made once, from `seed`: units are shuffled, sorted by length within windows of
-    `bucket_batches` batches (so a batch holds sequences of similar length and little padding), and
-    cut into batches of `batch_size` sequences; `set_epoch` only reorders them.
+    The batches are made once, from `seed`: units (sequences, or prompts) are shuffled, sorted by length within
+    windows of `bucket_batches` batches (so a batch holds sequences of similar length and little padding), and cut
+    into batches of as many whole units as `batch_size` sequences hold, at least one; `set_epoch` only reorders them.
     """
 
     def __init__(
@@ -116,7 +116,11 @@ class SignalBatches(torch.utils.data.Dataset):
         # Kept rows are in (shard, row) order, so a unit is a contiguous range of them.
         self._unit_starts = np.r_[group_starts if group_by_prompt else np.arange(len(group)), len(group)]
         self.num_prompts = len(group_starts)
-        self._batches = self._make_batches(batch_size, bucket_batches)
+        largest_unit = int(np.diff(self._unit_starts).max())
+        # Whole units (a prompt's candidates, with group_by_prompt): as many as batch_size holds, at least one.
+        self.units_per_batch = max(1, batch_size // largest_unit)
+        self.sequences_per_batch = self.units_per_batch * largest_unit  # at most
+        self._batches = self._make_batches(bucket_batches)
         self.set_epoch(0)
 
     @staticmethod
@@ -157,9 +161,8 @@ class SignalBatches(torch.utils.data.Dataset):
                 self._paths.append(path)
         return tuple(np.concatenate(column) if column else np.zeros(0, np.int64) for column in columns)
 
-    def _make_batches(self, batch_size: int, bucket_batches: int) -> list[np.ndarray]:
-        starts, ends = self._unit_starts[:-1], self._unit_starts[1:]
-        units_per_batch = max(1, batch_size // int((ends - starts).max()))
+    def _make_batches(self, bucket_batches: int) -> list[np.ndarray]:
+        starts, units_per_batch = self._unit_starts[:-1], self.units_per_batch
         # A batch pads to its longest sequence, so a unit sorts by its longest row.
         lengths = np.maximum.reduceat(self._prompt_len + self._completion_len, starts)
         rng = np.random.default_rng(self.seed)

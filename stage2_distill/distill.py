@@ -420,9 +420,6 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     if start:
         manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
         note_data_origin(cfg, manifests, student)
-        if cfg.max_steps == 1 and cfg.warmup_ratio > 0:
-            print(f"note: the warm-up starts at learning rate 0, so the only step of --max-steps 1 changes nothing; "
-                  f"add --warmup-ratio 0 to train it (--warmup-ratio {cfg.warmup_ratio} now)")
         data_checksum = signals_checksum(manifests)
         if continuing:
             check_same_signals(out, record, data_checksum)
@@ -448,6 +445,10 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         [Path(s) for s in cfg.signals], batch_size=cfg.batch_size, pad_token_id=pad, max_length=max_length,
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
     )
+    if processes.is_main_process and batches.sequences_per_batch > cfg.batch_size:
+        print(f"note: the sequence-level ranking keeps each prompt's candidates in one micro-batch: {batches.units_per_batch} "
+              f"prompt{'s' if batches.units_per_batch > 1 else ''} (up to {batches.sequences_per_batch} sequences) per "
+              f"micro-batch for --batch-size {cfg.batch_size}; for less memory, --indirect token or fewer candidates")
     model = load_student(cfg)
     save_dtype = saved_student_dtype(cfg)
     # Written only now: a start that fails on the student or the data leaves --out empty.

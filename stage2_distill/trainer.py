@@ -50,6 +50,7 @@ class DistillTrainer(Trainer):
         self._window_start = time.perf_counter()
         self.add_callback(LogLastStep())
         self.add_callback(ResumeAsAsked())
+        self.add_callback(NoteOneStepInWarmUp())
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         # The dataset already shuffles (by epoch) and buckets whole batches; keep its order so that
@@ -301,6 +302,16 @@ class LogLastStep(TrainerCallback):
 
 class TrainingComplete(Exception):
     """Raised at the start of training when the checkpoint resumed from is the last step's."""
+
+
+class NoteOneStepInWarmUp(TrainerCallback):
+    """The Trainer's warm-up starts at learning rate 0: a run of one optimizer step inside it (a smoke test, or
+    epochs and batch sizes that come to one step) would train nothing without a word."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps == 1 and args.get_warmup_steps(1) > 0 and state.is_world_process_zero:
+            print("note: this run is one optimizer step, and the warm-up starts at learning rate 0, so it changes "
+                  f"nothing; add --warmup-ratio 0 to train it (--warmup-ratio {args.warmup_steps} now)")
 
 
 class ResumeAsAsked(TrainerCallback):

@@ -514,17 +514,36 @@ def test_dataloader_workers_train_the_same_student(small_dataset, tmp_path, monk
 
 
 def test_one_step_inside_the_warm_up_is_noted_and_changes_nothing(small_dataset, tmp_path):
-    """The Trainer's warm-up starts at learning rate 0: a one-step smoke test would silently train nothing."""
-    out = tmp_path / "run"
-    result = run_cli(*distill_args(small_dataset, out, "--max-steps", "1"))
-    assert result.exit_code == 0, result.stderr
-    assert "note: the warm-up starts at learning rate 0, so the only step of --max-steps 1 changes nothing" in result.stdout
-    trained, original = load_file(out / "model.safetensors"), load_file(TOY_STUDENT / "model.safetensors")
-    assert all(trained[name].equal(original[name]) for name in original)
+    """The Trainer's warm-up starts at learning rate 0: a one-step smoke test, or epochs and a batch that come to one
+    step, would silently train nothing."""
+    note = "note: this run is one optimizer step, and the warm-up starts at learning rate 0, so it changes nothing"
+    original = load_file(TOY_STUDENT / "model.safetensors")
+    # 12 prompts of 3 candidates in one micro-batch: one step an epoch.
+    for name, steps in (("one", ["--max-steps", "1"]), ("epoch", ["--epochs", "1", "--batch-size", "64"])):
+        result = run_cli(*distill_args(small_dataset, tmp_path / name, *steps))
+        assert result.exit_code == 0, result.stderr
+        assert note in result.stdout
+        trained = load_file(tmp_path / name / "model.safetensors")
+        assert all(trained[key].equal(original[key]) for key in original)
     result = run_cli(*distill_args(small_dataset, tmp_path / "trained", "--max-steps", "1", "--warmup-ratio", "0"))
-    assert result.exit_code == 0 and "note: the warm-up" not in result.stdout
+    assert result.exit_code == 0 and "note: this run is one" not in result.stdout
     trained = load_file(tmp_path / "trained" / "model.safetensors")
     assert not all(trained[name].equal(original[name]) for name in original)
+    result = run_cli(*distill_args(small_dataset, tmp_path / "two", "--max-steps", "2"))
+    assert result.exit_code == 0 and "note: this run is one" not in result.stdout
+
+
+def test_a_batch_below_a_prompts_candidates_is_noted(small_dataset, tmp_path):
+    """The sequence-level ranking keeps a prompt's candidates (3 here) together: a --batch-size below that (lowered for
+    memory) gets whole prompts all the same, and says so; other losses take it as it is."""
+    result = run_cli(*distill_args(small_dataset, tmp_path / "two", "--max-steps", "1", "--batch-size", "2"))
+    assert result.exit_code == 0, result.stderr
+    assert ("note: the sequence-level ranking keeps each prompt's candidates in one micro-batch: 1 prompt (up to 3 "
+            "sequences) per micro-batch for --batch-size 2") in result.stdout
+    assert [r["epoch"] for r in step_records(tmp_path / "two")] == [pytest.approx(1 / 12)]  # one prompt of 12
+    for name, options in (("six", ["--batch-size", "6"]), ("token", ["--batch-size", "2", "--indirect", "token"])):
+        result = run_cli(*distill_args(small_dataset, tmp_path / name, "--max-steps", "1", *options))
+        assert result.exit_code == 0 and "sequence-level ranking keeps" not in result.stdout
 
 
 def test_student_with_padded_embeddings(small_dataset, tmp_path):

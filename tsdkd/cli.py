@@ -230,7 +230,7 @@ def distill(
     learning_rate: Optional[float] = typer.Option(None, help="Peak learning rate [5e-6]."),
     epochs: Optional[float] = typer.Option(None, help="Epochs over the signals [3]."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps, at least 1 (overrides --epochs) [none: --epochs decides]."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per device micro-batch [8]."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per device micro-batch; with the sequence-level ranking, whole prompts, at least one [8]."),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [1]."),
     max_length: Optional[int] = typer.Option(None, help="Longest prompt + completion; longer completions are cut [model context]."),
     warmup_ratio: Optional[float] = typer.Option(None, help="Linear warm-up share of the steps [0.1]."),
