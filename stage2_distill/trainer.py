@@ -178,8 +178,9 @@ class DistillTrainer(Trainer):
         return inputs["input_ids"].numel() * self._flops_per_token
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the loss terms (per optimizer step, summed over processes) and tokens/s. Their names carry no
-        `train/` prefix, like the Trainer's own: its TensorBoard and W&B callbacks add one."""
+        """Adds the loss terms (per optimizer step, summed over processes) and tokens/s; the run's summary counts
+        sequences per second. Their names carry no `train/` prefix, like the Trainer's own: its TensorBoard and W&B
+        callbacks add one."""
         if self._metric_sums is not None and "loss" in logs:
             sums = self._metric_sums.to(self.args.device)
             if self.accelerator.num_processes > 1:
@@ -193,6 +194,11 @@ class DistillTrainer(Trainer):
                 else:
                     logs[name] = value / steps
             self._metric_sums, self._window_start = None, time.perf_counter()
+        sequences = getattr(self.train_dataset, "num_sequences", None)
+        if "train_samples_per_second" in logs and sequences:
+            # The Trainer counts dataset items as samples, here whole micro-batches: sequences instead, at the data's
+            # mean micro-batch.
+            logs["train_samples_per_second"] = round(logs["train_samples_per_second"] * sequences / len(self.train_dataset), 3)
         super().log(logs, start_time)
 
 

@@ -28,6 +28,9 @@ def test_the_last_step_is_logged_with_every_loss_term(small_dataset, tmp_path, l
     missing = [term for term in LOSS_TERMS if term not in steps[-1]]
     assert not missing, missing
     assert "train_runtime" in records[-1]  # the Trainer's summary still closes the file
+    # Its samples are sequences, not the micro-batches the Trainer sees as items: 6 each here (2 prompts of 3).
+    summary = records[-1]
+    assert summary["train_samples_per_second"] == pytest.approx(6 * summary["train_steps_per_second"], rel=1e-2)
 
 
 def test_a_step_with_fewer_micro_batches_logs_its_own_terms(small_dataset, tmp_path):
