@@ -440,6 +440,9 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
     max_length = cfg.max_length or context_length(cfg.student, cfg.trust_remote_code)
     objective = Objective.from_config(cfg, manifests[0]["teacher_entropy"])
+    if start and objective.sequence_ranking and all(manifest["sampling"]["num_candidates"] == 1 for manifest in manifests):
+        print("note: the signals hold one candidate per prompt, so the sequence-level ranking has nothing to rank (its "
+              "term is 0); sample several with `tsdkd generate --num-candidates`, or leave it out with --indirect token")
     pad = padding_id(tokenizer)
     batches = SignalBatches(
         [Path(s) for s in cfg.signals], batch_size=cfg.batch_size, pad_token_id=pad, max_length=max_length,

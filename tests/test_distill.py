@@ -533,6 +533,18 @@ def test_one_step_inside_the_warm_up_is_noted_and_changes_nothing(small_dataset,
     assert result.exit_code == 0 and "note: this run is one" not in result.stdout
 
 
+def test_one_candidate_per_prompt_leaves_the_sequence_ranking_nothing_and_says_so(tmp_path):
+    job = [*SMALL_JOB, "--limit", "4", "--out", tmp_path / "signals"]
+    job[job.index("--num-candidates") + 1] = "1"
+    assert run_cli("generate", *job).exit_code == 0
+    note = "note: the signals hold one candidate per prompt, so the sequence-level ranking has nothing to rank"
+    result = run_cli(*distill_args(tmp_path / "signals", tmp_path / "both", "--max-steps", "1"))
+    assert result.exit_code == 0 and note in result.stdout, result.stderr[-2000:]
+    assert step_records(tmp_path / "both")[-1]["indirect_sequence"] == 0
+    result = run_cli(*distill_args(tmp_path / "signals", tmp_path / "token", "--max-steps", "1", "--indirect", "token"))
+    assert result.exit_code == 0 and note not in result.stdout
+
+
 def test_a_batch_below_a_prompts_candidates_is_noted(small_dataset, tmp_path):
     """The sequence-level ranking keeps a prompt's candidates (3 here) together: a --batch-size below that (lowered for
     memory) gets whole prompts all the same, and says so; other losses take it as it is."""
