@@ -146,6 +146,15 @@ def settings_of(cfg: GenerateConfig, backend: str, prompts_sha: str, student: di
     }
 
 
+def described_change(key: str, recorded: Any, current: Any) -> str:
+    """A setting that differs from the dataset's, with both values; a group of them (sampling, prompts, job) by the
+    entries that differ."""
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return f"{key} ({recorded!r} in the dataset, {current!r} now)"
+    return ", ".join(described_change(f"{key}.{entry}", recorded.get(entry), current.get(entry))
+                     for entry in sorted(recorded.keys() | current.keys()) if recorded.get(entry) != current.get(entry))
+
+
 def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any] | None:
     """The existing manifest of a resumed run, None for a new one; refuses a folder made otherwise."""
     if not (out / MANIFEST_NAME).exists():
@@ -153,16 +162,18 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
             raise TsdkdError(f"--out {out} is not empty and holds no {MANIFEST_NAME}; choose a new or empty folder")
         return None
     manifest = read_checked_manifest(out)
-    differing = differing_settings(manifest["settings"], settings)
-    changed = {k for k, v in manifest["settings"]["prompts"].items() if settings["prompts"].get(k) != v}
+    recorded = manifest["settings"]
+    changes = {key: described_change(key, recorded.get(key), settings.get(key)) for key in differing_settings(recorded, settings)}
+    changed = {k for k, v in recorded["prompts"].items() if settings["prompts"].get(k) != v}
     if "sha256" in changed and changed <= {"sha256", "count"}:  # an edited file (perhaps with more or fewer prompts)
-        differing[differing.index("prompts")] = "the prompt file's contents, changed since the dataset was started"
+        changes["prompts"] = "the prompt file's contents, changed since the dataset was started"
     # The models count by their weights; the prompts were rendered with the student's tokenizer and chat template.
     for model in ("student", "teacher"):
-        note_unchecked_weights(manifest["settings"][model], settings[model], f"the dataset in {out}")
-        if model in differing and same_name(manifest["settings"][model], settings[model]):
-            differing[differing.index(model)] = f"{model} (the same name, other weights or config: a hub branch that " \
-                                                "moved, or a folder changed)"
+        note_unchecked_weights(recorded[model], settings[model], f"the dataset in {out}")
+        if model in changes:
+            changes[model] = f"{model} (the same name, other weights or config: a hub branch that moved, or a folder " \
+                             "changed)" if same_name(recorded[model], settings[model]) else model
+    differing = list(changes.values())
     if manifest["tokenizer"]["sha256"] != tokenizer["sha256"]:
         differing.append("tokenizer (vocabulary, special tokens or chat template)")
     if differing:

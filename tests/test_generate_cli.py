@@ -88,7 +88,11 @@ def test_rerun_with_other_settings_is_refused(small_dataset, tmp_path):
     before = tree_state(small_dataset)
     job = list(SMALL_JOB)
     job[job.index("--top-k") + 1] = "4"
-    assert_one_line_error(run_cli("generate", *job, "--out", small_dataset), "other settings", "top_k")
+    assert_one_line_error(run_cli("generate", *job, "--out", small_dataset), "differs in: top_k (8 in the dataset, 4 now)")
+    job = [*SMALL_JOB, "--max-new-tokens", "30", "--batch-size", "3"]  # a group of settings: the entries named
+    assert_one_line_error(run_cli("generate", *job, "--out", small_dataset),
+                          "differs in: sampling.batch_size (4 in the dataset, 3 now), sampling.max_new_tokens (24 in the "
+                          "dataset, 30 now)")
     assert tree_state(small_dataset) == before
     edited = tmp_path / "prompts.jsonl"  # the same prompts, one more line at the end: a changed file
     edited.write_text(TOY_PROMPTS.read_text() + '{"prompt": "One more?"}\n')

@@ -186,7 +186,7 @@ def generate(
     round: Optional[int] = typer.Option(None, help="Self-improvement round recorded in the manifest [0]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
     trust_remote_code: Optional[bool] = typer.Option(None, help="Allow model code from the model folder [off]."),
-    batch_size: Optional[int] = typer.Option(None, help="hf: prompts per generate call [16]."),
+    batch_size: Optional[int] = typer.Option(None, help="hf: prompts per generate call; it changes the samples, so a rerun keeps it [16]."),
     score_batch_tokens: Optional[int] = typer.Option(None, help="hf: padded tokens per teacher forward [16384]."),
     logit_chunk_tokens: Optional[int] = typer.Option(None, help="hf: positions whose full log-softmax may exist at once [2048]."),
     tensor_parallel_size: Optional[int] = typer.Option(None, help="vllm: GPUs per engine [1]."),
