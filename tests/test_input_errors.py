@@ -306,6 +306,13 @@ def test_tsdkd_alone_still_shows_its_help():
     assert "Commands:" in result.stdout + result.stderr and "error:" not in result.stdout + result.stderr
 
 
+def test_version():
+    from tsdkd import __version__
+
+    result = run_cli("--version")
+    assert result.exit_code == 0 and result.stdout == f"tsdkd {__version__}\n"
+
+
 class DeviceWithRoom:
     """A temporary file on a device that takes `room` bytes more, then says ENOSPC."""
 

@@ -67,7 +67,6 @@ def show_one_line(error: Any, context: Any, file: Any = None) -> None:
 
 app = typer.Typer(
     cls=Commands,
-    help="Token-Selective Dual Knowledge Distillation: cache teacher signals, then distil a student from them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -75,6 +74,20 @@ app = typer.Typer(
     # and would show a <bool> type after every flag.
     rich_markup_mode=None,
 )
+
+
+def show_version(value: bool | None) -> None:
+    if value:
+        from tsdkd import __version__
+
+        typer.echo(f"tsdkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: Optional[bool] = typer.Option(None, "--version", callback=show_version, is_eager=True,
+                                                   help="Print tsdkd's version and exit.")) -> None:
+    """Token-Selective Dual Knowledge Distillation: cache teacher signals, then distil a student from them."""
 
 
 class Terminated(BaseException):
