@@ -105,14 +105,20 @@ def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateCon
 
 
 def drop_duplicates(records: list[PromptRecord]) -> tuple[list[PromptRecord], int]:
-    """Identical prompts would share a prompt_id; keep the first of each."""
-    seen: set[str] = set()
-    unique = []
+    """Identical prompts would share a prompt_id; keep the first of each, saying how many repeats went (and where one
+    had another gold answer than the row kept)."""
+    kept: dict[str, PromptRecord] = {}
+    conflicts = []
     for record in records:
-        if record.prompt_id not in seen:
-            seen.add(record.prompt_id)
-            unique.append(record)
-    return unique, len(records) - len(unique)
+        first = kept.setdefault(record.prompt_id, record)
+        if first is not record and first.gold_answer != record.gold_answer:
+            conflicts.append(f"{record.where} against {first.where}")
+    dropped = len(records) - len(kept)
+    if dropped:
+        print(f"note: {dropped} repeated prompt{'s' if dropped > 1 else ''} left out, each kept at its first row"
+              + (f"; {len(conflicts)} with another gold answer than that row's ({conflicts[0]}"
+                 f"{' and more' if len(conflicts) > 1 else ''})" if conflicts else ""))
+    return list(kept.values()), dropped
 
 
 def settings_of(cfg: GenerateConfig, backend: str, prompts_sha: str, student: dict, teacher: dict, count: int) -> dict[str, Any]:

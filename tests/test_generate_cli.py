@@ -114,6 +114,22 @@ def test_rerun_with_other_settings_is_refused(small_dataset, tmp_path):
                           "differs in: student (the same name, other weights or config: a hub branch that moved")
 
 
+def test_repeated_prompts_are_kept_once_and_said(tmp_path):
+    """Identical prompts would share a prompt id: each is kept at its first row, with a note that names a repeat whose
+    gold answer differs from the kept row's (one of them is wrong)."""
+    rows = [{"prompt": "1 + 1?", "answer": "2"}, {"prompt": "2 + 2?", "answer": "4"}, {"prompt": "1 + 1?", "answer": "2"},
+            {"prompt": "2 + 2?", "answer": "5"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    job = list(SMALL_JOB)
+    job[job.index("--prompts") + 1] = str(prompts)
+    result = run_cli("generate", *job, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert (f"note: 2 repeated prompts left out, each kept at its first row; 1 with another gold answer than that row's "
+            f"({prompts} line 4 against {prompts} line 2)") in result.stdout
+    manifest = json.loads((tmp_path / "out/tsdkd.json").read_text())
+    assert (manifest["prompts"]["duplicates_dropped"], manifest["stats"]["prompts"]) == (2, 2)
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
