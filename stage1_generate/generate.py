@@ -42,7 +42,7 @@ from tsdkd.signals import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from tsdkd.answers import answer_is_correct
+from tsdkd.answers import answer_is_correct, answers_match, gold_final_answer
 from tsdkd.validate import read_checked_manifest, shard_matches
 
 WORK_DIR = ".work"
@@ -104,21 +104,28 @@ def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateCon
     return prompts
 
 
-def drop_duplicates(records: list[PromptRecord]) -> tuple[list[PromptRecord], int]:
-    """Identical prompts would share a prompt_id; keep the first of each, saying how many repeats went (and where one
-    had another gold answer than the row kept)."""
+def drop_duplicates(records: list[PromptRecord]) -> tuple[list[PromptRecord], int, str | None]:
+    """Identical prompts would share a prompt_id: the first of each, the number of repeats left out, and a note on them
+    (naming one whose gold answer differs from the kept row's; None without repeats)."""
     kept: dict[str, PromptRecord] = {}
     conflicts = []
     for record in records:
         first = kept.setdefault(record.prompt_id, record)
-        if first is not record and first.gold_answer != record.gold_answer:
+        if first is not record and not same_gold(first.gold_answer, record.gold_answer):
             conflicts.append(f"{record.where} against {first.where}")
     dropped = len(records) - len(kept)
-    if dropped:
-        print(f"note: {dropped} repeated prompt{'s' if dropped > 1 else ''} left out, each kept at its first row"
-              + (f"; {len(conflicts)} with another gold answer than that row's ({conflicts[0]}"
-                 f"{' and more' if len(conflicts) > 1 else ''})" if conflicts else ""))
-    return list(kept.values()), dropped
+    if not dropped:
+        return records, 0, None
+    return list(kept.values()), dropped, (
+        f"note: {dropped} repeated prompt{'s' if dropped > 1 else ''} left out, each kept at its first row"
+        + (f"; {len(conflicts)} with another gold answer than that row's ({conflicts[0]}"
+           f"{' and more' if len(conflicts) > 1 else ''})" if conflicts else ""))
+
+
+def same_gold(first: str | None, other: str | None) -> bool:
+    if first is None or other is None:
+        return first is other
+    return answers_match(gold_final_answer(first), gold_final_answer(other))
 
 
 def settings_of(cfg: GenerateConfig, backend: str, prompts_sha: str, student: dict, teacher: dict, count: int) -> dict[str, Any]:
@@ -156,9 +163,14 @@ def described_change(key: str, recorded: Any, current: Any) -> str:
     """A setting that differs from the dataset's, with both values; a group of them (sampling, prompts, job) by the
     entries that differ."""
     if not (isinstance(recorded, dict) and isinstance(current, dict)):
-        return f"{key} ({recorded!r} in the dataset, {current!r} now)"
+        return f"{key} ({_shown(recorded)} in the dataset, {_shown(current)} now)"
     return ", ".join(described_change(f"{key}.{entry}", recorded.get(entry), current.get(entry))
-                     for entry in sorted(recorded.keys() | current.keys()) if recorded.get(entry) != current.get(entry))
+                     for entry in sorted(recorded.keys() | current.keys()) if recorded.get(entry) != current.get(entry)) or key
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a refusal shows it: a digest by its start."""
+    return repr(value[:12] + "...") if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
 def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any] | None:
@@ -210,7 +222,7 @@ def generate(cfg: GenerateConfig) -> Path:
         raise TsdkdError(f"--student {cfg.student}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
 
     prompts_path = Path(cfg.prompts)
-    records, duplicates = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit,
+    records, duplicates, repeats = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit,
                                                           golds_checked=cfg.verifier == "math"))
     contexts = [c for c in (context_length(cfg.student, cfg.trust_remote_code), context_length(cfg.teacher, cfg.trust_remote_code)) if c]
     # vLLM scores a candidate by generating one token after it: one position more.
@@ -243,6 +255,8 @@ def generate(cfg: GenerateConfig) -> Path:
             manifest["complete"] = False
             write_json_atomic(manifest, out / MANIFEST_NAME)
         if manifest is None:
+            if repeats:  # said once, as the dataset starts
+                print(repeats)
             manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
             write_json_atomic(manifest, out / MANIFEST_NAME)
         elif manifest["backend"]["dtype"] not in ("auto", here := backend_dtype(backend, cfg.dtype)):

@@ -33,7 +33,8 @@ from tsdkd.validate import validate_dataset
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-# Files of a student's folder that its license terms ask to pass on with any model made from it.
+
+
 def check_signals(cfg: DistillConfig, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     """Every dataset valid, made for this student's tokenizer, and usable together."""
     manifests, absolute = [], [local_path(folder) for folder in cfg.signals]
@@ -449,9 +450,10 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
     )
     if processes.is_main_process and batches.sequences_per_batch > cfg.batch_size:
-        print(f"note: the sequence-level ranking keeps each prompt's candidates in one micro-batch: {batches.units_per_batch} "
-              f"prompt{'s' if batches.units_per_batch > 1 else ''} (up to {batches.sequences_per_batch} sequences) per "
-              f"micro-batch for --batch-size {cfg.batch_size}; for less memory, --indirect token or fewer candidates")
+        # Only a batch below a prompt's candidates: the micro-batch is then one prompt.
+        print(f"note: the sequence-level ranking keeps each prompt's candidates in one micro-batch: 1 prompt (up to "
+              f"{batches.sequences_per_batch} sequences) per micro-batch for --batch-size {cfg.batch_size}; for less "
+              "memory, --indirect token or fewer candidates")
     model = load_student(cfg)
     save_dtype = saved_student_dtype(cfg)
     # Written only now: a start that fails on the student or the data leaves --out empty.

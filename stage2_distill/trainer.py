@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import Trainer, TrainerCallback
+from transformers import SchedulerType, Trainer, TrainerCallback
 
 from stage2_distill.chunked import TokenStatistics, student_statistics
 from stage2_distill.objective import Objective, StepCounts
@@ -315,7 +315,9 @@ class NoteOneStepInWarmUp(TrainerCallback):
     epochs and batch sizes that come to one step) would train nothing without a word."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.max_steps == 1 and args.get_warmup_steps(1) > 0 and state.is_world_process_zero:
+        # (The constant schedule has no warm-up: transformers leaves it out.)
+        if state.max_steps == 1 and args.get_warmup_steps(1) > 0 and args.lr_scheduler_type != SchedulerType.CONSTANT \
+                and state.is_world_process_zero:
             print("note: this run is one optimizer step, and the warm-up starts at learning rate 0, so it changes "
                   f"nothing; add --warmup-ratio 0 to train it (--warmup-ratio {args.warmup_steps} now)")
 

@@ -531,6 +531,11 @@ def test_one_step_inside_the_warm_up_is_noted_and_changes_nothing(small_dataset,
     assert not all(trained[name].equal(original[name]) for name in original)
     result = run_cli(*distill_args(small_dataset, tmp_path / "two", "--max-steps", "2"))
     assert result.exit_code == 0 and "note: this run is one" not in result.stdout
+    # The constant schedule has no warm-up (transformers leaves it out): its one step trains.
+    result = run_cli(*distill_args(small_dataset, tmp_path / "constant", "--max-steps", "1", "--lr-scheduler", "constant"))
+    assert result.exit_code == 0 and "note: this run is one" not in result.stdout
+    trained = load_file(tmp_path / "constant" / "model.safetensors")
+    assert not all(trained[name].equal(original[name]) for name in original)
 
 
 def test_one_candidate_per_prompt_leaves_the_sequence_ranking_nothing_and_says_so(tmp_path):
@@ -1106,11 +1111,17 @@ def test_a_snapshot_folder_counts_by_its_blob_names_at_any_size(tmp_path, monkey
     monkeypatch.setattr(fingerprint, "WEIGHTS_HASH_LIMIT_BYTES", 0)
     pinned, folder = fingerprint.model_identity(str(snapshot)), fingerprint.model_identity(str(TOY_STUDENT))
     assert pinned["weights_sha256"] == sha256_json([("model.safetensors", sha256_file(TOY_STUDENT / "model.safetensors"))])
-    assert folder["weights_sha256"] is None and folder["weights_files"] == [("model.safetensors", (TOY_STUDENT / "model.safetensors").stat().st_size)]
+    assert folder["weights_sha256"] is None and folder["weights_files"] == pinned["weights_files"] == \
+        [["model.safetensors", (TOY_STUDENT / "model.safetensors").stat().st_size]]
     sized = {**pinned, "weights_sha256": None, "weights_files": folder["weights_files"]}
     assert fingerprint.same_model(sized, pinned) and fingerprint.same_model(pinned, sized)
     assert not fingerprint.same_model({**sized, "config_sha256": "other"}, pinned)
-    assert not fingerprint.same_model(sized, {**sized, "weights_files": [("model.safetensors", 1)]})
+    # Other weights of a size below the limit now, hashed: their sizes still differ from the record's.
+    assert not fingerprint.same_model(sized, {**pinned, "weights_files": [["model.safetensors", 1]]})
+    # A record of sizes only, as read back from a run record (JSON), is the folder it was made from.
+    assert fingerprint.same_model(json.loads(json.dumps(folder)), fingerprint.model_identity(str(TOY_STUDENT)))
+    # A record made before identities kept the sizes beside a hash: the hashes decide.
+    assert fingerprint.same_model({key: value for key, value in pinned.items() if key != "weights_files"}, pinned)
 
 
 @pytest.mark.parametrize("engine, head_unit", [("fsdp2", "root"), ("fsdp2", "own"), ("fsdp1", "root"), ("fsdp1", "own"),

@@ -34,6 +34,12 @@ EVAL = ["--max-new-tokens", "24", "--backend", "hf"]
         ("The answer is 5. Then 5 + 3 = 8.", "5"),
         ("Answer: 381. The other options are 100 and 200.", "381"),
         ("Answer: $\\frac{1}{2}$. Done.", "\\frac{1}{2}"),
+        ("The answer is:\n\n$\\frac{3}{4}$", "\\frac{3}{4}"),  # on the next line that holds something
+        ("Answer:\n(B)", "(B)"),
+        ("The answer is 25 degrees.", "25"),
+        ("Answer: 2 and a half hours", "2 and a half hours"),  # words that change the value stay
+        ("Answer: 6 hundred", "6 hundred"),
+        ("The answer is 3 x", "3 x"),
     ],
 )
 def test_extraction(text, expected):
@@ -58,6 +64,8 @@ def test_extraction(text, expected):
         ("Final Answer: The final answer is $\\$5$. I hope it is correct.", "The answer is $\\$5$", True),  # alike on both sides
         ("\\$18.90", "so the answer is $18.90", True),
         ("72", "Therefore, the answer is 72 clips.", True),
+        ("2", "Answer: 2 and a half hours", False),
+        ("#### 2 and a half", "#### 2", False),
         ("4 * 3 = 12\nThe answer is 12 cm. Then we stop.", "The answer is 12 square centimetres", True),
     ],
 )

@@ -114,10 +114,19 @@ def test_rerun_with_other_settings_is_refused(small_dataset, tmp_path):
                           "differs in: student (the same name, other weights or config: a hub branch that moved")
 
 
+def test_a_refusal_names_each_setting_that_differs():
+    from stage1_generate.generate import described_change
+
+    assert described_change("top_k", 8, 4) == "top_k (8 in the dataset, 4 now)"
+    assert described_change("prompts", {"sha256": "a" * 64, "limit": None, "count": 2}, {"sha256": "b" * 64, "limit": 5, "count": 2}) == \
+        "prompts.limit (None in the dataset, 5 now), prompts.sha256 ('aaaaaaaaaaaa...' in the dataset, 'bbbbbbbbbbbb...' now)"
+    assert described_change("job", {"shard_index": None}, {}) == "job"  # unequal, with no entry of its own that differs
+
+
 def test_repeated_prompts_are_kept_once_and_said(tmp_path):
     """Identical prompts would share a prompt id: each is kept at its first row, with a note that names a repeat whose
-    gold answer differs from the kept row's (one of them is wrong)."""
-    rows = [{"prompt": "1 + 1?", "answer": "2"}, {"prompt": "2 + 2?", "answer": "4"}, {"prompt": "1 + 1?", "answer": "2"},
+    gold answer differs from the kept row's (one of them is wrong; 2.0 is 2)."""
+    rows = [{"prompt": "1 + 1?", "answer": "2"}, {"prompt": "2 + 2?", "answer": "4"}, {"prompt": "1 + 1?", "answer": "2.0"},
             {"prompt": "2 + 2?", "answer": "5"}]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     job = list(SMALL_JOB)
@@ -128,6 +137,8 @@ def test_repeated_prompts_are_kept_once_and_said(tmp_path):
             f"({prompts} line 4 against {prompts} line 2)") in result.stdout
     manifest = json.loads((tmp_path / "out/tsdkd.json").read_text())
     assert (manifest["prompts"]["duplicates_dropped"], manifest["stats"]["prompts"]) == (2, 2)
+    rerun = run_cli("generate", *job, "--out", tmp_path / "out")  # said as the dataset started, not again
+    assert rerun.exit_code == 0 and "already complete" in rerun.stdout and "repeated prompt" not in rerun.stdout
 
 
 def write_jsonl(path, rows):

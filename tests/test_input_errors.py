@@ -170,9 +170,10 @@ def test_a_conversation_ending_with_the_assistants_reply_is_asked_without_it(tmp
                     + json.dumps({"messages": [{"role": "user", "content": " "}, reply], "answer": "4"}) + "\n")
     with pytest.raises(TsdkdError, match=r"sft.jsonl line 2: field 'messages' has no question before the assistant's reply"):
         load_prompts(path, None, None, None)
-    path.write_text(json.dumps({"messages": [reply], "answer": "4"}) + "\n")
-    with pytest.raises(TsdkdError, match=r"sft.jsonl line 1: field 'messages' has no question before the assistant's reply"):
-        load_prompts(path, None, None, None)
+    for asks_nothing in ([reply], [system, reply]):
+        path.write_text(json.dumps({"messages": asks_nothing, "answer": "4"}) + "\n")
+        with pytest.raises(TsdkdError, match=r"sft.jsonl line 1: field 'messages' has no question before the assistant's reply"):
+            load_prompts(path, None, None, None)
 
 
 def test_eval_reports_bad_benchmark_files(tmp_path):

@@ -15,17 +15,23 @@ _HASHES = re.compile(r"####\s*([^\n]+)")
 _DOLLARS = r"\$\$[^$\n]+\$\$|\$(?:\\\$|[^$\n])+\$"
 _ABBREVIATION_END = "".join(rf"(?<!\b{word})" for word in ("dr", "mr", "mrs", "ms", "st", "jr", "sr", "vs", "etc", "no")) + r"(?<!\b[a-z])"
 _MARKED = rf"({_DOLLARS}|\$?[^\s$*:](?:(?!{_ABBREVIATION_END}\.\s|[ \t]+(?:because|since)\b)[^\n$])*)"
-# In a response, "answer is", "answer:" or "answer =" anywhere ("Therefore, the answer is 72."); the word alone marks
-# nothing ("to get the answer, add 5 and 3").
-_ANSWER = re.compile(rf"\banswer[ \t]*(?:is\b[ \t]*:?|[:=])[ \t*]*{_MARKED}", re.IGNORECASE)
+# In a response, "answer is", "answer:" or "answer =" anywhere ("Therefore, the answer is 72."), the answer on its line
+# or on the next one that holds something ("The answer is:\n\n$\frac{3}{4}$"); the word alone marks nothing ("to get the
+# answer, add 5 and 3").
+_ANSWER = re.compile(rf"\banswer[ \t]*(?:is\b[ \t]*:?|[:=])[ \t*]*(?:\n[ \t*]*)*{_MARKED}", re.IGNORECASE)
 # In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12") and goes
 # on to the answer on the same line: the word "answer" inside the reasoning marks nothing. The mark may come twice
 # (Minerva's "Final Answer: The final answer is $5$. I hope it is correct.").
 _GOLD_MARK = r"(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*]*"
 _GOLD_ANSWER = re.compile(rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?{_MARKED}", re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-# A number and words only: a unit or the things counted ("72 clips", "12 square meters"), which the number answers.
-_NUMBER_AND_WORDS = re.compile(rf"({_NUMBER.pattern})[ \t]+[a-z][a-z \t]*", re.IGNORECASE)
+# A number and words only: a unit or the things counted ("72 clips", "12 square meters"), which the number answers;
+# unless a word changes the value ("2 and a half", "5 hundred", "3 times", "2 pi", "3 x") or joins another answer.
+_NUMBER_AND_WORDS = re.compile(rf"({_NUMBER.pattern})[ \t]+([a-z][a-z \t]*)", re.IGNORECASE)
+_VALUE_WORDS = {"and", "or", "to", "by", "plus", "minus", "times", "over", "divided", "half", "halves", "quarter", "quarters",
+                "third", "thirds", "fourth", "fourths", "fifth", "fifths", "hundred", "hundreds", "thousand", "thousands",
+                "million", "millions", "billion", "billions", "trillion", "dozen", "dozens", "pi", "sqrt", "root",
+                "squared", "cubed", "percent"}
 
 
 def _last_boxed(text: str) -> str | None:
@@ -51,9 +57,17 @@ def _marked_answer(text: str, answer_mark: re.Pattern[str] = _ANSWER) -> str | N
         if matches:
             # Bold marks, a full stop, the $ of a gold answer's $...$.
             answer = matches[-1].strip().strip("*").strip().rstrip(".").strip("$").strip()
-            number_and_words = _NUMBER_AND_WORDS.fullmatch(answer)
-            return (number_and_words.group(1) if number_and_words else answer) or None
+            return _counted_number(answer) or answer or None
     return None
+
+
+def _counted_number(answer: str) -> str | None:
+    """The number of an answer that is a number and the unit or things it counts ("72 clips"), else None."""
+    number_and_words = _NUMBER_AND_WORDS.fullmatch(answer)
+    if not number_and_words:
+        return None
+    words = number_and_words.group(2).lower().split()
+    return None if any(len(word) == 1 or word in _VALUE_WORDS for word in words) else number_and_words.group(1)
 
 
 def extract_answer(text: str) -> str | None:

@@ -46,7 +46,7 @@ class GenerateConfig:
     student: str = ""
     teacher: str = ""
     out: str = ""
-    # A branch, tag or commit of a hub id (None: its default branch); see loading.pin_revisions.
+    # A branch, tag or commit of a hub id (None: its default branch); see loading.pinned.
     student_revision: str | None = None
     teacher_revision: str | None = None
     num_candidates: int = 4

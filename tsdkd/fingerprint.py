@@ -51,7 +51,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
     """Path or hub id, revision, config hash and a hash of the weights: of a local folder's safetensors files (up to
-    WEIGHTS_HASH_LIMIT_BYTES, else their names and sizes), of a hub model's from the hub cache (hub_weights_sha256)."""
+    WEIGHTS_HASH_LIMIT_BYTES, at any size for a hub cache snapshot's, from their blob names; always their names and
+    sizes too), of a hub model's from the hub cache (hub_weights_sha256)."""
     from transformers import AutoConfig
 
     try:
@@ -73,13 +74,13 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
-    sizes = [(file.name, file.stat().st_size) for file in weights]
+    sizes = [[file.name, file.stat().st_size] for file in weights]  # lists, as a record read back from JSON holds them
     # A hub snapshot folder's weights link to blobs named by their sha256: the same digest, at any size, unread.
     blobs = [hub_blob_sha256(file) for file in weights]
     if all(blobs) or sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
         identity["weights_sha256"] = sha256_json([(f.name, blob or sha256_file(f)) for f, blob in zip(weights, blobs)])
-    else:
-        identity["weights_files"] = sizes
+    # Sizes as well: against a record of sizes only (weights once too large to hash), they still tell other weights.
+    identity["weights_files"] = sizes
     return identity
 
 
@@ -177,7 +178,7 @@ def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     count (a folder moved, or named by a relative path or a link, is the same model); otherwise a local folder
     counts by its real path, a hub id by itself (its weights may not have been downloaded for one record)."""
     hashed = bool(recorded.get("weights_sha256") and current.get("weights_sha256"))
-    # Sizes (weights too large to hash) compare only with sizes: a record with a hash on one side counts by name.
+    # Sizes where both records have them (records made before local folders always kept them may lack them).
     sized = "weights_files" in recorded and "weights_files" in current
     others = (recorded.keys() | current.keys()) - {"name_or_path", *(() if hashed else ("weights_sha256",)),
                                                    *(() if sized else ("weights_files",))}

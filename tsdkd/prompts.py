@@ -239,7 +239,7 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
         asked = prompt_messages(messages)
         if not asked:
             raise TsdkdError(f"{names[row]}: field {prompt_field!r} has no question before the assistant's reply (no "
-                             "message, or only empty ones, before it); fill in the user's turn or remove the row")
+                             "user message, or only empty ones, before it); fill in the user's turn or remove the row")
         answered += len(asked) < len(messages)
         records.append(
             PromptRecord(
@@ -264,11 +264,14 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
 
 def prompt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     """The conversation without its closing assistant turns (a reply the models are to write themselves); empty when
-    only assistant messages are left, or every message left is empty."""
+    what is left asks nothing (no message but system or assistant ones holds anything)."""
     end = len(messages)
     while end and messages[end - 1]["role"] == "assistant":
         end -= 1
-    return messages[:end] if any(message["content"].strip() for message in messages[:end]) else []
+    if end == len(messages):
+        return messages
+    asked = messages[:end]
+    return asked if any(m["content"].strip() and m["role"] not in ("system", "assistant") for m in asked) else []
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[int]:

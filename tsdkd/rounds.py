@@ -199,15 +199,15 @@ def run_rounds(cfg: RunConfig) -> Path:
     from stage1_generate.generate import generate
 
     cfg.check()
-    # The hub models at their revisions, resolved before anything is written; the run records them as given.
-    models = pinned(cfg)
     check_processes(cfg.distill_processes)
     # Both sections' values are checked before a round's generate spends hours and the run records them.
-    for name, section in zip(("generate", "distill"), round_configs(models, cfg.rounds)):
+    for name, section in zip(("generate", "distill"), round_configs(cfg, cfg.rounds)):
         try:
             section.check()
         except TsdkdError as error:
             raise TsdkdError(f"{name} settings of the run: {error}") from None
+    # The hub models at their revisions, resolved before anything is written; the run records them as given.
+    models = pinned(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
