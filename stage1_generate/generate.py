@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def described_change(key: str, recorded: Any, current: Any) -> str:
 
 def _shown(value: Any) -> str:
     """A setting's value as a refusal shows it: a digest by its start."""
-    return repr(value[:12] + "...") if isinstance(value, str) and len(value) == 64 else repr(value)
+    return repr(value[:12] + "...") if isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) else repr(value)
 
 
 def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any] | None:

@@ -40,6 +40,11 @@ EVAL = ["--max-new-tokens", "24", "--backend", "hf"]
         ("Answer: 2 and a half hours", "2 and a half hours"),  # words that change the value stay
         ("Answer: 6 hundred", "6 hundred"),
         ("The answer is 3 x", "3 x"),
+        ("Answer:\nLet me think. 3+4 = 7", "7"),  # prose on the next line is reasoning: the last number
+        ("**Answer:**\nThe answer is 18.", "18"),  # a mark inside it still counts
+        ("The answer is 6 times.", "6"),
+        ("The answer is 6 g of sugar", "6"),
+        ("The answer is 3 quarters", "3"),
     ],
 )
 def test_extraction(text, expected):
@@ -65,6 +70,7 @@ def test_extraction(text, expected):
         ("\\$18.90", "so the answer is $18.90", True),
         ("72", "Therefore, the answer is 72 clips.", True),
         ("2", "Answer: 2 and a half hours", False),
+        ("\\frac{3}{4}", "The answer is:\n\\[ \\frac{3}{4} \\]", True),
         ("#### 2 and a half", "#### 2", False),
         ("4 * 3 = 12\nThe answer is 12 cm. Then we stop.", "The answer is 12 square centimetres", True),
     ],

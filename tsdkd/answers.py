@@ -15,23 +15,28 @@ _HASHES = re.compile(r"####\s*([^\n]+)")
 _DOLLARS = r"\$\$[^$\n]+\$\$|\$(?:\\\$|[^$\n])+\$"
 _ABBREVIATION_END = "".join(rf"(?<!\b{word})" for word in ("dr", "mr", "mrs", "ms", "st", "jr", "sr", "vs", "etc", "no")) + r"(?<!\b[a-z])"
 _MARKED = rf"({_DOLLARS}|\$?[^\s$*:](?:(?!{_ABBREVIATION_END}\.\s|[ \t]+(?:because|since)\b)[^\n$])*)"
-# In a response, "answer is", "answer:" or "answer =" anywhere ("Therefore, the answer is 72."), the answer on its line
-# or on the next one that holds something ("The answer is:\n\n$\frac{3}{4}$"); the word alone marks nothing ("to get the
-# answer, add 5 and 3").
-_ANSWER = re.compile(rf"\banswer[ \t]*(?:is\b[ \t]*:?|[:=])[ \t*]*(?:\n[ \t*]*)*{_MARKED}", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# In a response, "answer is", "answer:" or "answer =" anywhere ("Therefore, the answer is 72."); the word alone marks
+# nothing ("to get the answer, add 5 and 3"). The answer is on the mark's line, or, where the mark ends its line, the
+# next line that holds something if that line is a bare answer: math in delimiters, a choice "(B)", a number with words
+# ("The answer is:\n\n$\frac{3}{4}$"); prose there is reasoning, not the answer.
+_RESPONSE_MARK = r"\banswer[ \t]*(?:is\b[ \t]*:?|[:=])[ \t*]*"
+_ANSWER = re.compile(rf"{_RESPONSE_MARK}{_MARKED}", re.IGNORECASE)
+_ANSWER_NEXT_LINE = re.compile(
+    rf"{_RESPONSE_MARK}(?:\n[ \t*]*)+({_DOLLARS}|\\\[[^\n]*?\\\]|\\\([^\n]*?\\\)|\(?[A-Ea-e]\)|\$?{_NUMBER.pattern}(?:[ \t]+[a-z][a-z \t]*)?)"
+    r"[ \t*]*\.?[ \t]*$", re.IGNORECASE | re.MULTILINE)
 # In a gold solution only a line that starts with it ("Answer: 5", "The answer is: B", "**Final answer:** 12") and goes
 # on to the answer on the same line: the word "answer" inside the reasoning marks nothing. The mark may come twice
 # (Minerva's "Final Answer: The final answer is $5$. I hope it is correct.").
 _GOLD_MARK = r"(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:is\b[ \t]*:?|:)[ \t*]*"
 _GOLD_ANSWER = re.compile(rf"^[ \t]*\**[ \t]*{_GOLD_MARK}(?:{_GOLD_MARK})?{_MARKED}", re.IGNORECASE | re.MULTILINE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-# A number and words only: a unit or the things counted ("72 clips", "12 square meters"), which the number answers;
-# unless a word changes the value ("2 and a half", "5 hundred", "3 times", "2 pi", "3 x") or joins another answer.
+# A number and words only: a unit or the things counted ("72 clips", "12 square meters", "3 quarters", "5 a day"),
+# which the number answers; unless the words change its value: a magnitude or power right after it ("6 hundred",
+# "4 squared", "2 pi"), a fraction after "and" ("2 and a half"), or a lone letter, a variable ("3 x"; not "6 g of sugar").
 _NUMBER_AND_WORDS = re.compile(rf"({_NUMBER.pattern})[ \t]+([a-z][a-z \t]*)", re.IGNORECASE)
-_VALUE_WORDS = {"and", "or", "to", "by", "plus", "minus", "times", "over", "divided", "half", "halves", "quarter", "quarters",
-                "third", "thirds", "fourth", "fourths", "fifth", "fifths", "hundred", "hundreds", "thousand", "thousands",
-                "million", "millions", "billion", "billions", "trillion", "dozen", "dozens", "pi", "sqrt", "root",
-                "squared", "cubed", "percent"}
+_MAGNITUDES = {"hundred", "hundreds", "thousand", "thousands", "million", "millions", "billion", "billions", "trillion",
+               "squared", "cubed", "pi", "sqrt", "root", "percent"}
+_FRACTIONS = {"half", "halves", "third", "thirds", "quarter", "quarters", "fourth", "fourths", "fifth", "fifths"}
 
 
 def _last_boxed(text: str) -> str | None:
@@ -47,16 +52,16 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def _marked_answer(text: str, answer_mark: re.Pattern[str] = _ANSWER) -> str | None:
-    """The answer a text marks as final: the last \\boxed{}, else the last `#### N`, else the last `answer_mark`."""
+def _marked_answer(text: str, answer_marks: tuple[re.Pattern[str], ...] = (_ANSWER, _ANSWER_NEXT_LINE)) -> str | None:
+    """The answer a text marks as final: the last \\boxed{}, else the last `#### N`, else the last of `answer_marks`."""
     boxed = _last_boxed(text)
     if boxed:
         return boxed
-    for pattern in (_HASHES, answer_mark):
-        matches = pattern.findall(text)
+    for patterns in ((_HASHES,), answer_marks):
+        matches = sorted((match.start(), match.group(1)) for pattern in patterns for match in pattern.finditer(text))
         if matches:
             # Bold marks, a full stop, the $ of a gold answer's $...$.
-            answer = matches[-1].strip().strip("*").strip().rstrip(".").strip("$").strip()
+            answer = matches[-1][1].strip().strip("*").strip().rstrip(".").strip("$").strip()
             return _counted_number(answer) or answer or None
     return None
 
@@ -67,7 +72,10 @@ def _counted_number(answer: str) -> str | None:
     if not number_and_words:
         return None
     words = number_and_words.group(2).lower().split()
-    return None if any(len(word) == 1 or word in _VALUE_WORDS for word in words) else number_and_words.group(1)
+    after_and = words[words.index("and") + 1:] if "and" in words else []
+    changes_value = (words[0] in _MAGNITUDES or any(word in _FRACTIONS for word in after_and)
+                     or (len(words) == 1 and len(words[0]) == 1 and words[0] != "a"))
+    return None if changes_value else number_and_words.group(1)
 
 
 def extract_answer(text: str) -> str | None:
@@ -93,12 +101,12 @@ def answers_match(gold: str, predicted: str) -> bool:
 def gold_final_answer(gold_answer: str) -> str:
     """A gold field is a bare answer ("72", "\\frac{1}{2}") or a solution whose answer is marked (\\boxed{}, ####, a
     line starting `Answer:`); anything else is compared whole."""
-    return _marked_answer(gold_answer, _GOLD_ANSWER) or gold_answer.strip()
+    return _marked_answer(gold_answer, (_GOLD_ANSWER,)) or gold_answer.strip()
 
 
 def unmarked_solution(gold_answer: str) -> bool:
     """A gold field of several lines with no final answer marked: compared whole, no response could match it."""
-    return "\n" in gold_answer.strip() and _marked_answer(gold_answer, _GOLD_ANSWER) is None
+    return "\n" in gold_answer.strip() and _marked_answer(gold_answer, (_GOLD_ANSWER,)) is None
 
 
 def answer_is_correct(gold_answer: str, response: str) -> bool:
