@@ -340,9 +340,9 @@ def worker_loop(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 
 
 def worker_loop_pair(args: argparse.Namespace) -> dict[str, Any]:
-    """The plain CE loop and the TSD-KD loss in the same loop (each its own student and AdamW), passes alternating
-    in one process (CE first, then TSD-KD first, and so on): each TSD-KD pass is timed next to a CE pass, so their ratio is the loss's own cost, with the
-    same optimizer and no Trainer on either side, and immune to load drift between processes."""
+    """The plain CE loop and the TSD-KD loss in the same loop (each its own student and AdamW), passes alternating in
+    one process: each TSD-KD pass is timed next to a CE pass, so their ratio is the loss's own cost, with the same
+    optimizer and no Trainer on either side, and immune to load drift between processes."""
     with tempfile.TemporaryDirectory() as folder:
         loops = {variant: loop_setup(args, variant, Path(folder) / variant) for variant in ("ce", "tsdkd-loop")}
         cpu: dict[str, list[float]] = {variant: [] for variant in loops}
@@ -816,7 +816,8 @@ def main() -> None:
             assert runs["ce"][0]["ce_label_tokens_per_pass"] == runs["ce"][0]["completion_tokens_per_pass"], "CE sees other tokens"
             result["a"]["paired"] = {}
             for v in ("tsdkd", "ce-trainer", "tsdkd-loop"):
-                paired_runs = [run_worker(args, "loop-pair" if v == "tsdkd-loop" else v, "--paired") for _ in range(args.processes)]
+                worker = ["loop-pair"] if v == "tsdkd-loop" else [v, "--paired"]
+                paired_runs = [run_worker(args, *worker) for _ in range(args.processes)]
                 result["a"]["paired"][v] = {
                     "pass_ratios": [t / c for r in paired_runs for t, c in zip(r["pass_step_cpu_s"], r["paired_ce_pass_step_cpu_s"])],
                     "best_pass_ratio_per_process": [min(r["pass_step_cpu_s"]) / min(r["paired_ce_pass_step_cpu_s"]) for r in paired_runs],

@@ -43,7 +43,7 @@ from tsdkd.signals import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from tsdkd.answers import answer_is_correct, answers_match, gold_final_answer
+from tsdkd.answers import answer_is_correct, same_gold_answer
 from tsdkd.validate import read_checked_manifest, shard_matches
 
 WORK_DIR = ".work"
@@ -105,28 +105,24 @@ def render_prompts(records: list[PromptRecord], tokenizer: Any, cfg: GenerateCon
     return prompts
 
 
-def drop_duplicates(records: list[PromptRecord]) -> tuple[list[PromptRecord], int, str | None]:
-    """Identical prompts would share a prompt_id: the first of each, the number of repeats left out, and a note on them
-    (naming one whose gold answer differs from the kept row's; None without repeats)."""
+def drop_duplicates(records: list[PromptRecord]) -> tuple[list[PromptRecord], list[tuple[PromptRecord, PromptRecord]]]:
+    """Identical prompts would share a prompt_id: the first of each, and the repeats left out, each with its kept row."""
     kept: dict[str, PromptRecord] = {}
-    conflicts = []
+    repeats = []
     for record in records:
         first = kept.setdefault(record.prompt_id, record)
-        if first is not record and not same_gold(first.gold_answer, record.gold_answer):
-            conflicts.append(f"{record.where} against {first.where}")
-    dropped = len(records) - len(kept)
-    if not dropped:
-        return records, 0, None
-    return list(kept.values()), dropped, (
-        f"note: {dropped} repeated prompt{'s' if dropped > 1 else ''} left out, each kept at its first row"
-        + (f"; {len(conflicts)} with another gold answer than that row's ({conflicts[0]}"
-           f"{' and more' if len(conflicts) > 1 else ''})" if conflicts else ""))
+        if first is not record:
+            repeats.append((record, first))
+    return list(kept.values()), repeats
 
 
-def same_gold(first: str | None, other: str | None) -> bool:
-    if first is None or other is None:
-        return first is other
-    return answers_match(gold_final_answer(first), gold_final_answer(other))
+def repeats_note(repeats: list[tuple[PromptRecord, PromptRecord]]) -> str:
+    """How many repeated prompts went, naming one whose gold answer differs from its kept row's."""
+    conflicts = [f"{record.where} against {first.where}" for record, first in repeats
+                 if not same_gold_answer(first.gold_answer, record.gold_answer)]
+    return (f"note: {len(repeats)} repeated prompt{'s' if len(repeats) > 1 else ''} left out, each kept at its first row"
+            + (f"; {len(conflicts)} with another gold answer than that row's ({conflicts[0]}"
+               f"{' and more' if len(conflicts) > 1 else ''})" if conflicts else ""))
 
 
 def settings_of(cfg: GenerateConfig, backend: str, prompts_sha: str, student: dict, teacher: dict, count: int) -> dict[str, Any]:
@@ -182,16 +178,17 @@ def prepare_output(out: Path, settings: dict[str, Any], tokenizer: dict[str, Any
         return None
     manifest = read_checked_manifest(out)
     recorded = manifest["settings"]
-    changes = {key: described_change(key, recorded.get(key), settings.get(key)) for key in differing_settings(recorded, settings)}
-    changed = {k for k, v in recorded["prompts"].items() if settings["prompts"].get(k) != v}
-    if "sha256" in changed and changed <= {"sha256", "count"}:  # an edited file (perhaps with more or fewer prompts)
+    changes = {key: key if key in ("student", "teacher") else described_change(key, recorded.get(key), settings.get(key))
+               for key in differing_settings(recorded, settings)}
+    changed_prompt_entries = {k for k, v in recorded["prompts"].items() if settings["prompts"].get(k) != v}
+    # An edited file (perhaps with more or fewer prompts):
+    if "sha256" in changed_prompt_entries and changed_prompt_entries <= {"sha256", "count"}:
         changes["prompts"] = "the prompt file's contents, changed since the dataset was started"
     # The models count by their weights; the prompts were rendered with the student's tokenizer and chat template.
     for model in ("student", "teacher"):
         note_unchecked_weights(recorded[model], settings[model], f"the dataset in {out}")
-        if model in changes:
-            changes[model] = f"{model} (the same name, other weights or config: a hub branch that moved, or a folder " \
-                             "changed)" if same_name(recorded[model], settings[model]) else model
+        if model in changes and same_name(recorded[model], settings[model]):
+            changes[model] = f"{model} (the same name, other weights or config: a hub branch that moved, or a folder changed)"
     differing = list(changes.values())
     if manifest["tokenizer"]["sha256"] != tokenizer["sha256"]:
         differing.append("tokenizer (vocabulary, special tokens or chat template)")
@@ -223,7 +220,7 @@ def generate(cfg: GenerateConfig) -> Path:
         raise TsdkdError(f"--student {cfg.student}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
 
     prompts_path = Path(cfg.prompts)
-    records, duplicates, repeats = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit,
+    records, repeats = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit,
                                                           golds_checked=cfg.verifier == "math"))
     contexts = [c for c in (context_length(cfg.student, cfg.trust_remote_code), context_length(cfg.teacher, cfg.trust_remote_code)) if c]
     # vLLM scores a candidate by generating one token after it: one position more.
@@ -257,8 +254,8 @@ def generate(cfg: GenerateConfig) -> Path:
             write_json_atomic(manifest, out / MANIFEST_NAME)
         if manifest is None:
             if repeats:  # said once, as the dataset starts
-                print(repeats)
-            manifest = new_manifest(cfg, settings, fingerprint, backend, duplicates)
+                print(repeats_note(repeats))
+            manifest = new_manifest(cfg, settings, fingerprint, backend, len(repeats))
             write_json_atomic(manifest, out / MANIFEST_NAME)
         elif manifest["backend"]["dtype"] not in ("auto", here := backend_dtype(backend, cfg.dtype)):
             # --dtype auto continued on another machine ("auto": a manifest written before dtypes were resolved).

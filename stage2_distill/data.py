@@ -116,11 +116,10 @@ class SignalBatches(torch.utils.data.Dataset):
         # Kept rows are in (shard, row) order, so a unit is a contiguous range of them.
         self._unit_starts = np.r_[group_starts if group_by_prompt else np.arange(len(group)), len(group)]
         self.num_prompts = len(group_starts)
-        largest_unit = int(np.diff(self._unit_starts).max())
-        # Whole units (a prompt's candidates, with group_by_prompt): as many as batch_size holds, at least one.
-        self.units_per_batch = max(1, batch_size // largest_unit)
-        self.sequences_per_batch = self.units_per_batch * largest_unit  # at most
-        self._batches = self._make_batches(bucket_batches)
+        # The most sequences of a unit (a prompt's candidates, with group_by_prompt); a batch holds as many whole
+        # units as batch_size sequences do, at least one.
+        self.largest_unit = int(np.diff(self._unit_starts).max())
+        self._batches = self._make_batches(max(1, batch_size // self.largest_unit), bucket_batches)
         self.set_epoch(0)
 
     @staticmethod
@@ -161,8 +160,8 @@ class SignalBatches(torch.utils.data.Dataset):
                 self._paths.append(path)
         return tuple(np.concatenate(column) if column else np.zeros(0, np.int64) for column in columns)
 
-    def _make_batches(self, bucket_batches: int) -> list[np.ndarray]:
-        starts, units_per_batch = self._unit_starts[:-1], self.units_per_batch
+    def _make_batches(self, units_per_batch: int, bucket_batches: int) -> list[np.ndarray]:
+        starts = self._unit_starts[:-1]
         # A batch pads to its longest sequence, so a unit sorts by its longest row.
         lengths = np.maximum.reduceat(self._prompt_len + self._completion_len, starts)
         rng = np.random.default_rng(self.seed)

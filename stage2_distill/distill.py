@@ -144,8 +144,7 @@ def training_arguments(cfg: DistillConfig, out: Path) -> TrainingArguments:
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     """What continuing a run must repeat (the signal folders and student wherever they were named from)."""
-    # Not student_revision: the student counts by its weights and config (student_identity), however it was named.
-    settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", "student_revision", *RESUMABLE_DISTILL_CHANGES)}
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("resume", "out", *RESUMABLE_DISTILL_CHANGES)}
     return with_real_paths(settings, ("signals", "student"))
 
 
@@ -441,19 +440,20 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
     max_length = cfg.max_length or context_length(cfg.student, cfg.trust_remote_code)
     objective = Objective.from_config(cfg, manifests[0]["teacher_entropy"])
-    if start and objective.sequence_ranking and all(manifest["sampling"]["num_candidates"] == 1 for manifest in manifests):
-        print("note: the signals hold one candidate per prompt, so the sequence-level ranking has nothing to rank (its "
-              "term is 0); sample several with `tsdkd generate --num-candidates`, or leave it out with --indirect token")
     pad = padding_id(tokenizer)
     batches = SignalBatches(
         [Path(s) for s in cfg.signals], batch_size=cfg.batch_size, pad_token_id=pad, max_length=max_length,
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
     )
-    if processes.is_main_process and batches.sequences_per_batch > cfg.batch_size:
-        # Only a batch below a prompt's candidates: the micro-batch is then one prompt.
-        print(f"note: the sequence-level ranking keeps each prompt's candidates in one micro-batch: 1 prompt (up to "
-              f"{batches.sequences_per_batch} sequences) per micro-batch for --batch-size {cfg.batch_size}; for less "
-              "memory, --indirect token or fewer candidates")
+    if processes.is_main_process and objective.sequence_ranking:  # the batches' units are prompts
+        if batches.largest_unit == 1:
+            print("note: the signals hold one candidate per prompt, so the sequence-level ranking has nothing to rank "
+                  "(its term is 0); sample several with `tsdkd generate --num-candidates`, or leave it out with "
+                  "--indirect token")
+        elif batches.largest_unit > cfg.batch_size:
+            print(f"note: the sequence-level ranking keeps each prompt's candidates in one micro-batch: 1 prompt (up to "
+                  f"{batches.largest_unit} sequences) per micro-batch for --batch-size {cfg.batch_size}; for less "
+                  "memory, --indirect token or fewer candidates")
     model = load_student(cfg)
     save_dtype = saved_student_dtype(cfg)
     # Written only now: a start that fails on the student or the data leaves --out empty.

@@ -318,6 +318,7 @@ class NoteOneStepInWarmUp(TrainerCallback):
         # (The constant schedule has no warm-up: transformers leaves it out.)
         if state.max_steps == 1 and args.get_warmup_steps(1) > 0 and args.lr_scheduler_type != SchedulerType.CONSTANT \
                 and state.is_world_process_zero:
+            # (training_arguments passes --warmup-ratio as warmup_steps, which transformers reads as a ratio below 1.)
             print("note: this run is one optimizer step, and the warm-up starts at learning rate 0, so it changes "
                   f"nothing; add --warmup-ratio 0 to train it (--warmup-ratio {args.warmup_steps} now)")
 

@@ -114,14 +114,12 @@ def test_the_student_has_a_model_card_with_the_students_license(small_dataset, t
 
 def test_a_hub_students_card_and_license_come_from_the_hub_cache(small_dataset, tmp_path):
     repo = tmp_path / "hub" / "models--me--toy"
-    snapshot = hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\nlanguage: en\n---\n")
+    snapshot = make_hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\nlanguage: en\n---\n")
     (snapshot / "LICENSE").write_text("Apache License, Version 2.0 (toy copy)\n")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "tsdkd", *distill_args(small_dataset, tmp_path / "out", "--max-steps", "1",
-                                                                          student="me/toy")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = with_hub_cache(tmp_path / "hub", "-m", "tsdkd", *distill_args(small_dataset, tmp_path / "out", "--max-steps", "1",
+                                                                      student="me/toy"))
     assert done.returncode == 0, done.stderr[-2000:]
     from huggingface_hub import ModelCard
 
@@ -144,17 +142,14 @@ def test_a_revision_of_a_hub_model_is_its_snapshot(small_dataset, tmp_path):
     from huggingface_hub import ModelCard
 
     repo = tmp_path / "hub" / "models--me--toy"
-    main = hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\n---\n")
-    weights = load_file(TOY_STUDENT / "model.safetensors")
-    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, tmp_path / "other.safetensors", metadata={"format": "pt"})
-    tagged = hub_snapshot(repo, "b" * 40, tmp_path / "other.safetensors", "---\nlicense: mit\n---\n")
+    main = make_hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "---\nlicense: apache-2.0\n---\n")
+    tagged = make_hub_snapshot(repo, "b" * 40, other_weights(tmp_path / "other.safetensors"), "---\nlicense: mit\n---\n")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
     (repo / "refs" / "v2").write_text("b" * 40)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
     def tsdkd(*args):
-        return subprocess.run([sys.executable, "-m", "tsdkd", *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+        return with_hub_cache(tmp_path / "hub", "-m", "tsdkd", *args)
 
     def distill_into(out, *student):
         return tsdkd(*distill_args(small_dataset, out, "--max-steps", "1", *student[1:], student=student[0]))
@@ -1030,7 +1025,7 @@ def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path
     assert "part 1 of 2" in notes(TOY_STUDENT, part(0), three_parts)
 
 
-def hub_snapshot(repo: Path, commit: str, weights: Path, card: str) -> Path:
+def make_hub_snapshot(repo: Path, commit: str, weights: Path, card: str) -> Path:
     """A snapshot of the toy student in a hub cache laid out as huggingface_hub writes it (`repo` is
     HF_HUB_CACHE/models--owner--name): its weights a link to blobs/<their sha256>, with `card` as README.md."""
     import hashlib
@@ -1045,6 +1040,19 @@ def hub_snapshot(repo: Path, commit: str, weights: Path, card: str) -> Path:
     return folder
 
 
+def other_weights(path: Path) -> Path:
+    """The toy student's weights, each plus 0.01, saved at `path`."""
+    save_file({name: tensor + 0.01 for name, tensor in load_file(TOY_STUDENT / "model.safetensors").items()}, path,
+              metadata={"format": "pt"})
+    return path
+
+
+def with_hub_cache(cache: Path, *command: str) -> subprocess.CompletedProcess:
+    """`python *command` in a process that reads `cache` as its hub cache, offline."""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *map(str, command)], env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
     """A hub id names a branch that moves: new weights pushed to it are another model, a card edit is not. The hub
     cache names each weight file by its sha256 (a link to blobs/<sha256>), so no file is read; the same files given
@@ -1054,12 +1062,12 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
 
     repo = tmp_path / "hub" / "models--me--toy"
     weights = load_file(TOY_STUDENT / "model.safetensors")
-    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, tmp_path / "trained.safetensors", metadata={"format": "pt"})
-    hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
-    hub_snapshot(repo, "b" * 40, TOY_STUDENT / "model.safetensors", "# toy, a better card\n")
-    hub_snapshot(repo, "c" * 40, tmp_path / "trained.safetensors", "# toy\n")
+    other_weights(tmp_path / "trained.safetensors")
+    make_hub_snapshot(repo, "a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    make_hub_snapshot(repo, "b" * 40, TOY_STUDENT / "model.safetensors", "# toy, a better card\n")
+    make_hub_snapshot(repo, "c" * 40, tmp_path / "trained.safetensors", "# toy\n")
     # Two shards and their index, as large models come; another weights file beside them (a full download's) is not one.
-    sharded = hub_snapshot(repo, "d" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    sharded = make_hub_snapshot(repo, "d" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
     (sharded / "model.safetensors").rename(sharded / "consolidated.safetensors")
     names = sorted(weights)
     shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
@@ -1094,9 +1102,7 @@ def test_a_hub_model_counts_by_its_weights_in_the_hub_cache(tmp_path):
         "                  same_model(before, c), d['weights_sha256'], partial['weights_sha256'], same_model(c, e),\n"
         "                  same_model(a, e)]))\n"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = with_hub_cache(tmp_path / "hub", "-c", script, repo / "refs" / "main")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1]) == [True, True, False, True, True, expected_sharded, None, True, False]
 
@@ -1107,7 +1113,7 @@ def test_a_snapshot_folder_counts_by_its_blob_names_at_any_size(tmp_path, monkey
     are one model (as for weights not in the cache: by name and config)."""
     import tsdkd.fingerprint as fingerprint
 
-    snapshot = hub_snapshot(tmp_path / "hub" / "models--me--toy", "a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
+    snapshot = make_hub_snapshot(tmp_path / "hub" / "models--me--toy", "a" * 40, TOY_STUDENT / "model.safetensors", "# toy\n")
     monkeypatch.setattr(fingerprint, "WEIGHTS_HASH_LIMIT_BYTES", 0)
     pinned, folder = fingerprint.model_identity(str(snapshot)), fingerprint.model_identity(str(TOY_STUDENT))
     assert pinned["weights_sha256"] == sha256_json([("model.safetensors", sha256_file(TOY_STUDENT / "model.safetensors"))])

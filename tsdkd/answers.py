@@ -98,6 +98,13 @@ def answers_match(gold: str, predicted: str) -> bool:
     return gold.replace(",", "").strip() == predicted.replace(",", "").strip()
 
 
+def same_gold_answer(first: str | None, other: str | None) -> bool:
+    """Whether two gold fields (or two missing ones) give the same final answer."""
+    if first is None or other is None:
+        return first is other
+    return answers_match(gold_final_answer(first), gold_final_answer(other))
+
+
 def gold_final_answer(gold_answer: str) -> str:
     """A gold field is a bare answer ("72", "\\frac{1}{2}") or a solution whose answer is marked (\\boxed{}, ####, a
     line starting `Answer:`); anything else is compared whole."""

@@ -10,8 +10,8 @@ from typing import Any
 
 from tsdkd.errors import TsdkdError
 
-# Weights above this size are identified by file names and sizes only: hashing 30 GB of a
-# 14B teacher would cost minutes on every run.
+# Weights above this size are identified by file names and sizes only (but in the hub cache, whose file names are their
+# hashes): hashing 30 GB of a 14B teacher would cost minutes on every run.
 WEIGHTS_HASH_LIMIT_BYTES = 2 * 1024**3
 
 
@@ -74,13 +74,11 @@ def model_identity(path_or_id: str, trust_remote_code: bool = False, revision: s
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise TsdkdError(f"{folder}: no .safetensors weights; tsdkd loads safetensors only (convert with save_pretrained)")
-    sizes = [[file.name, file.stat().st_size] for file in weights]  # lists, as a record read back from JSON holds them
-    # A hub snapshot folder's weights link to blobs named by their sha256: the same digest, at any size, unread.
-    blobs = [hub_blob_sha256(file) for file in weights]
-    if all(blobs) or sum(size for _, size in sizes) <= WEIGHTS_HASH_LIMIT_BYTES:
-        identity["weights_sha256"] = sha256_json([(f.name, blob or sha256_file(f)) for f, blob in zip(weights, blobs)])
+    # A hub snapshot folder's weights link to blobs named by their sha256: hashed at any size, unread.
+    identity["weights_sha256"] = weights_sha256([(file.name, file) for file in weights])
     # Sizes as well: against a record of sizes only (weights once too large to hash), they still tell other weights.
-    identity["weights_files"] = sizes
+    # Lists, as a record read back from JSON holds them.
+    identity["weights_files"] = [[file.name, file.stat().st_size] for file in weights]
     return identity
 
 
@@ -119,14 +117,18 @@ def hub_weights_sha256(repo_id: str, revision: str | None) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     files = [hub_file(repo_id, name, revision) for name in names]
-    if not all(files):
-        return None
-    digests = [hub_blob_sha256(file) for file in files]
+    return weights_sha256(list(zip(names, files))) if all(files) else None
+
+
+def weights_sha256(files: list[tuple[str, Path]]) -> str | None:
+    """sha256_json of [file name, file sha256] of weight files: from their hub blob names where every file has one (at
+    any size, none read), else read, up to WEIGHTS_HASH_LIMIT_BYTES in all; None above it."""
+    digests = [hub_blob_sha256(path) for _, path in files]
     if not all(digests):
-        if sum(file.stat().st_size for file in files) > WEIGHTS_HASH_LIMIT_BYTES:
+        if sum(path.stat().st_size for _, path in files) > WEIGHTS_HASH_LIMIT_BYTES:
             return None
-        digests = [digest or sha256_file(file) for file, digest in zip(files, digests)]
-    return sha256_json(list(zip(names, digests)))
+        digests = [digest or sha256_file(path) for (_, path), digest in zip(files, digests)]
+    return sha256_json([(name, digest) for (name, _), digest in zip(files, digests)])
 
 
 def hub_blob_sha256(path: Path) -> str | None:

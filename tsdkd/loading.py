@@ -18,10 +18,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def _looks_like_hub_id(path: str) -> bool:
+    # owner/name only (fingerprint.is_hub_id also takes a bare legacy name): here a bare name is likelier a folder
+    # mistyped, which "no such model folder" names.
     return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
 
 
-# A model's license and use-policy files (LICENSE, LICENSE.txt, NOTICE, USE_POLICY.md, ...): a student's card carries them.
+# A model's license and use-policy files (LICENSE, LICENSE.txt, NOTICE, USE_POLICY.md, ...), which its terms ask to pass
+# on with any model made from it: a student's folder carries them.
 LICENSE_FILES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 
 

@@ -207,7 +207,7 @@ def run_rounds(cfg: RunConfig) -> Path:
         except TsdkdError as error:
             raise TsdkdError(f"{name} settings of the run: {error}") from None
     # The hub models at their revisions, resolved before anything is written; the run records them as given.
-    models = pinned(cfg)
+    pinned_cfg = pinned(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
@@ -222,7 +222,7 @@ def run_rounds(cfg: RunConfig) -> Path:
             state = manifest["rounds"].setdefault(str(round_index), {"signals": False, "student": False})
             print(f"round {round_index} of {cfg.rounds}")
             # A finished round is handed to its commands too: each checks its output and redoes what was lost since.
-            generate_cfg, distill_cfg = round_configs(models, round_index)
+            generate_cfg, distill_cfg = round_configs(pinned_cfg, round_index)
             with in_round(round_index, "generate"):
                 generate(generate_cfg)
             state["signals"] = True
