@@ -221,7 +221,7 @@ def generate(cfg: GenerateConfig) -> Path:
 
     prompts_path = Path(cfg.prompts)
     records, repeats = drop_duplicates(load_prompts(prompts_path, cfg.prompt_field, cfg.answer_field, cfg.limit,
-                                                          golds_checked=cfg.verifier == "math"))
+                                                    golds_checked=cfg.verifier == "math"))
     contexts = [c for c in (context_length(cfg.student, cfg.trust_remote_code), context_length(cfg.teacher, cfg.trust_remote_code)) if c]
     # vLLM scores a candidate by generating one token after it: one position more.
     context = min(contexts) - (backend == "vllm") if contexts else None
