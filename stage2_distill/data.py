@@ -103,8 +103,8 @@ class SignalBatches(torch.utils.data.Dataset):
             where = ", ".join(map(str, folders))
             if self.num_dropped:
                 raise TsdkdError(
-                    f"no training rows left in {where} with max_length {max_length}: all {self.num_dropped} rows "
-                    "dropped because the prompt alone leaves no room for a completion token; raise max_length"
+                    f"no training rows left in {where} with a max length of {max_length} tokens: all {self.num_dropped} rows "
+                    "dropped because the prompt alone leaves no room for a completion token; raise --max-length"
                 )
             raise TsdkdError(f"no training rows in {where}")
 

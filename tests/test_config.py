@@ -158,8 +158,8 @@ def test_yaml_floats_without_a_dot_are_read_as_floats(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("learning_rate: fast", "learning_rate = 'fast' must be float"),
-    ("batch_size: '8'", "batch_size = '8' must be int"),  # only floats are read from strings
+    ("learning_rate: fast", "learning_rate = 'fast' must be a number"),
+    ("batch_size: '8'", "batch_size = '8' must be a whole number"),  # only floats are read from strings
 ])
 def test_config_strings_that_are_not_floats_are_refused(tmp_path, line, message):
     path = tmp_path / "distill.yaml"
@@ -283,5 +283,7 @@ def test_switches_set_in_a_config_file_can_be_turned_off_on_the_command_line(tmp
         result = run_cli("distill", "--config", path, "--signals", "d", "--student", "s", "--out", "o", *given)
         assert result.exit_code == 0, result.stderr
         assert seen[-1].selection_fraction == expected
-    assert_one_line_error(run_cli("distill", "--signals", "d", "--student", "s", "--out", "o", "--selection-fraction", "half"),
-                          "selection_fraction = 'half' must be float")
+    # Named by its option, beside a config file too.
+    for config in ([], ["--config", path]):
+        assert_one_line_error(run_cli("distill", "--signals", "d", "--student", "s", "--out", "o", *config,
+                                      "--selection-fraction", "half"), "error: --selection-fraction 'half' must be a number")

@@ -163,7 +163,7 @@ def with_option(name, value):
         (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1+1?"}, {"prompt": "  "}])), ["line 2", "empty"]),
         (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": "1 + 2 " * 600}])), ["line 1", "context of 1024"]),
         (lambda tmp: with_option("--prompts", write_jsonl(tmp / "p.jsonl", [{"prompt": 7}])), ["line 1", "must be a string"]),
-        (lambda tmp: with_option("--answer-field", "solution_text"), ["no field 'solution_text'"]),
+        (lambda tmp: with_option("--answer-field", "solution_text"), ["no field 'solution_text'", "name one of them with --answer-field"]),
         (lambda tmp: with_option("--top-k", "325"), ["--top-k 325", "limit of 324"]),
         (lambda tmp: with_option("--top-p", "0"), ["--top-p"]),
         (lambda tmp: with_option("--backend", "tpu"), ["--backend must be one of"]),
@@ -180,7 +180,7 @@ def test_bad_input(tmp_path, make_args, fragments):
 def test_bad_config_values(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: many\n")
-    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "seed", "must be int")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "seed", "must be a whole number")
     bad.write_text("topk: 3\n")
     assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "unknown key 'topk'")
     bad.write_text("top_k: [1\n")

@@ -341,7 +341,7 @@ def test_other_settings_are_refused(finished_run, tmp_path):
     assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "generate.seed")
     bad.write_text("distill:\n  jsd_beta: high\n")
     assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), f"config file {bad}, distill section", "jsd_beta",
-                          "must be float")
+                          "must be a number")
     # Out of range: refused before round 1's generate runs and before the run records the value.
     bad.write_text("distill:\n  jsd_beta: 1.5\n")
     assert_one_line_error(run_cli(*run_args(bad, tmp_path / "o")), "--jsd-beta")

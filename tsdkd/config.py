@@ -448,24 +448,27 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[str, Any], where: str | None = None) -> ConfigT:
-    """Defaults < config file < options given on the command line (those not None). `where` names the
-    values' source in errors (default: the config file, or "options")."""
-    where = where or (f"config file {config_file}" if config_file else "options")
+    """Defaults < config file < options given on the command line (those not None). `where` names the values'
+    source in errors; without it, a command-line value is named by its option and the others by the config file."""
+    source = where or (f"config file {config_file}" if config_file else "options")
     values: dict[str, Any] = {}
     if config_file:
         values.update(read_config_file(Path(config_file)))
         if cls is RunConfig:
-            check_run_config_file(values, where)
-    values.update({key: value for key, value in cli_values.items() if value is not None})
+            check_run_config_file(values, source)
+    given = {key: value for key, value in cli_values.items() if value is not None}
+    values.update(given)
     if cls is RunConfig:
-        values = nest_run_options(values, where)
+        values = nest_run_options(values, source)
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise TsdkdError(unknown_key_message(cls, unknown[0], where))
+        raise TsdkdError(unknown_key_message(cls, unknown[0], source))
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
-        values[key] = _checked_value(key, value, hints[key], where)
+        # A value from the command line (no `where`) is named by its option, even beside a config file.
+        named = f"--{key.replace('_', '-')}" if where is None and key in given else source
+        values[key] = _checked_value(key, value, hints[key], named)
     return cls(**values)
 
 
@@ -545,6 +548,10 @@ def _checked_value(key: str, value: Any, expected: Any, where: str) -> Any:
     if isinstance(value, bool) and bool not in allowed:
         allowed = ()
     if not isinstance(value, tuple(kind for kind in allowed if kind is not type(None))):
-        wanted = " or ".join(kind.__name__ for kind in allowed if kind is not type(None)) or "a number"
-        raise TsdkdError(f"{where}: {key} = {value!r} must be {wanted}")
+        wanted = " or ".join(TYPE_NAMES.get(kind, kind.__name__) for kind in allowed if kind is not type(None)) or "a number"
+        named = f"{where} {value!r}" if where.startswith("--") else f"{where}: {key} = {value!r}"
+        raise TsdkdError(f"{named} must be {wanted}")
     return value
+
+
+TYPE_NAMES = {float: "a number", int: "a whole number", str: "a string", bool: "true or false", dict: "a mapping"}

@@ -215,9 +215,9 @@ def load_prompts(path: Path, prompt_field: str | None, answer_field: str | None,
         if prompt_field is None:
             raise TsdkdError(f"{path}: none of the fields {', '.join(PROMPT_FIELDS)} (fields: {', '.join(columns)}); pass --prompt-field")
     if prompt_field not in columns:
-        raise TsdkdError(f"{path}: no field {prompt_field!r} (fields: {', '.join(columns)}); pass --prompt-field")
+        raise TsdkdError(f"{path}: no field {prompt_field!r} (fields: {', '.join(columns)}); name one of them with --prompt-field")
     if answer_field is not None and answer_field not in columns:
-        raise TsdkdError(f"{path}: no field {answer_field!r} (fields: {', '.join(columns)}); pass --answer-field")
+        raise TsdkdError(f"{path}: no field {answer_field!r} (fields: {', '.join(columns)}); name one of them with --answer-field")
     answer_field_found = answer_field is None
     if answer_field is None:
         answer_field = next((f for f in ANSWER_FIELDS if f in columns), None)
