@@ -227,7 +227,7 @@ def test_nothing_left_is_one_clear_error(tmp_path):
     with pytest.raises(TsdkdError) as error:
         SignalBatches([folder], batch_size=2, pad_token_id=PAD, max_length=6)
     message = str(error.value)
-    assert "\n" not in message and "max_length 6" in message and "all 4 rows dropped" in message
+    assert "\n" not in message and "a max length of 6 tokens" in message and "raise --max-length" in message and "all 4 rows dropped" in message
 
 
 def test_two_folders(small_dataset, tmp_path):
