@@ -177,6 +177,15 @@ def test_bad_input(tmp_path, make_args, fragments):
     assert not (out / "tsdkd.json").exists()
 
 
+def test_an_over_long_prompt_is_one_line_in_a_process_of_its_own(tmp_path):
+    """transformers warns of a sequence longer than the tokenizer's maximum on stderr, which the in-process runner does
+    not capture: in a process of its own, the error is still the only line."""
+    job = with_option("--prompts", write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1 + 2 " * 600}]))
+    done = rerun_tsdkd(["generate", *job, "--out", tmp_path / "out"])
+    assert done.returncode == 2 and [line for line in done.stderr.splitlines() if line.strip()] == \
+        [line for line in done.stderr.splitlines() if line.startswith("error: ") and "context of 1024" in line], done.stderr
+
+
 def test_bad_config_values(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: many\n")

@@ -282,6 +282,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], where: str) ->
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as error:  # jinja raises TemplateError, or anything the template itself raises
             raise TsdkdError(f"{where}: the chat template refuses these messages ({error}); fix the roles or their order") from None
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     text = "\n".join(message["content"] for message in messages)
-    return list(tokenizer(text)["input_ids"])
+    # verbose=False: no warning of its own before the one line that names an over-long prompt (render_prompts).
+    return list(tokenizer(text, verbose=False)["input_ids"])
