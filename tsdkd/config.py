@@ -516,11 +516,10 @@ def nest_run_options(values: dict[str, Any], where: str) -> dict[str, Any]:
         inside.update({key: values.pop(key) for key in RUN_SECTION_OPTIONS[section] if key in values})
         settable = {field.name for field in dataclasses.fields(section_cls)} - ROUND_KEYS[section]
         for key in sorted(inside):
-            if key in ROUND_KEYS[section] and key.endswith("_revision"):
-                raise TsdkdError(f"{where}: {section}.{key} is set by `tsdkd run` for each round from its own top-level "
-                                 f"{key}; move it there")
             if key in ROUND_KEYS[section]:
-                raise TsdkdError(f"{where}: {section}.{key} is set by `tsdkd run` itself for each round; remove it")
+                how = f"for each round from its own top-level {key}; move it there" if key.endswith("_revision") else \
+                    "itself for each round; remove it"
+                raise TsdkdError(f"{where}: {section}.{key} is set by `tsdkd run` {how}")
             if key not in settable:
                 raise TsdkdError(f"{where}, {section} section: unknown key {key!r}; known keys: {', '.join(sorted(settable))}")
         typed = build_config(section_cls, None, inside, f"{where}, {section} section")
