@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import SchedulerType, Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from stage2_distill.chunked import TokenStatistics, student_statistics
 from stage2_distill.objective import Objective, StepCounts
@@ -47,10 +48,12 @@ class DistillTrainer(Trainer):
         self._metric_names: list[str] = []
         self._metric_sums: torch.Tensor | None = None
         self._window_start_step = 0
-        self._window_start = time.perf_counter()
+        self._window_start: float | None = None  # at the first micro-batch: not the setup before it
         self.add_callback(LogLastStep())
         self.add_callback(ResumeAsAsked())
         self.add_callback(NoteOneStepInWarmUp())
+        if self.pop_callback(ProgressCallback):  # not with disable_tqdm
+            self.add_callback(ProgressWithLoss())
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         # The dataset already shuffles (by epoch) and buckets whole batches; keep its order so that
@@ -76,6 +79,8 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: StepCounts | None = None) -> torch.Tensor:
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
         counts = num_items_in_batch or self._get_num_items_in_batch([inputs], inputs["input_ids"].device)
         # The completion tokens' (rows, steps), found once: a nonzero waits for the GPU.
         completion_positions = inputs["completion_mask"].nonzero(as_tuple=True)
@@ -304,6 +309,19 @@ class LogLastStep(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step >= state.max_steps:
             control.should_log = True
+
+
+class ProgressWithLoss(ProgressCallback):
+    """The Trainer's progress bar, showing the last logged loss and tokens/s beside its steps/s (each log record is
+    still written above it)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if self.training_bar is not None and logs and "loss" in logs:
+            shown = {"loss": f"{logs['loss']:.4g}"}
+            if "tokens_per_s" in logs:
+                shown["tokens/s"] = f"{logs['tokens_per_s']:.0f}"
+            self.training_bar.set_postfix(shown)
 
 
 class TrainingComplete(Exception):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import time
+from types import SimpleNamespace
 
 import pytest
 
+import stage2_distill.trainer as trainer_module
 from conftest import TOY_STUDENT, run_cli
+from stage2_distill.trainer import DistillTrainer
 
 LOSS_TERMS = ("loss", "direct", "indirect_token", "indirect_sequence", "entropy",
               "token_weight_mean", "selected_fraction", "student_entropy", "tokens_per_s")
@@ -45,3 +50,28 @@ def test_a_step_with_fewer_micro_batches_logs_its_own_terms(small_dataset, tmp_p
     weighted = record["direct"] + 0.1 * (record["indirect_token"] + record["indirect_sequence"]) + record["entropy"]
     assert record["loss"] == pytest.approx(weighted, rel=1e-5)
     assert 0 < record["token_weight_mean"] <= 1 and 0 <= record["selected_fraction"] <= 1
+
+
+def test_tokens_per_s_counts_training_only_and_the_bar_shows_it(small_dataset, tmp_path, monkeypatch):
+    """The first window's tokens/s starts at the first micro-batch, not at the setup before it (made to take 1000 s
+    here on the trainer's clock); the progress bar shows the last logged loss and tokens/s."""
+    offset = [0.0]
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+    train_sampler = DistillTrainer._get_train_sampler
+
+    def slow_setup(self, *args, **kwargs):
+        offset[0] += 1000.0
+        return train_sampler(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "_get_train_sampler", slow_setup)
+    out = tmp_path / "student"
+    result = run_cli("distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", out,
+                     "--batch-size", "6", "--max-steps", "2", "--logging-steps", "1")
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    assert offset[0] == 1000.0
+    total_tokens = json.loads((small_dataset / "tsdkd.json").read_text())["stats"]["completion_tokens"]
+    first, second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # Counted from the setup, the window would be over 1000 s long: under total_tokens / 1000 tokens/s.
+    assert first["tokens_per_s"] > total_tokens / 100
+    bar = [line for line in re.split(r"[\r\n]", result.stderr) if "2/2" in line][-1]
+    assert f"loss={second['loss']:.4g}" in bar and f"tokens/s={second['tokens_per_s']:.0f}" in bar, bar
