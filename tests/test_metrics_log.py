@@ -8,9 +8,12 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import stage2_distill.trainer as trainer_module
 from conftest import TOY_STUDENT, run_cli
+from stage2_distill.data import SignalBatches
 from stage2_distill.trainer import DistillTrainer
 
 LOSS_TERMS = ("loss", "direct", "indirect_token", "indirect_sequence", "entropy",
@@ -75,3 +78,24 @@ def test_tokens_per_s_counts_training_only_and_the_bar_shows_it(small_dataset, t
     assert first["tokens_per_s"] > total_tokens / 100
     bar = [line for line in re.split(r"[\r\n]", result.stderr) if "2/2" in line][-1]
     assert f"loss={second['loss']:.4g}" in bar and f"tokens/s={second['tokens_per_s']:.0f}" in bar, bar
+
+
+def test_the_logged_student_entropy_is_the_mean_over_the_steps_completion_tokens(small_dataset, tmp_path):
+    """Step 1's student_entropy, from the run, against the untrained student's full softmax over the first micro-batch,
+    computed here from the logits at each completion token's position."""
+    out = tmp_path / "student"
+    result = run_cli("distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", out, "--batch-size", "6",
+                     "--max-steps", "1", "--bf16", "off")
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    batch = SignalBatches([small_dataset], batch_size=6, pad_token_id=AutoTokenizer.from_pretrained(TOY_STUDENT).pad_token_id,
+                          group_by_prompt=True)[0]
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(TOY_STUDENT).eval()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    entropies = []
+    for row, prompt_length in enumerate(batch["prompt_lengths"].tolist()):
+        for step in range(int(batch["completion_mask"][row].sum())):
+            probs = torch.softmax(logits[row, prompt_length - 1 + step], dim=-1)
+            entropies.append(-(probs * probs.log()).sum().item())
+    assert record["student_entropy"] == pytest.approx(sum(entropies) / len(entropies), rel=1e-4)

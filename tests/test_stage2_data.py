@@ -256,3 +256,40 @@ def test_dataloader_with_collate_single(small_dataset):
     batches = list(loader)
     assert len(batches) == len(dataset)
     assert torch.equal(batches[0]["input_ids"], dataset[0]["input_ids"])
+
+
+def test_batches_stream_from_the_row_groups_they_need(tmp_path, monkeypatch):
+    """Never the whole dataset in memory: the index reads only the columns that size, group and rank the rows, and
+    each batch reads the signal columns of the row groups its rows are in, each once, and nothing else."""
+    rng = np.random.default_rng(3)
+    folder = make_dataset(tmp_path / "s", [(int(rng.integers(1, 9)), rng.integers(1, 12, 3).tolist()) for _ in range(12)],
+                          prompts_per_shard=6, row_group_size=4)
+    whole_file_reads, row_group_reads = [], []
+    opened, read, read_row_group = pq.ParquetFile.__init__, pq.ParquetFile.read, pq.ParquetFile.read_row_group
+
+    def open_file(self, source, *args, **kwargs):
+        self.test_source = Path(source)
+        opened(self, source, *args, **kwargs)
+
+    def read_whole(self, columns=None, **kwargs):
+        whole_file_reads.append(set(columns or ["every column"]))
+        return read(self, columns=columns, **kwargs)
+
+    def read_group(self, index, columns=None, **kwargs):
+        row_group_reads.append((self.test_source, index))
+        return read_row_group(self, index, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "__init__", open_file)
+    monkeypatch.setattr(pq.ParquetFile, "read", read_whole)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_group)
+    monkeypatch.setattr(pq, "read_table", lambda *args, **kwargs: pytest.fail("a whole table read"))
+    dataset = SignalBatches([folder], batch_size=4, pad_token_id=PAD, bucket_batches=2)
+    index_columns = {"prompt_id", "candidate_index", "teacher_rank", "prompt_token_ids", "completion_token_ids"}
+    assert len(whole_file_reads) == 2 and all(columns <= index_columns for columns in whole_file_reads)
+    assert not row_group_reads
+    for index in range(len(dataset)):
+        row_group_reads.clear()
+        dataset[index]
+        needed = {(path, row // 4) for path, row in dataset.rows(index)}
+        assert sorted(row_group_reads) == sorted(needed)
+    assert len(whole_file_reads) == 2
