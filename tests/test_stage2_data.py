@@ -188,6 +188,11 @@ def test_bucketing_reduces_padding(tmp_path):
     bucketed = SignalBatches([folder], batch_size=8, pad_token_id=PAD, bucket_batches=64)
     unsorted = SignalBatches([folder], batch_size=8, pad_token_id=PAD, bucket_batches=1)
     assert padded_tokens(bucketed) < padded_tokens(unsorted) / 3
+    # Minimal padding: each batch is as long as its longest sequence, its per-token signals as its longest completion.
+    for index in range(len(bucketed)):
+        batch = bucketed[index]
+        assert bool(batch["attention_mask"].all(-1).any()) and bool(batch["completion_mask"].all(-1).any())
+        assert batch["teacher_topk_ids"].shape[1] == batch["completion_mask"].shape[1]
 
 
 def batch_sets(dataset: SignalBatches) -> list[frozenset]:
