@@ -48,11 +48,12 @@ class DistillTrainer(Trainer):
         self._metric_names: list[str] = []
         self._metric_sums: torch.Tensor | None = None
         self._window_start_step = 0
-        self._window_start: float | None = None  # at the first micro-batch: not the setup before it
+        # When the window's first step fetched its data: not the setup before the first step, nor a save after a log.
+        self._window_start: float | None = None
         self.add_callback(LogLastStep())
         self.add_callback(ResumeAsAsked())
         self.add_callback(NoteOneStepInWarmUp())
-        if self.pop_callback(ProgressCallback):  # not with disable_tqdm
+        if self.pop_callback(ProgressCallback):  # absent with disable_tqdm, or in a notebook (its own bar): kept as is
             self.add_callback(ProgressWithLoss())
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
@@ -67,6 +68,11 @@ class DistillTrainer(Trainer):
         return {name: value.to(self.args.device) if isinstance(value, torch.Tensor) else value
                 for name, value in inputs.items()}
 
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, StepCounts]:
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> StepCounts:
         """Tokens, sequences and prompts over the step's micro-batches, summed over processes."""
         counts = torch.tensor(
@@ -79,8 +85,6 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: StepCounts | None = None) -> torch.Tensor:
-        if self._window_start is None:
-            self._window_start = time.perf_counter()
         counts = num_items_in_batch or self._get_num_items_in_batch([inputs], inputs["input_ids"].device)
         # The completion tokens' (rows, steps), found once: a nonzero waits for the GPU.
         completion_positions = inputs["completion_mask"].nonzero(as_tuple=True)
@@ -198,7 +202,7 @@ class DistillTrainer(Trainer):
                     logs["tokens_per_s"] = round(value / max(elapsed, 1e-9), 1)
                 else:
                     logs[name] = value / steps
-            self._metric_sums, self._window_start = None, time.perf_counter()
+            self._metric_sums, self._window_start = None, None
         sequences = getattr(self.train_dataset, "num_sequences", None)
         if "train_samples_per_second" in logs and sequences:
             # The Trainer counts dataset items as samples, here whole micro-batches: sequences instead, at the data's
@@ -320,7 +324,7 @@ class ProgressWithLoss(ProgressCallback):
         if self.training_bar is not None and logs and "loss" in logs:
             shown = {"loss": f"{logs['loss']:.4g}"}
             if "tokens_per_s" in logs:
-                shown["tokens/s"] = f"{logs['tokens_per_s']:.0f}"
+                shown["tokens_per_s"] = f"{logs['tokens_per_s']:.0f}"
             self.training_bar.set_postfix(shown)
 
 

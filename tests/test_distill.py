@@ -36,6 +36,8 @@ from tsdkd.fingerprint import model_identity, sha256_file, sha256_json
 from tsdkd.locks import exclusive_use, writable_folder
 
 FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
+# Tokens per chunk of the head's log-softmax in one_step_parameters: several chunks per micro-batch.
+CHUNK_TOKENS = 7
 
 
 def distill_args(signals, out, *extra, student=TOY_STUDENT):
@@ -253,28 +255,30 @@ def second_dataset(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("options, objective, head, data", [
-    ([], {}, {}, {}),
-    (["--loss", "kd"], dict(jsd_beta=0.0, selection=False, **NO_RANKING_OR_ENTROPY), {}, dict(group_by_prompt=False)),
-    (["--loss", "gkd"], dict(selection=False, **NO_RANKING_OR_ENTROPY), {}, dict(group_by_prompt=False)),
-    (["--loss", "sft"], dict(direct=False, jsd_beta=0.0, selection=False, sft=True, **NO_RANKING_OR_ENTROPY), {},
-     dict(group_by_prompt=False, only_best=True)),
-    (["--no-indirect", "--no-entropy", "--no-selection"], dict(selection=False, **NO_RANKING_OR_ENTROPY), {},
-     dict(group_by_prompt=False)),
-    (["--indirect", "token"], dict(sequence_ranking=False), {}, dict(group_by_prompt=False)),
-    (["--indirect", "sequence"], dict(token_ranking=False), {}, {}),
-    (["--selection-fraction", "0.3"], dict(selection_fraction=0.3), {}, {}),
-    (["--jsd-beta", "0.5", "--tau-w", "0.5", "--renormalize-topk", "--alpha", "0.3",
-      "--lambda-ent", "0.05", "--entropy-quantile", "0.2", "--prefix-entropy-fraction", "0.25", "--beta-p", "2",
-      "--rank-items", "4", "--logit-chunk-tokens", "64", "--max-length", "40", "--seed", "7", "--batch-size", "4", "--signals"],
-     dict(jsd_beta=0.5, tau_w=0.5, renormalize_topk=True, alpha=0.3, lambda_ent=0.05, entropy_quantile=0.2,
-          prefix_entropy_fraction=0.25, beta_p=2.0),
-     dict(rank_items=4, logit_chunk_tokens=64), dict(max_length=40, seed=7, batch_size=4, second=True)),
+@pytest.mark.parametrize("options, objective, head, data, two_datasets", [
+    pytest.param([], {}, {}, {}, False, id="defaults"),
+    pytest.param(["--loss", "kd"], dict(jsd_beta=0.0, selection=False, **NO_RANKING_OR_ENTROPY), {}, dict(group_by_prompt=False),
+                 False, id="kd"),
+    pytest.param(["--loss", "gkd"], dict(selection=False, **NO_RANKING_OR_ENTROPY), {}, dict(group_by_prompt=False), False,
+                 id="gkd"),
+    pytest.param(["--loss", "sft"], dict(direct=False, jsd_beta=0.0, selection=False, sft=True, **NO_RANKING_OR_ENTROPY), {},
+                 dict(group_by_prompt=False, only_best=True), False, id="sft"),
+    pytest.param(["--no-indirect", "--no-entropy", "--no-selection"], dict(selection=False, **NO_RANKING_OR_ENTROPY), {},
+                 dict(group_by_prompt=False), False, id="three-switches"),
+    pytest.param(["--indirect", "token"], dict(sequence_ranking=False), {}, dict(group_by_prompt=False), False, id="token"),
+    pytest.param(["--indirect", "sequence"], dict(token_ranking=False), {}, {}, False, id="sequence"),
+    pytest.param(["--selection-fraction", "0.3"], dict(selection_fraction=0.3), {}, {}, False, id="hard-selection"),
+    pytest.param(["--jsd-beta", "0.5", "--tau-w", "0.5", "--renormalize-topk", "--alpha", "0.3", "--lambda-ent", "0.05",
+                  "--entropy-quantile", "0.2", "--prefix-entropy-fraction", "0.25", "--beta-p", "2", "--rank-items", "4",
+                  "--logit-chunk-tokens", "64", "--max-length", "40", "--seed", "7", "--batch-size", "4"],
+                 dict(jsd_beta=0.5, tau_w=0.5, renormalize_topk=True, alpha=0.3, lambda_ent=0.05, entropy_quantile=0.2,
+                      prefix_entropy_fraction=0.25, beta_p=2.0),
+                 dict(rank_items=4, logit_chunk_tokens=64), dict(max_length=40, seed=7, batch_size=4), True, id="every-setting"),
 ])
 def test_every_loss_and_data_setting_reaches_the_trainer(small_dataset, second_dataset, tmp_path, monkeypatch, options, objective,
-                                                          head, data):
-    """Each preset, switch and METHOD.md weight given on the command line is what the objective, the output head and
-    the data pipeline get (what they compute with it is tested against references in test_losses.py and
+                                                          head, data, two_datasets):
+    """Each preset, the switches and every METHOD.md weight given on the command line are what the objective, the output
+    head and the data pipeline get (each switch alone: test_presets_and_ablations) (what they compute with it is tested against references in test_losses.py and
     test_stage2_data.py). The micro-batches are compared with ones built here from the expected settings."""
     seen = {}
 
@@ -283,7 +287,7 @@ def test_every_loss_and_data_setting_reaches_the_trainer(small_dataset, second_d
         raise Captured
 
     monkeypatch.setattr(distill_module, "DistillTrainer", capture)
-    options = [*options, second_dataset] if data.get("second") else options
+    options = [*options, "--signals", second_dataset] if two_datasets else options
     result = run_cli("distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", tmp_path / "o", *options)
     assert isinstance(result.exception, Captured), (result.stderr[-2000:], result.exception)
     expected = {**DEFAULT_OBJECTIVE, **objective}
@@ -292,13 +296,13 @@ def test_every_loss_and_data_setting_reaches_the_trainer(small_dataset, second_d
     settings = dict(batch_size=data.get("batch_size", 8), pad_token_id=AutoTokenizer.from_pretrained(TOY_STUDENT).pad_token_id,
                     max_length=data.get("max_length", 1024), group_by_prompt=data.get("group_by_prompt", True),
                     only_best=data.get("only_best", False), seed=data.get("seed", 0))
-    folders = [small_dataset, second_dataset] if data.get("second") else [small_dataset]
+    folders = [small_dataset, second_dataset] if two_datasets else [small_dataset]
     reference, trained = SignalBatches(folders, **settings), seen["train_dataset"]
     assert len(trained) == len(reference)
     for index in range(len(reference)):
         assert trained[index].keys() == reference[index].keys()
         assert all(torch.equal(trained[index][name], reference[index][name]) for name in reference[index]), index
-    if data:  # the settings change the batches: the comparison above can tell
+    if data or two_datasets:  # the settings change the batches: the comparison above can tell
         defaults = SignalBatches([small_dataset], batch_size=8, pad_token_id=settings["pad_token_id"], max_length=1024, group_by_prompt=True)
         assert len(defaults) != len(reference) or any(not torch.equal(defaults[i]["input_ids"], reference[i]["input_ids"])
                                                       for i in range(len(reference)))
@@ -313,14 +317,15 @@ def one_step_parameters(batches, accumulation, loss_options=None):
                              learning_rate=1.0, optim="sgd", max_steps=1, report_to="none", save_strategy="no", use_cpu=True,
                              lr_scheduler_type="constant", remove_unused_columns=False, disable_tqdm=True)
     trainer = DistillTrainer(model=model, args=args, train_dataset=batches, data_collator=collate_single,
-                             objective=Objective.from_config(cfg, "exact"), vocab_size=325, logit_chunk_tokens=7, rank_items=10)
+                             objective=Objective.from_config(cfg, "exact"), vocab_size=325, logit_chunk_tokens=CHUNK_TOKENS,
+                             rank_items=10)
     trainer.train()
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def test_the_trainer_computes_the_head_a_chunk_at_a_time(small_dataset, monkeypatch):
-    """In training, the student's full-vocabulary log-softmax exists for at most logit_chunk_tokens (7 here) tokens at
-    once: the step's memory bound."""
+    """In training, the student's full-vocabulary log-softmax exists for at most logit_chunk_tokens tokens at once: the
+    step's memory bound."""
     chunk_rows = []
     forward_chunk = chunked_module._forward_chunk
 
@@ -331,7 +336,7 @@ def test_the_trainer_computes_the_head_a_chunk_at_a_time(small_dataset, monkeypa
     monkeypatch.setattr(chunked_module, "_forward_chunk", recording)
     batch = SignalBatches([small_dataset], batch_size=12, pad_token_id=0, group_by_prompt=True, seed=0)[0]
     one_step_parameters([batch], accumulation=1)
-    assert max(chunk_rows) == 7 and sum(chunk_rows) == int(batch["completion_mask"].sum())
+    assert max(chunk_rows) == CHUNK_TOKENS and sum(chunk_rows) == int(batch["completion_mask"].sum())
 
 
 def split_by_prompt(batch):

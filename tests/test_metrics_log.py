@@ -56,28 +56,31 @@ def test_a_step_with_fewer_micro_batches_logs_its_own_terms(small_dataset, tmp_p
 
 
 def test_tokens_per_s_counts_training_only_and_the_bar_shows_it(small_dataset, tmp_path, monkeypatch):
-    """The first window's tokens/s starts at the first micro-batch, not at the setup before it (made to take 1000 s
-    here on the trainer's clock); the progress bar shows the last logged loss and tokens/s."""
+    """tokens/s counts the steps of its window, data fetching included, but not the setup before the first step nor
+    the checkpoint saved after a log (each made to take 1000 s here on the trainer's clock); the progress bar shows
+    the last logged loss and tokens/s."""
     offset = [0.0]
     monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
-    train_sampler = DistillTrainer._get_train_sampler
 
-    def slow_setup(self, *args, **kwargs):
-        offset[0] += 1000.0
-        return train_sampler(self, *args, **kwargs)
+    def taking_1000_s(method):
+        def slow(self, *args, **kwargs):
+            offset[0] += 1000.0
+            return method(self, *args, **kwargs)
+        return slow
 
-    monkeypatch.setattr(DistillTrainer, "_get_train_sampler", slow_setup)
+    monkeypatch.setattr(DistillTrainer, "_get_train_sampler", taking_1000_s(DistillTrainer._get_train_sampler))
+    monkeypatch.setattr(DistillTrainer, "_save_checkpoint", taking_1000_s(DistillTrainer._save_checkpoint))
     out = tmp_path / "student"
     result = run_cli("distill", "--signals", small_dataset, "--student", TOY_STUDENT, "--out", out,
-                     "--batch-size", "6", "--max-steps", "2", "--logging-steps", "1")
+                     "--batch-size", "6", "--max-steps", "3", "--logging-steps", "1", "--save-steps", "1")
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
-    assert offset[0] == 1000.0
+    assert offset[0] == 4000.0  # the setup and three checkpoints
     total_tokens = json.loads((small_dataset / "tsdkd.json").read_text())["stats"]["completion_tokens"]
-    first, second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    # Counted from the setup, the window would be over 1000 s long: under total_tokens / 1000 tokens/s.
-    assert first["tokens_per_s"] > total_tokens / 100
-    bar = [line for line in re.split(r"[\r\n]", result.stderr) if "2/2" in line][-1]
-    assert f"loss={second['loss']:.4g}" in bar and f"tokens/s={second['tokens_per_s']:.0f}" in bar, bar
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # A window counted from the setup or across a save would be over 1000 s long: under total_tokens / 1000 tokens/s.
+    assert len(records) == 3 and all(record["tokens_per_s"] > total_tokens / 100 for record in records), records
+    bar = [line for line in re.split(r"[\r\n]", result.stderr) if "3/3" in line][-1]
+    assert f"loss={records[-1]['loss']:.4g}" in bar and f"tokens_per_s={records[-1]['tokens_per_s']:.0f}" in bar, bar
 
 
 def test_the_logged_student_entropy_is_the_mean_over_the_steps_completion_tokens(small_dataset, tmp_path):

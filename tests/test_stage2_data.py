@@ -281,7 +281,7 @@ def test_batches_stream_from_the_row_groups_they_need(tmp_path, monkeypatch):
         return read(self, columns=columns, **kwargs)
 
     def read_group(self, index, columns=None, **kwargs):
-        row_group_reads.append((self.test_source, index))
+        row_group_reads.append((self.test_source, index, frozenset(columns or ["every column"])))
         return read_row_group(self, index, columns=columns, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "__init__", open_file)
@@ -289,12 +289,15 @@ def test_batches_stream_from_the_row_groups_they_need(tmp_path, monkeypatch):
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_group)
     monkeypatch.setattr(pq, "read_table", lambda *args, **kwargs: pytest.fail("a whole table read"))
     dataset = SignalBatches([folder], batch_size=4, pad_token_id=PAD, bucket_batches=2)
-    index_columns = {"prompt_id", "candidate_index", "teacher_rank", "prompt_token_ids", "completion_token_ids"}
-    assert len(whole_file_reads) == 2 and all(columns <= index_columns for columns in whole_file_reads)
+    per_token_signals = {"behaviour_logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
+                         "teacher_tail_mass", "teacher_entropy"}
+    assert len(whole_file_reads) == 2 and not any(columns & (per_token_signals | {"every column"}) for columns in whole_file_reads)
     assert not row_group_reads
+    signal_columns = {"prompt_token_ids", "completion_token_ids", *per_token_signals}
     for index in range(len(dataset)):
         row_group_reads.clear()
         dataset[index]
         needed = {(path, row // 4) for path, row in dataset.rows(index)}
-        assert sorted(row_group_reads) == sorted(needed)
+        assert sorted((path, group) for path, group, _ in row_group_reads) == sorted(needed)
+        assert all(columns == signal_columns for _, _, columns in row_group_reads)
     assert len(whole_file_reads) == 2
