@@ -95,6 +95,12 @@ def signals_checksum(manifests: list[dict[str, Any]]) -> str:
     return sha256_json([[shard["sha256"] for shard in manifest["shards"]] for manifest in manifests])
 
 
+def signals_jobs_checksum(manifests: list[dict[str, Any]]) -> str:
+    """One checksum over the settings that generated the datasets (models, prompts, sampling): the same for a
+    dataset regenerated in place by the same job, whose shards need not be bit-identical."""
+    return sha256_json([manifest.get("settings") for manifest in manifests])
+
+
 def use_bf16(cfg: DistillConfig) -> bool:
     """bf16 autocast over fp32 master weights: `auto` on a bf16 GPU only; `on` there or, on a machine
     without a GPU, on the CPU (torch's CPU autocast; fast only on CPUs with bf16 instructions)."""
@@ -148,10 +154,11 @@ def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     return with_real_paths(settings, ("signals", "student"))
 
 
-def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any], record: dict[str, Any]) -> bool:
+def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any], record: dict[str, Any], nothing_saved: bool = False) -> bool:
     """Read-only: a new run (`record` {}) needs an empty folder; a folder holding a run (its run record) is
-    continued, with the same settings and the same student (`student`: its model_identity). Returns True when
-    that run already finished and its saved student is as it was saved."""
+    continued, with the same settings and the same student (`student`: its model_identity), unless the run saved
+    nothing to continue (`nothing_saved`: unfinished, no checkpoint), which a run of other settings replaces. Returns
+    True when that run already finished and its saved student is as it was saved."""
     if out.exists() and not out.is_dir():
         raise TsdkdError(f"--out {out} is a file; choose a folder")
     if not record:
@@ -173,11 +180,18 @@ def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any], record:
         note_unchecked_weights(record["student_identity"], student, f"the run in {out}")
     if "student" in by_content and not same_model(record["student_identity"], student):
         changes.append(f"student: {cfg.student} is not the model the run started from ({earlier['student']}: weights or config differ)")
-    if "signals" in by_content and record.get("complete") and earlier["signals"] != settings["signals"] and \
-            readable_signals_checksum(cfg.signals) not in (None, record["signals_sha256"]):
-        # (An unfinished run checks its data once validated. A finished one reads no data unless the folders
-        # changed: a shard regenerated in place need not be bit-identical, and its student is done.)
+    manifests = readable_manifests(cfg.signals) if "signals" in by_content and record.get("complete") else None
+    # (An unfinished run checks its data once validated. A finished one reads only the manifests, if there: its
+    # student is done, and a shard regenerated in place by the same job need not be bit-identical.)
+    if manifests is not None and earlier["signals"] != settings["signals"] and signals_checksum(manifests) != record["signals_sha256"]:
         changes.append(f"signals: {earlier['signals']} in the run, {settings['signals']} now, holding other data")
+    elif manifests is not None and record.get("signals_jobs_sha256") not in (None, signals_jobs_checksum(manifests)):
+        changes.append(f"signals: {settings['signals']} now hold data generated with other settings than the data the run "
+                       "trained on")
+    if changes and nothing_saved:
+        print(f"note: --out {out} holds a run with other settings ({'; '.join(changes)}) that saved no checkpoint; "
+              "starting this one in its place")
+        return False
     if changes:
         raise TsdkdError(f"--out {out} holds a run with other settings ({'; '.join(changes)}); rerun with its settings to "
                          "continue it, or choose a new --out")
@@ -195,10 +209,12 @@ def lost_student_files(out: Path, record: dict[str, Any]) -> list[str]:
             if not (out / name).is_file() or (digest is not None and sha256_file(out / name) != digest)]
 
 
-def readable_signals_checksum(folders: list[str]) -> str | None:
-    """`signals_checksum` of the folders' manifests, None where one cannot be read."""
+def readable_manifests(folders: list[str]) -> list[dict[str, Any]] | None:
+    """The folders' manifests, None where one cannot be read (or lacks its shards)."""
     try:
-        return signals_checksum([read_manifest(Path(folder)) for folder in folders])
+        manifests = [read_manifest(Path(folder)) for folder in folders]
+        signals_checksum(manifests)
+        return manifests
     except (TsdkdError, KeyError, TypeError):
         return None
 
@@ -215,10 +231,11 @@ def read_run_info(out: Path) -> dict[str, Any]:
     return read_json_object(out / DISTILL_RUN_INFO, "a tsdkd run record")
 
 
-def create_output(cfg: DistillConfig, out: Path, signals_sha256: str, student: dict[str, Any]) -> None:
+def create_output(cfg: DistillConfig, out: Path, manifests: list[dict[str, Any]], student: dict[str, Any]) -> None:
     """The run record in the folder `writable_folder` made: from now on --out holds this run."""
-    write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "signals_sha256": signals_sha256,
-                       "student_identity": student, "complete": False}, out / DISTILL_RUN_INFO)
+    write_json_atomic({"tsdkd_version": __version__, "settings": run_settings(cfg), "signals_sha256": signals_checksum(manifests),
+                       "signals_jobs_sha256": signals_jobs_checksum(manifests), "student_identity": student,
+                       "complete": False}, out / DISTILL_RUN_INFO)
 
 
 def last_complete_checkpoint(folder: Path) -> tuple[str | None, list[tuple[Path, Path]]]:
@@ -414,16 +431,16 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     continuing = (out / DISTILL_RUN_INFO).is_file()
     student = student_identity(cfg) if processes.is_main_process else {}
     record = read_run_info(out) if continuing and processes.is_main_process else {}
-    finished = processes.is_main_process and check_output(cfg, out, student, record)
+    # A run that stopped before its first checkpoint (a bad learning rate, say) leaves nothing that binds the rerun.
+    nothing_saved = bool(record) and not record.get("complete") and last_complete_checkpoint(out / CHECKPOINTS)[0] is None
+    finished = processes.is_main_process and check_output(cfg, out, student, record, nothing_saved)
     start = processes.is_main_process and not finished
-    data_checksum = ""
     if start:
         manifests = check_signals(cfg, tokenizer_fingerprint(tokenizer))
         note_data_origin(cfg, manifests, student)
-        data_checksum = signals_checksum(manifests)
-        if continuing:
-            check_same_signals(out, record, data_checksum)
-        else:
+        if continuing and not nothing_saved:
+            check_same_signals(out, record, signals_checksum(manifests))
+        elif not continuing:
             writable_folder(out)  # an empty folder is a new run's too
         held.enter_context(exclusive_use(out, "distill"))
         if record.get("complete"):  # finished, but check_output found its student damaged
@@ -457,8 +474,8 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     model = load_student(cfg)
     save_dtype = saved_student_dtype(cfg)
     # Written only now: a start that fails on the student or the data leaves --out empty.
-    if start and not continuing:
-        create_output(cfg, out, data_checksum, student)
+    if start and (not continuing or nothing_saved):
+        create_output(cfg, out, manifests, student)
     processes.wait_for_everyone()
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=batches, data_collator=collate_single,
