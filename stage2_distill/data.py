@@ -91,14 +91,14 @@ class SignalBatches(torch.utils.data.Dataset):
 
         shard, row, group, prompt_len, completion_len, rank, candidate = self._build_index(folders)
         keep = rank == 0 if only_best else np.ones(len(row), dtype=bool)
+        self.num_dropped = self.num_cut = 0
         if max_length is not None:
             # The candidates of a prompt share its prompt, so a prompt's group is dropped whole.
             fits = prompt_len < max_length
             self.num_dropped = int((keep & ~fits).sum())
             keep &= fits
+            self.num_cut = int((keep & (prompt_len + completion_len > max_length)).sum())
             completion_len = np.minimum(completion_len, max_length - prompt_len)
-        else:
-            self.num_dropped = 0
         if not keep.any():
             where = ", ".join(map(str, folders))
             if self.num_dropped:

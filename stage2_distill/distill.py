@@ -455,13 +455,16 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
         return out
     if not start:  # the other processes (the main one has validated them)
         manifests = [read_manifest(Path(folder)) for folder in cfg.signals]
-    max_length = cfg.max_length or context_length(cfg.student, cfg.trust_remote_code)
+    context = context_length(cfg.student, cfg.trust_remote_code)
+    max_length = cfg.max_length or context
     objective = Objective.from_config(cfg, manifests[0]["teacher_entropy"])
     pad = padding_id(tokenizer)
     batches = SignalBatches(
         [Path(s) for s in cfg.signals], batch_size=cfg.batch_size, pad_token_id=pad, max_length=max_length,
         group_by_prompt=objective.sequence_ranking, only_best=objective.sft, seed=cfg.seed,
     )
+    if processes.is_main_process:
+        note_length_limits(cfg, batches, context)
     if processes.is_main_process and objective.sequence_ranking:  # the batches' units are prompts
         if batches.largest_unit == 1:
             print("note: the signals hold one candidate per prompt, so the sequence-level ranking has nothing to rank "
@@ -494,13 +497,25 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     except TrainingComplete:  # stopped while saving the student: save it from the last step's checkpoint
         if processes.is_main_process:
             print(f"{out}: {Path(resume_from).name} is the last step's; saving the student from it")
-    if batches.num_dropped:
-        print(f"note: {batches.num_dropped} candidates whose prompt alone exceeds --max-length {max_length} were left out")
     save_student(trainer, tokenizer, cfg, manifests, objective, save_dtype)
     # The other processes end only once the main one has put the student in place: a launcher that saw one of
     # them end (or abort in its teardown) before would stop the main one mid-save.
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def note_length_limits(cfg: DistillConfig, batches: SignalBatches, context: int | None) -> None:
+    """What the length limit (--max-length, else the student's `context`) leaves out of training, said before the
+    first step."""
+    if cfg.max_length and context and cfg.max_length > context:
+        print(f"note: --max-length {cfg.max_length} exceeds the student's context ({context} positions, its config's "
+              "max_position_embeddings): positions beyond it are ones the student was not trained at")
+    limit = f"--max-length {cfg.max_length}" if cfg.max_length else f"the student's context ({context} tokens; --max-length unset)"
+    if batches.num_dropped:
+        print(f"note: {batches.num_dropped} candidates whose prompt alone reaches {limit} are left out")
+    if batches.num_cut:
+        print(f"note: {batches.num_cut} of {batches.num_sequences} candidates are cut at {limit} (prompt and completion): "
+              "their last tokens, the end of the sequence among them, are not trained on")
 
 
 def student_generation_config(loaded: GenerationConfig, tokenizer: Any) -> GenerationConfig:

@@ -1017,6 +1017,26 @@ def test_a_run_that_saved_no_checkpoint_gives_way_to_other_settings(small_datase
                           "holds a run with other settings")
 
 
+def test_what_the_length_limit_leaves_out_is_said_before_training(small_dataset, tmp_path):
+    """Candidates cut at --max-length (their end of sequence lost) and prompts that leave no room are counted in
+    notes before the first step; a limit above the student's context is noted."""
+    lengths = SignalBatches([small_dataset], batch_size=6, pad_token_id=0)
+    prompt_lengths = [int(batch["prompt_lengths"].min()) for batch in (lengths[i] for i in range(len(lengths)))]
+    limit = min(prompt_lengths) + 8  # cuts the completions of the shortest prompts and leaves the longer ones no room
+    expected = SignalBatches([small_dataset], batch_size=6, pad_token_id=0, max_length=limit)
+    assert expected.num_cut > 0 and expected.num_dropped > 0
+    result = run_cli(*distill_args(small_dataset, tmp_path / "cut", "--max-steps", "1", "--max-length", str(limit)))
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    assert "{'loss'" in result.stdout
+    before_training = result.stdout.split("{'loss'")[0]
+    assert (f"note: {expected.num_cut} of {expected.num_sequences} candidates are cut at --max-length {limit} (prompt and "
+            "completion)") in before_training, result.stdout
+    assert f"note: {expected.num_dropped} candidates whose prompt alone reaches --max-length {limit} are left out" in before_training
+    result = run_cli(*distill_args(small_dataset, tmp_path / "long", "--max-steps", "1", "--max-length", "2000"))
+    assert result.exit_code == 0 and "note: --max-length 2000 exceeds the student's context (1024 positions" in result.stdout
+    assert "are cut at" not in result.stdout
+
+
 def test_resume_forgets_the_records_it_redoes(tmp_path):
     """Records after the checkpoint are redone by the resumed run, as is the end-of-training summary
     of a run killed while saving its student; a line torn by the kill is dropped."""
