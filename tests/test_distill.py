@@ -27,7 +27,7 @@ import stage2_distill.distill as distill_module
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import (check_output, create_output, drop_metrics_after, note_data_origin,
-                                    read_run_info, signals_checksum, training_arguments, use_bf16)
+                                    read_run_info, training_arguments, use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DISTILL_RUN_INFO, DistillConfig
