@@ -20,7 +20,7 @@ from transformers.training_args import ParallelMode
 
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.objective import Objective
-from stage2_distill.trainer import DistillTrainer, MetricsFile, TrainingComplete
+from stage2_distill.trainer import CheckpointOnInterrupt, DistillTrainer, MetricsFile, TrainingComplete
 from tsdkd import __version__
 from tsdkd.config import DISTILL_RUN_INFO, RESUMABLE_DISTILL_CHANGES, DistillConfig
 from tsdkd.errors import TsdkdError
@@ -480,10 +480,11 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     if start and (not continuing or nothing_saved):
         create_output(cfg, out, manifests, student)
     processes.wait_for_everyone()
+    interruption = CheckpointOnInterrupt() if CheckpointOnInterrupt.usable(processes.num_processes, cfg.dataloader_workers) else None
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=batches, data_collator=collate_single,
-        callbacks=[MetricsFile(out / METRICS)], objective=objective, vocab_size=len(tokenizer),
-        logit_chunk_tokens=cfg.logit_chunk_tokens, rank_items=cfg.rank_items,
+        callbacks=[MetricsFile(out / METRICS), *([interruption] if interruption else [])], objective=objective,
+        vocab_size=len(tokenizer), logit_chunk_tokens=cfg.logit_chunk_tokens, rank_items=cfg.rank_items,
     )
     resume_from, damaged = last_complete_checkpoint(out / CHECKPOINTS) if continuing else (None, [])
     # Every process has looked before the main one moves a folder.
@@ -497,6 +498,12 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     except TrainingComplete:  # stopped while saving the student: save it from the last step's checkpoint
         if processes.is_main_process:
             print(f"{out}: {Path(resume_from).name} is the last step's; saving the student from it")
+    finally:
+        if interruption:
+            interruption.restore()
+    if interruption and interruption.received is not None:
+        print(f"{out}: stopped after step {trainer.state.global_step}, saved as checkpoint-{trainer.state.global_step}")
+        interruption.interrupt()
     save_student(trainer, tokenizer, cfg, manifests, objective, save_dtype)
     # The other processes end only once the main one has put the student in place: a launcher that saw one of
     # them end (or abort in its teardown) before would stop the main one mid-save.

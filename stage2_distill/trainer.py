@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -326,6 +328,52 @@ class ProgressWithLoss(ProgressCallback):
             if "tokens_per_s" in logs:
                 shown["tokens_per_s"] = f"{logs['tokens_per_s']:.0f}"
             self.training_bar.set_postfix(shown)
+
+
+class CheckpointOnInterrupt(TrainerCallback):
+    """Ctrl-C or SIGTERM (a cluster's notice of preemption) during training: the step under way ends, its checkpoint is
+    saved and training stops, so that the rerun continues from that step rather than from the last regular checkpoint
+    (`--save-steps` apart); a second signal acts at once, as without this. Then `interrupt()` ends the run as the
+    first signal would have. For one process only (several would have to agree on the step), reading its batches
+    itself (a signal to the process group ends data loader workers, whose batches the step would wait for)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @staticmethod
+    def usable(num_processes: int, dataloader_workers: int) -> bool:
+        return num_processes == 1 and dataloader_workers == 0 and threading.current_thread() is threading.main_thread()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._previous = {number: signal.signal(number, self._record) for number in self.SIGNALS}
+
+    def _record(self, number: int, frame: Any) -> None:
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(number)
+            return
+        self.received = number
+        print(f"\n{signal.Signals(number).name}: finishing this step and saving its checkpoint (again to stop at once)",
+              flush=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.received is not None:
+            control.should_save = control.should_training_stop = True
+
+    def restore(self) -> None:
+        """The handlers as they were before training (call once training is over, however it ended)."""
+        for number, handler in self._previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default is the closest.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def interrupt(self) -> None:
+        """After training: the first signal received, raised now and handled as it would have been."""
+        if self.received is not None:
+            signal.raise_signal(self.received)
 
 
 class TrainingComplete(Exception):

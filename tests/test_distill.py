@@ -1062,6 +1062,30 @@ def test_sigterm_to_the_group_with_loader_workers_ends_in_one_line(small_dataset
     assert re.findall(r"terminated \(SIGTERM\).*", output) == ["terminated (SIGTERM); rerun the same command to continue"]
 
 
+@pytest.mark.parametrize("sent, exit_code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_saves_the_step_under_way(small_dataset, tmp_path, sent, exit_code, said):
+    """With checkpoints far apart, a Ctrl-C or a preemption's SIGTERM ends the step under way and saves its checkpoint
+    before the run stops, so the rerun continues from that step; it ends like an uninterrupted run."""
+    args = distill_args(small_dataset, "OUT", "--max-steps", "30", "--save-steps", "1000")
+    clean = tmp_path / "clean"
+    assert run_cli(*[clean if a == "OUT" else a for a in args]).exit_code == 0
+    out = tmp_path / "stopped"
+    stopped = [out if a == "OUT" else a for a in args]
+    metrics_file = out / "metrics.jsonl"
+    returncode, output = signal_when(stopped, lambda: metrics_file.is_file() and metrics_file.read_text().count('"loss"') >= 3,
+                                     tmp_path / "stderr.txt", sent)
+    assert returncode == exit_code, (returncode, output[-3000:])
+    assert output.rstrip().endswith(f"{said}; rerun the same command to continue") and "Traceback" not in output, output[-3000:]
+    (checkpoint,) = (out / "checkpoints").glob("checkpoint-*")
+    assert 3 <= int(checkpoint.name.split("-")[1]) < 30 and not (out / "model.safetensors").exists()
+    rerun = rerun_tsdkd(stopped)
+    assert rerun.returncode == 0 and f"continuing from {checkpoint.name}" in rerun.stdout, rerun.stderr[-3000:]
+    assert [record["step"] for record in step_records(out)] == list(range(1, 31))
+    resumed, reference = load_file(out / "model.safetensors"), load_file(clean / "model.safetensors")
+    for name in reference:  # float rounding only, as after a kill (test_resume_after_kill_ends_like_an_uninterrupted_run)
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-6, atol=1e-6)
+
+
 def test_interrupted_distill_says_how_to_continue(small_dataset, tmp_path, monkeypatch):
     def interrupted(cfg):
         raise KeyboardInterrupt
