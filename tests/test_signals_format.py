@@ -219,8 +219,13 @@ def test_manifest_problems(small_dataset, tmp_path):
     manifest_path.write_text(original.replace('"format_version": 1', '"format_version": 99'))
     expect_invalid(folder, "format version 99")
     manifest_path.write_text(original)
+    top_k = json.loads(original)["top_k"]
+    manifest_path.write_text(original.replace(f'"top_k": {top_k}', f'"top_k": {top_k - 1}'))
+    expect_invalid(folder, f"has width {top_k}, expected k={top_k - 1}; the shard matches its checksum, so the manifest's "
+                   "top_k was likely edited: restore it")
+    manifest_path.write_text(original)
     shutil.copy(sorted((folder / "data").glob("*.parquet"))[0], folder / "data" / "train-00009-of-00010.parquet")
-    expect_invalid(folder, "train-00009-of-00010.parquet", "not in the manifest")
+    expect_invalid(folder, "train-00009-of-00010.parquet", "not in the manifest; if the manifest's shards list was edited")
     (folder / "data" / "train-00009-of-00010.parquet").unlink()
     renamed = sorted((folder / "data").glob("*.parquet"))[1]
     renamed.rename(folder / "data" / "shard1.parquet")  # not to be removed: it is the missing shard

@@ -118,7 +118,8 @@ def validate_dataset(folder: Path, tokenizer_fingerprint: dict[str, Any] | None 
         if missing:  # most likely renamed: removing the stray would lose the shard
             raise TsdkdError(f"{folder}: shard {missing[0]['file']} is missing and {strays[0]}, not in the manifest, is "
                              f"there; if it is that shard renamed, give it back its name, else remove it")
-        raise TsdkdError(f"{folder}: shard {strays[0]} is not in the manifest; remove it")
+        raise TsdkdError(f"{folder}: shard {strays[0]} is not in the manifest; if the manifest's shards list was edited, "
+                         "restore its entry, else remove the file")
     schema = signal_schema(manifest["tokenizer"]["vocab_size"])
 
     def check_shard(entry: dict[str, Any]) -> ShardContents:
@@ -261,8 +262,12 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardCo
     summing to 1, scores and ranks as the format defines them, and the integrity of each prompt's candidate group.
     Returns each group's first row and prompt id (for the check across shards) and the completion tokens."""
 
-    def fail(row: int, what: str) -> None:
-        raise TsdkdError(f"{path} row {row}: {what}; the shard is damaged, regenerate it")
+    def fail(row: int, what: str, manifest_key: str | None = None) -> None:
+        # The shard is the file the manifest hashed (checked before): a value at odds with one of the manifest's own
+        # settings points to that setting edited; any other, to data written wrong.
+        cause = (f"the shard matches its checksum, so the manifest's {manifest_key} was likely edited: restore it, else "
+                 "regenerate the dataset") if manifest_key else "the shard was written wrong: regenerate it"
+        raise TsdkdError(f"{path} row {row}: {what}; {cause}")
 
     for name in table.column_names:
         rows_before = 0
@@ -290,14 +295,15 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardCo
         widths = pc.list_value_length(pc.list_flatten(table[name])).to_numpy(zero_copy_only=False)
         if widths.size and (widths != k).any():
             position = int(np.argmax(widths != k))
-            fail(int(np.searchsorted(np.cumsum(lengths), position, side="right")), f"{name} has width {widths[position]}, expected k={k}")
+            fail(int(np.searchsorted(np.cumsum(lengths), position, side="right")), f"{name} has width {widths[position]}, expected k={k}",
+                 "top_k")
 
     flat = lambda name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False)  # noqa: E731
     for name in ("completion_token_ids", "prompt_token_ids"):
         ids = flat(name)  # uint16 or int32 as stored: both compare right, a wider copy would only cost memory
         row = _first_bad_row(table[name], (ids < 0) | (ids >= vocab_size))
         if row is not None:
-            fail(row, f"{name} holds an id outside the vocabulary (0..{vocab_size - 1})")
+            fail(row, f"{name} holds an id outside the vocabulary (0..{vocab_size - 1})", "tokenizer.vocab_size")
     per_token = {name: flat(name) for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_tail_mass", "teacher_entropy")}
     for name, stored in per_token.items():
         values = stored.astype(np.float32)
@@ -316,10 +322,13 @@ def check_rows(table: pa.Table, path: Path, manifest: dict[str, Any]) -> ShardCo
     topk_logprobs = pc.list_flatten(pc.list_flatten(table["teacher_topk_logprobs"])).to_numpy(zero_copy_only=False)
     topk_logprobs = topk_logprobs.astype(np.float32).reshape(-1, k)
     position_rows = np.repeat(np.arange(len(lengths)), lengths)
-    bad_position = ((topk_ids < 0) | (topk_ids >= vocab_size)).any(1) | ~np.isfinite(topk_logprobs).all(1) | \
-        (topk_logprobs > LOGPROB_SLACK).any(1)
+    outside = ((topk_ids < 0) | (topk_ids >= vocab_size)).any(1)
+    if outside.any():
+        fail(int(position_rows[np.argmax(outside)]), f"teacher top-k holds an id outside the vocabulary (0..{vocab_size - 1})",
+             "tokenizer.vocab_size")
+    bad_position = ~np.isfinite(topk_logprobs).all(1) | (topk_logprobs > LOGPROB_SLACK).any(1)
     if bad_position.any():
-        fail(int(position_rows[np.argmax(bad_position)]), "teacher top-k holds an id outside the vocabulary or a non-finite log-prob")
+        fail(int(position_rows[np.argmax(bad_position)]), "teacher top-k holds a log-prob that is not finite or above 0")
     unsorted = (np.diff(topk_logprobs, axis=1) > 0).any(1)
     if unsorted.any():
         fail(int(position_rows[np.argmax(unsorted)]), "teacher top-k log-probs are not sorted in descending order")
@@ -343,7 +352,7 @@ def _check_teacher_entropy(table: pa.Table, fail: Any, manifest: dict[str, Any],
     other_kind = np.flatnonzero(exact != (manifest["teacher_entropy"] == "exact"))
     if other_kind.size:
         fail(int(other_kind[0]), f"teacher_entropy_exact is {bool(exact[other_kind[0]])} while the manifest's teacher_entropy "
-             f"is {manifest['teacher_entropy']}")
+             f"is {manifest['teacher_entropy']}", "teacher_entropy")
     # Exact: over the vocabulary, at most log V; estimated: over k + 1 buckets, at most log(k + 1).
     most = math.log(manifest["tokenizer"]["vocab_size"] if manifest["teacher_entropy"] == "exact" else manifest["top_k"] + 1)
     too_large = entropy > most * (1 + 2**-10) + LOGPROB_SLACK  # float16 rounding
@@ -379,7 +388,10 @@ def _check_candidate_groups(table: pa.Table, fail: Any, num_candidates: int) -> 
         seen_prompts.add(prompt_id)
         groups.append((start, prompt_id))
         end = start + int(counts[start])
-        if counts[start] != num_candidates or end > len(prompt_ids) or any(p != prompt_id for p in prompt_ids[start:end]):
+        if counts[start] != num_candidates:
+            fail(start, f"candidate group of prompt {prompt_id} has num_candidates {counts[start]}, the manifest "
+                 f"{num_candidates}", "sampling.num_candidates")
+        if end > len(prompt_ids) or any(p != prompt_id for p in prompt_ids[start:end]):
             fail(start, f"candidate group of prompt {prompt_id} is not {num_candidates} consecutive rows")
         if list(candidate_index[start:end]) != list(range(end - start)):
             fail(start, f"candidate indices of prompt {prompt_id} are not 0..{end - start - 1}")
