@@ -243,7 +243,8 @@ def test_run_section_options_are_the_run_command_options():
 
 @pytest.mark.parametrize("text, message", [
     ("warmup_ratio: 0.2\n", "'warmup_ratio' goes in the `distill:` section (top-level keys: backend, batch_size, distill,"),
-    ("speed: 2\n", "unknown key 'speed'; known keys: backend, batch_size, distill, distill_processes, epochs, generate, learning_rate,"),
+    ("speed: 2\n", "unknown key 'speed' (did you mean 'seed'?); known keys: backend, batch_size, distill, distill_processes, epochs, "
+                    "generate, learning_rate,"),
     ("generate:\n  out: x\n", "generate.out is set by `tsdkd run` itself for each round; remove it"),
     ("distill:\n  student_revision: v2\n",
      "distill.student_revision is set by `tsdkd run` for each round from its own top-level student_revision; move it there"),

@@ -915,8 +915,8 @@ def test_moved_data_and_student_continue_the_run_and_a_changed_student_is_refuse
     signals, student, out = tmp_path / "signals", tmp_path / "student", tmp_path / "run"
     shutil.copytree(small_dataset, signals)
     shutil.copytree(TOY_STUDENT, student)
-    def args(signals, student):
-        return distill_args(signals, out, "--max-steps", "2", student=student)
+    def args(signals, student):  # checkpoints kept: a run with none would give way to other settings
+        return distill_args(signals, out, "--max-steps", "2", "--keep-checkpoints", student=student)
 
     assert run_cli(*args(signals, student)).exit_code == 0
     info = json.loads((out / "tsdkd_distill.json").read_text())

@@ -191,7 +191,15 @@ def test_bad_config_values(tmp_path):
     bad.write_text("seed: many\n")
     assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "seed", "must be a whole number")
     bad.write_text("topk: 3\n")
-    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "unknown key 'topk'")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"),
+                          "unknown key 'topk' (did you mean 'top_k'?)")
+    bad.write_text("top_p: 2\n")  # out of range: the refusal says where the value came from
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), f"--top-p (set in {bad}) must be in")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--top-p", "3", "--out", tmp_path / "o"),
+                          "--top-p must be in")
+    bad.write_text("distill:\n  learning_rate: 0.1\n")
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"),
+                          "a `distill:` section belongs in a `tsdkd run` config")
     bad.write_text("top_k: [1\n")
     assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), "not valid YAML")
 

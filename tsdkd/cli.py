@@ -213,9 +213,11 @@ def generate(
     options = dict(locals())
     config_file = options.pop("config")
     from stage1_generate.generate import generate as run_generate
-    from tsdkd.config import GenerateConfig, build_config
+    from tsdkd.config import GenerateConfig, build_config, check_config
 
-    run_generate(build_config(GenerateConfig, config_file, options))
+    cfg = build_config(GenerateConfig, config_file, options)
+    check_config(cfg, config_file, options)
+    run_generate(cfg)
 
 
 @app.command()
@@ -270,7 +272,7 @@ def distill(
     options = dict(locals())
     config_file = options.pop("config")
     from stage2_distill.distill import distill as run_distill
-    from tsdkd.config import DistillConfig, build_config
+    from tsdkd.config import DistillConfig, build_config, check_config
 
     # `off` turns a config file's hard selection off: an option left at None is one not given.
     soft_selection = (options["selection_fraction"] or "").lower() in ("off", "none")
@@ -281,7 +283,7 @@ def distill(
         cfg.selection_fraction = None
     # Given on the command line, a loss setting counts even at its default value (`--no-indirect --indirect both`,
     # `--loss kd --with-entropy`); a config file may hold a shared base of defaults.
-    cfg.check({name for name, value in options.items() if value is not None}, config_file)
+    check_config(cfg, config_file, options)
     run_distill(cfg)
     import torch.distributed
 
@@ -320,11 +322,13 @@ def run(
     distils into round r."""
     options = dict(locals())
     config_file = options.pop("config")
-    from tsdkd.config import RunConfig, build_config
+    from tsdkd.config import RunConfig, build_config, check_config
     from tsdkd.rounds import run_rounds
 
     # The generate: and distill: options above go into their sections (config.RUN_SECTION_OPTIONS).
-    run_rounds(build_config(RunConfig, config_file, options))
+    cfg = build_config(RunConfig, config_file, options)
+    check_config(cfg, config_file, options)
+    run_rounds(cfg)
 
 
 @app.command(name="eval")
@@ -355,10 +359,12 @@ def evaluate(
     number, and compared with math-verify."""
     options = dict(locals())
     config_file = options.pop("config")
-    from tsdkd.config import EvalConfig, build_config
+    from tsdkd.config import EvalConfig, build_config, check_config
     from tsdkd.evaluate import evaluate as run_evaluate
 
-    run_evaluate(build_config(EvalConfig, config_file, options))
+    cfg = build_config(EvalConfig, config_file, options)
+    check_config(cfg, config_file, options)
+    run_evaluate(cfg)
 
 
 @app.command()

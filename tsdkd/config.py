@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 import typing
@@ -473,13 +474,36 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
 
 
 def unknown_key_message(cls: type, key: str, where: str) -> str:
-    """Names the known keys; for `tsdkd run`, also the section that takes a generate or distill option."""
+    """Names the known keys, and the nearest one to a misspelt key; for `tsdkd run`, also the section that takes a
+    generate or distill option; elsewhere, that sections belong in a `tsdkd run` config."""
     if cls is RunConfig:
         for section, section_cls in RUN_SECTIONS.items():
             if key in {field.name for field in dataclasses.fields(section_cls)} - ROUND_KEYS[section]:
                 return f"{where}: {key!r} goes in the `{section}:` section (top-level keys: {', '.join(run_top_level_keys())})"
-        return f"{where}: unknown key {key!r}; known keys: {', '.join(run_top_level_keys())}"
-    return f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(field.name for field in dataclasses.fields(cls)))}"
+        known = run_top_level_keys()
+    else:
+        known = sorted(field.name for field in dataclasses.fields(cls))
+        if key in RUN_SECTIONS:
+            return f"{where}: a `{key}:` section belongs in a `tsdkd run` config; here its keys go at the top level"
+    nearest = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+    return f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(known)}"
+
+
+def check_config(cfg: Any, config_file: str | None, cli_values: dict[str, Any]) -> None:
+    """cfg.check() for a command line (`cli_values`: its options, None where not given): a refused value set by the
+    config file, not on the command line, is said to be, after the option the refusal names first."""
+    given = {name for name, value in cli_values.items() if value is not None}
+    try:
+        cfg.check(given, config_file) if isinstance(cfg, DistillConfig) else cfg.check()
+    except TsdkdError as error:
+        message = str(error)
+        option = message.split(" ", 1)[0]
+        name = option[2:].replace("-", "_")
+        if config_file and option.startswith("--") and "(set in " not in message and name not in given and \
+                name in read_config_file(Path(config_file)):
+            raise TsdkdError(message.replace(option, f"{option} (set in {config_file})", 1)) from None
+        raise
 
 
 def run_top_level_keys() -> list[str]:
