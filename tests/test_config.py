@@ -288,3 +288,14 @@ def test_switches_set_in_a_config_file_can_be_turned_off_on_the_command_line(tmp
     for config in ([], ["--config", path]):
         assert_one_line_error(run_cli("distill", "--signals", "d", "--student", "s", "--out", "o", *config,
                                       "--selection-fraction", "half"), "error: --selection-fraction 'half' must be a number")
+
+
+def test_a_repeatable_option_on_the_command_line_replacing_the_files_list_is_noted(tmp_path, capsys):
+    path = tmp_path / "distill.yaml"
+    path.write_text("signals: [a, b]\nstudent: s\nout: o\n")
+    cfg = build_config(DistillConfig, str(path), {"signals": ["c"], "student": "t"})
+    assert (cfg.signals, cfg.student) == (["c"], "t")
+    assert capsys.readouterr().out == f"note: --signals on the command line replaces signals in {path} (['a', 'b']); repeat the option " \
+                                      "for each one to use\n"
+    build_config(DistillConfig, str(path), {"signals": ["a", "b"]})
+    assert capsys.readouterr().out == ""

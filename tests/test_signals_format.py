@@ -273,6 +273,7 @@ def rewrite_manifest(folder, change):
         # Stage 2 measures the student's entropy to match this: another value would change the token weights.
         (lambda m: m.update(teacher_entropy="bogus"), "teacher_entropy is 'bogus', expected one of exact, estimated_topk_buckets"),
         (lambda m: m.update(top_k=0), "top_k is 0, expected at least 1"),
+        (lambda m: m.update(round=-1), "round is -1, expected at least 0"),
     ],
 )
 def test_manifest_fields_are_checked(small_dataset, tmp_path, change, fragment):

@@ -458,6 +458,10 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
         if cls is RunConfig:
             check_run_config_file(values, source)
     given = {key: value for key, value in cli_values.items() if value is not None}
+    for key in sorted(given.keys() & values.keys()):
+        if isinstance(given[key], list) and values[key] != given[key]:  # a repeatable option: one might expect both
+            print(f"note: --{key.replace('_', '-')} on the command line replaces {key} in {config_file} ({values[key]}); "
+                  "repeat the option for each one to use")
     values.update(given)
     if cls is RunConfig:
         values = nest_run_options(values, source)

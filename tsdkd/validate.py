@@ -64,9 +64,10 @@ def _check_types(manifest: dict[str, Any], fields: Sequence[tuple[str, type]], p
 def check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
     """Every field tsdkd reads from the manifest at `path` is there, with its type (and the enumerations' values)."""
     _check_types(manifest, MANIFEST_FIELDS, path)
-    for name, value in (("top_k", manifest["top_k"]), ("sampling.num_candidates", manifest["sampling"]["num_candidates"])):
-        if value < 1:
-            raise TsdkdError(f"{path}: {name} is {value}, expected at least 1; the manifest was edited, restore it or "
+    for name, value, least in (("top_k", manifest["top_k"], 1), ("sampling.num_candidates", manifest["sampling"]["num_candidates"], 1),
+                               ("round", manifest["round"], 0)):
+        if value < least:
+            raise TsdkdError(f"{path}: {name} is {value}, expected at least {least}; the manifest was edited, restore it or "
                              "regenerate the dataset")
     if manifest["teacher_entropy"] not in TEACHER_ENTROPY_KINDS:
         # Stage 2 measures the student's entropy to match: a wrong value changes the token weights without a word.
