@@ -250,9 +250,15 @@ def test_split_job_merges_into_the_single_job_dataset(small_dataset, tmp_path):
     assert shard_hashes(merged) == shard_hashes(small_dataset)
     assert run_cli("validate", merged).exit_code == 0
     assert_one_line_error(run_cli("merge", parts[0], "--out", tmp_path / "half"), "exactly once")
-    assert_one_line_error(run_cli("merge", parts[0], parts[0], "--out", tmp_path / "twice"), "exactly once")
+    assert_one_line_error(run_cli("merge", parts[0], parts[0], "--out", tmp_path / "twice"),
+                          f"{parts[0]} and {parts[0]} are the same part of the job (1 of 2); give each part once")
     assert_one_line_error(run_cli("merge", small_dataset, parts[1], "--out", tmp_path / "mixed"), "split in different ways",
                           f"{small_dataset}: part 1 of 1; {parts[1]}: part 2 of 2")
+    other_seed = tmp_path / "other-seed"
+    assert run_cli("generate", *SMALL_JOB, "--seed", "1", "--num-shards", "2", "--shard-index", "1", "--out", other_seed).exit_code == 0
+    assert_one_line_error(run_cli("merge", parts[0], other_seed, "--out", tmp_path / "other"),
+                          f"{other_seed}: made with other settings than {parts[0]} (differs in: sampling)",
+                          "to train on several datasets, give each to `tsdkd distill` with a --signals of its own")
     assert_one_line_error(run_cli("merge", *parts, "--out", merged), "already exists")
     assert_one_line_error(run_cli("merge", *parts, "--out", merged / "tsdkd.json" / "x"), "cannot write the merged dataset there")
 

@@ -22,7 +22,9 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
         # Each machine of a split job may keep the models under another path.
         differing = differing_settings(first["settings"], manifest["settings"], ignore=("job",))
         if differing:
-            raise TsdkdError(f"{part}: made with other settings than {parts[0]} (differs in: {', '.join(differing)})")
+            raise TsdkdError(f"{part}: made with other settings than {parts[0]} (differs in: {', '.join(differing)}); merge "
+                             "joins the parts of one split job: to train on several datasets, give each to `tsdkd distill` "
+                             "with a --signals of its own")
         if manifest["tokenizer"] != first["tokenizer"]:
             raise TsdkdError(f"{part}: tokenizer differs from {parts[0]}'s")
     num_shards = first["job"]["num_shards"]
@@ -30,6 +32,11 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
         jobs = "; ".join(f"{part}: part {m['job']['shard_index'] + 1} of {m['job']['num_shards']}" for part, m in zip(parts, manifests))
         raise TsdkdError(f"the datasets come from jobs split in different ways ({jobs}); merge the parts of one split job")
     indices = sorted(m["job"]["shard_index"] for m in manifests)
+    repeated = [index for index in set(indices) if indices.count(index) > 1]
+    if repeated:
+        given = [str(part) for part, m in zip(parts, manifests) if m["job"]["shard_index"] == repeated[0]]
+        raise TsdkdError(f"{' and '.join(given)} are the same part of the job ({repeated[0] + 1} of {num_shards}); give each "
+                         "part once")
     if indices != list(range(num_shards)):
         raise TsdkdError(
             f"the parts cover job shards {indices} of {num_shards}; merge needs each of 0..{num_shards - 1} exactly once"
