@@ -27,7 +27,7 @@ from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, hub_file, hub_snapshot, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
                                same_name, sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
 from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, is_license_file, load_tokenizer, padding_id, pinned
-from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, writable_folder
+from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, lock_holder, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -97,8 +97,15 @@ def signals_checksum(manifests: list[dict[str, Any]]) -> str:
 
 def signals_jobs_checksum(manifests: list[dict[str, Any]]) -> str:
     """One checksum over the settings that generated the datasets (models, prompts, sampling): the same for a
-    dataset regenerated in place by the same job, whose shards need not be bit-identical."""
-    return sha256_json([manifest.get("settings") for manifest in manifests])
+    dataset regenerated in place by the same job, whose shards need not be bit-identical. The models count by
+    content (hashes, sizes), not by the path or hub name they were loaded by, which a regeneration may change."""
+    def by_content(settings: Any) -> Any:
+        if not isinstance(settings, dict):
+            return settings
+        return {key: {field: value.get(field) for field in ("config_sha256", "weights_sha256", "weights_files")}
+                if key in ("student", "teacher") and isinstance(value, dict) else value for key, value in settings.items()}
+
+    return sha256_json([by_content(manifest.get("settings")) for manifest in manifests])
 
 
 def use_bf16(cfg: DistillConfig) -> bool:
@@ -213,7 +220,7 @@ def readable_manifests(folders: list[str]) -> list[dict[str, Any]] | None:
     """The folders' manifests, None where one cannot be read (or lacks its shards)."""
     try:
         manifests = [read_manifest(Path(folder)) for folder in folders]
-        signals_checksum(manifests)
+        signals_checksum(manifests)  # reads every shard entry's sha256: a hand-edited manifest may lack one
         return manifests
     except (TsdkdError, KeyError, TypeError):
         return None
@@ -431,8 +438,10 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     continuing = (out / DISTILL_RUN_INFO).is_file()
     student = student_identity(cfg) if processes.is_main_process else {}
     record = read_run_info(out) if continuing and processes.is_main_process else {}
-    # A run that stopped before its first checkpoint (a bad learning rate, say) leaves nothing that binds the rerun.
-    nothing_saved = bool(record) and not record.get("complete") and last_complete_checkpoint(out / CHECKPOINTS)[0] is None
+    # A run that stopped before its first checkpoint (a bad learning rate, say) leaves nothing that binds the rerun;
+    # unless it is running still (then refused below as in use).
+    nothing_saved = bool(record) and not record.get("complete") and not any((out / CHECKPOINTS).glob("checkpoint-*")) \
+        and lock_holder(out) is None
     finished = processes.is_main_process and check_output(cfg, out, student, record, nothing_saved)
     start = processes.is_main_process and not finished
     if start:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from transformers.trainer_callback import ProgressCallback
 from stage2_distill.chunked import TokenStatistics, student_statistics
 from stage2_distill.objective import Objective, StepCounts
 from tsdkd.errors import TsdkdError
+from tsdkd.interrupts import INTERRUPTS, interruption, restore_handlers
 from tsdkd.loading import dtype_name
 
 
@@ -335,9 +337,8 @@ class CheckpointOnInterrupt(TrainerCallback):
     saved and training stops, so that the rerun continues from that step rather than from the last regular checkpoint
     (`--save-steps` apart); a second signal acts at once, as without this. Then `interrupt()` ends the run as the
     first signal would have. For one process only (several would have to agree on the step), reading its batches
-    itself (a signal to the process group ends data loader workers, whose batches the step would wait for)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    itself (a signal to the process group ends data loader workers, whose batches the step would wait for). A signal
+    the process ignores (a background job of a script) stays ignored."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -345,35 +346,40 @@ class CheckpointOnInterrupt(TrainerCallback):
 
     @staticmethod
     def usable(num_processes: int, dataloader_workers: int) -> bool:
-        return num_processes == 1 and dataloader_workers == 0 and threading.current_thread() is threading.main_thread()
+        # Not under a launcher (torchrun sets LOCAL_RANK), which kills its workers some time after its SIGTERM.
+        return num_processes == 1 and dataloader_workers == 0 and "LOCAL_RANK" not in os.environ and \
+            threading.current_thread() is threading.main_thread()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._previous = {number: signal.signal(number, self._record) for number in self.SIGNALS}
+        for number in INTERRUPTS:
+            if signal.getsignal(number) is not signal.SIG_IGN:
+                self._previous[number] = signal.signal(number, self._record)
 
     def _record(self, number: int, frame: Any) -> None:
+        # Only recorded: the handler may run inside any call, a write to the terminal included.
         if self.received is not None:
             self.restore()
             signal.raise_signal(number)
             return
         self.received = number
-        print(f"\n{signal.Signals(number).name}: finishing this step and saving its checkpoint (again to stop at once)",
-              flush=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.received is not None:
+        if self.received is not None and not control.should_training_stop:
+            print(f"\n{signal.Signals(self.received).name}: saving the checkpoint of step {state.global_step}, then "
+                  "stopping (the same signal again stops at once)", flush=True)
             control.should_save = control.should_training_stop = True
 
     def restore(self) -> None:
         """The handlers as they were before training (call once training is over, however it ended)."""
-        for number, handler in self._previous.items():
-            # None: a handler set outside Python, which cannot be put back; the default is the closest.
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        restore_handlers(self._previous)
         self._previous = {}
 
     def interrupt(self) -> None:
-        """After training: the first signal received, raised now and handled as it would have been."""
+        """After training: the first signal received, raised now and handled as it would have been; where that handler
+        did not end the run (a program's own), the CLI's interruption, so that no student is saved as trained."""
         if self.received is not None:
             signal.raise_signal(self.received)
+            raise interruption(self.received)
 
 
 class TrainingComplete(Exception):

@@ -298,4 +298,6 @@ def test_a_repeatable_option_on_the_command_line_replacing_the_files_list_is_not
     assert capsys.readouterr().out == f"note: --signals on the command line replaces signals in {path} (['a', 'b']); repeat the option " \
                                       "for each one to use\n"
     build_config(DistillConfig, str(path), {"signals": ["a", "b"]})
+    path.write_text("signals: a\n")  # one folder, as a string: the same list
+    build_config(DistillConfig, str(path), {"signals": ["a"]})
     assert capsys.readouterr().out == ""

@@ -197,6 +197,9 @@ def test_bad_config_values(tmp_path):
     assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"), f"--top-p (set in {bad}) must be in")
     assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--top-p", "3", "--out", tmp_path / "o"),
                           "--top-p must be in")
+    bad.write_text("temperature: 0\n")  # a refusal naming two options is not put on the file's one
+    assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"),
+                          "error: --temperature 0 (greedy) gives identical candidates: use --num-candidates 1")
     bad.write_text("distill:\n  learning_rate: 0.1\n")
     assert_one_line_error(run_cli("generate", *SMALL_JOB, "--config", bad, "--out", tmp_path / "o"),
                           "a `distill:` section belongs in a `tsdkd run` config")

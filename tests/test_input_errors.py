@@ -18,8 +18,9 @@ import pytest
 import typer
 
 from conftest import SMALL_JOB, TOY_PROMPTS, TOY_STUDENT, assert_ends_in_one_error_line, assert_one_line_error, flip_byte, run_cli
-from tsdkd.cli import Terminated, one_line_errors
+from tsdkd.cli import one_line_errors
 from tsdkd.errors import TsdkdError
+from tsdkd.interrupts import Terminated
 from tsdkd.locks import no_space_left
 
 

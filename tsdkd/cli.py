@@ -15,6 +15,7 @@ import typer
 import typer.core
 
 from tsdkd.errors import ReportedFailure, TsdkdError
+from tsdkd.interrupts import Terminated, restore_handlers
 from tsdkd.launch import ERROR_CONTEXT
 
 
@@ -90,11 +91,6 @@ def options(version: Optional[bool] = typer.Option(None, "--version", callback=s
     """Token-Selective Dual Knowledge Distillation: cache teacher signals, then distil a student from them."""
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (a cluster preemption, `timeout`). A BaseException like KeyboardInterrupt, so that
-    no `except Exception` on the way swallows it."""
-
-
 @contextlib.contextmanager
 def sigterm_like_ctrl_c() -> Iterator[None]:
     """While a command runs, SIGTERM raises Terminated in this process, which then ends like Ctrl-C.
@@ -116,12 +112,11 @@ def sigterm_like_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
     try:
         yield
     finally:
-        # None: a handler set outside Python, which cannot be put back; the default is the closest.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        restore_handlers(previous)
 
 
 def quiet_teardown() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -458,10 +460,7 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
         if cls is RunConfig:
             check_run_config_file(values, source)
     given = {key: value for key, value in cli_values.items() if value is not None}
-    for key in sorted(given.keys() & values.keys()):
-        if isinstance(given[key], list) and values[key] != given[key]:  # a repeatable option: one might expect both
-            print(f"note: --{key.replace('_', '-')} on the command line replaces {key} in {config_file} ({values[key]}); "
-                  "repeat the option for each one to use")
+    from_file = dict(values)
     values.update(given)
     if cls is RunConfig:
         values = nest_run_options(values, source)
@@ -474,6 +473,12 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
         # A value from the command line (no `where`) is named by its option, even beside a config file.
         named = f"--{key.replace('_', '-')}" if where is None and key in given else source
         values[key] = _checked_value(key, value, hints[key], named)
+    for key in sorted(given.keys() & from_file.keys() & hints.keys()):
+        # A repeatable option: one might expect both lists. Said once under torchrun (by the first process).
+        replaced = _checked_value(key, from_file[key], hints[key], source)
+        if isinstance(replaced, list) and replaced != values[key] and os.environ.get("RANK", "0") == "0":
+            print(f"note: --{key.replace('_', '-')} on the command line replaces {key} in {config_file} ({replaced}); "
+                  "repeat the option for each one to use")
     return cls(**values)
 
 
@@ -502,10 +507,13 @@ def check_config(cfg: Any, config_file: str | None, cli_values: dict[str, Any]) 
         cfg.check(given, config_file) if isinstance(cfg, DistillConfig) else cfg.check()
     except TsdkdError as error:
         message = str(error)
-        option = message.split(" ", 1)[0]
-        name = option[2:].replace("-", "_")
-        if config_file and option.startswith("--") and "(set in " not in message and name not in given and \
+        # Only a refusal of one option's value: one naming several (`--alpha and --lambda-ent must be ...`, a missing
+        # `--out`) may be about another one's.
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", message))
+        name = next(iter(options))[2:].replace("-", "_") if len(options) == 1 else None
+        if config_file and name and message.startswith("--") and "(set in " not in message and name not in given and \
                 name in read_config_file(Path(config_file)):
+            option = f"--{name.replace('_', '-')}"
             raise TsdkdError(message.replace(option, f"{option} (set in {config_file})", 1)) from None
         raise
 

@@ -16,7 +16,6 @@ another --out).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,11 +23,10 @@ import signal
 import stat
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -36,6 +34,7 @@ from tsdkd.answers import answer_is_correct, extract_answer, gold_final_answer
 from tsdkd.config import EvalConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity, sha256_json, source_fingerprint, with_real_paths
+from tsdkd.interrupts import interrupts_deferred
 from tsdkd.loading import context_length, load_tokenizer, padding_id
 from tsdkd.locks import default_permissions
 from tsdkd.prompts import PromptRecord, load_prompts, render_prompt
@@ -223,24 +222,6 @@ def swap_in(staging: Path, out: Path) -> None:
         print(f"{signal.Signals(received[0]).name} came while the finished results were moved into {out}; they are "
               "complete there", file=sys.stderr)
         signal.raise_signal(received[0])  # now taken as it would have been: the command ends as interrupted
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[list[int]]:
-    """Ctrl-C and SIGTERM arriving inside are recorded in the list, not raised (in the main thread: elsewhere no
-    handler can be set, and the process takes them as it would anyway)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous: dict[int, Any] = {}
-    try:
-        for number in (signal.SIGINT, signal.SIGTERM):
-            previous[number] = signal.signal(number, lambda number, frame: received.append(number))
-        yield received
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
 def evaluate_model(cfg: EvalConfig, job: ModelJob, out: Path) -> dict[str, Any]:

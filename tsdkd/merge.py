@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
         # Each machine of a split job may keep the models under another path.
         differing = differing_settings(first["settings"], manifest["settings"], ignore=("job",))
         if differing:
+            # Distill trains on several datasets of one top-k width and one kind of teacher entropy (the backend's).
+            trainable_together = not {"top_k", "backend_name"} & set(differing)
+            hint = "; to train on several datasets, give each to `tsdkd distill` with a --signals of its own" \
+                if trainable_together else ""
             raise TsdkdError(f"{part}: made with other settings than {parts[0]} (differs in: {', '.join(differing)}); merge "
-                             "joins the parts of one split job: to train on several datasets, give each to `tsdkd distill` "
-                             "with a --signals of its own")
+                             f"joins the parts of one split job{hint}")
         if manifest["tokenizer"] != first["tokenizer"]:
             raise TsdkdError(f"{part}: tokenizer differs from {parts[0]}'s")
     num_shards = first["job"]["num_shards"]
@@ -32,7 +36,7 @@ def merge_datasets(parts: list[Path], out: Path) -> Path:
         jobs = "; ".join(f"{part}: part {m['job']['shard_index'] + 1} of {m['job']['num_shards']}" for part, m in zip(parts, manifests))
         raise TsdkdError(f"the datasets come from jobs split in different ways ({jobs}); merge the parts of one split job")
     indices = sorted(m["job"]["shard_index"] for m in manifests)
-    repeated = [index for index in set(indices) if indices.count(index) > 1]
+    repeated = [index for index, count in Counter(indices).items() if count > 1]
     if repeated:
         given = [str(part) for part, m in zip(parts, manifests) if m["job"]["shard_index"] == repeated[0]]
         raise TsdkdError(f"{' and '.join(given)} are the same part of the job ({repeated[0] + 1} of {num_shards}); give each "
