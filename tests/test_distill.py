@@ -894,9 +894,11 @@ def test_resume_reads_the_same_data_from_any_path_spelling(small_dataset, tmp_pa
     linked = distill_args(signals, out, "--max-steps", "1", student=f"models/{TOY_STUDENT.name}")
     result = run_cli(*linked)
     assert result.exit_code == 0 and "already trained" in result.stdout, (result.stderr, result.exception)
-    # The same folder regenerated with other data is not the data the run started with.
+    # The same folder regenerated with other data is not the data the run started with (the run holding a checkpoint:
+    # one with none gives way to the new data, having trained on nothing).
     info = json.loads((out / "tsdkd_distill.json").read_text())
     (out / "tsdkd_distill.json").write_text(json.dumps({**info, "complete": False}))
+    (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     shutil.rmtree(signals)
     regenerated = run_cli("generate", *SMALL_JOB, "--limit", "4", "--out", signals)
     assert regenerated.exit_code == 0, regenerated.stderr
