@@ -27,7 +27,7 @@ from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import (differing_settings, hub_file, hub_snapshot, is_hub_id, local_path, model_identity, note_unchecked_weights, same_model,
                                same_name, sha256_file, sha256_json, tokenizer_fingerprint, with_real_paths)
 from tsdkd.loading import context_length, dtype_name, end_token_ids, gpu_has_bf16, is_license_file, load_tokenizer, padding_id, pinned
-from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, lock_holder, writable_folder
+from tsdkd.locks import default_permissions, exclusive_use, full_device_is_one_line, in_use, writable_folder
 from tsdkd.signals import read_json_object, read_manifest, write_json_atomic
 from tsdkd.validate import validate_dataset
 
@@ -99,11 +99,17 @@ def signals_jobs_checksum(manifests: list[dict[str, Any]]) -> str:
     """One checksum over the settings that generated the datasets (models, prompts, sampling): the same for a
     dataset regenerated in place by the same job, whose shards need not be bit-identical. The models count by
     content (hashes, sizes), not by the path or hub name they were loaded by, which a regeneration may change."""
+    def model_content(identity: dict[str, Any]) -> dict[str, Any]:
+        # Weights too large to hash are known by their name too (as same_model knows them).
+        fields = ("config_sha256", "weights_sha256", "weights_files") if identity.get("weights_sha256") else \
+            ("config_sha256", "weights_files", "name_or_path", "revision")
+        return {field: identity.get(field) for field in fields}
+
     def by_content(settings: Any) -> Any:
         if not isinstance(settings, dict):
             return settings
-        return {key: {field: value.get(field) for field in ("config_sha256", "weights_sha256", "weights_files")}
-                if key in ("student", "teacher") and isinstance(value, dict) else value for key, value in settings.items()}
+        return {key: model_content(value) if key in ("student", "teacher") and isinstance(value, dict) else value
+                for key, value in settings.items()}
 
     return sha256_json([by_content(manifest.get("settings")) for manifest in manifests])
 
@@ -441,7 +447,7 @@ def _distill(cfg: DistillConfig, held: contextlib.ExitStack) -> Path:
     # A run that stopped before its first checkpoint (a bad learning rate, say) leaves nothing that binds the rerun;
     # unless it is running still (then refused below as in use).
     nothing_saved = bool(record) and not record.get("complete") and not any((out / CHECKPOINTS).glob("checkpoint-*")) \
-        and lock_holder(out) is None
+        and not in_use(out)
     finished = processes.is_main_process and check_output(cfg, out, student, record, nothing_saved)
     start = processes.is_main_process and not finished
     if start:

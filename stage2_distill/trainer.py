@@ -27,7 +27,7 @@ from transformers.trainer_callback import ProgressCallback
 from stage2_distill.chunked import TokenStatistics, student_statistics
 from stage2_distill.objective import Objective, StepCounts
 from tsdkd.errors import TsdkdError
-from tsdkd.interrupts import INTERRUPTS, interruption, restore_handlers
+from tsdkd.interrupts import handle_interrupts, interruption, restore_handlers
 from tsdkd.loading import dtype_name
 
 
@@ -351,9 +351,7 @@ class CheckpointOnInterrupt(TrainerCallback):
             threading.current_thread() is threading.main_thread()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for number in INTERRUPTS:
-            if signal.getsignal(number) is not signal.SIG_IGN:
-                self._previous[number] = signal.signal(number, self._record)
+        self._previous = handle_interrupts(self._record)
 
     def _record(self, number: int, frame: Any) -> None:
         # Only recorded: the handler may run inside any call, a write to the terminal included.

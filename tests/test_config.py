@@ -301,3 +301,17 @@ def test_a_repeatable_option_on_the_command_line_replacing_the_files_list_is_not
     path.write_text("signals: a\n")  # one folder, as a string: the same list
     build_config(DistillConfig, str(path), {"signals": ["a"]})
     assert capsys.readouterr().out == ""
+
+
+def test_a_bad_file_value_the_command_line_overrides_is_not_checked(tmp_path):
+    path = tmp_path / "distill.yaml"
+    path.write_text("learning_rate: abc\nepochs: [1]\nsignals: 5\n")
+    cfg = build_config(DistillConfig, str(path), {"learning_rate": 1e-5, "epochs": 2.0, "signals": ["a"]})
+    assert (cfg.learning_rate, cfg.epochs, cfg.signals) == (1e-5, 2.0, ["a"])
+
+
+def test_a_refused_file_value_names_the_file_also_for_options_with_digits(tmp_path):
+    path = tmp_path / "distill.yaml"
+    path.write_text("bf16: maybe\n")
+    result = run_cli("distill", "--config", path, "--signals", "s", "--student", "t", "--out", tmp_path / "o")
+    assert_one_line_error(result, f"--bf16 (set in {path}) must be auto, on or off")

@@ -28,13 +28,13 @@ import stage2_distill.distill as distill_module
 from fsdp_worker import batch_halves, distill_trainer, prompts_batch, toy_student
 from stage2_distill.data import SignalBatches, collate_single
 from stage2_distill.distill import (check_output, create_output, drop_metrics_after, note_data_origin,
-                                    read_run_info, training_arguments, use_bf16)
+                                    read_run_info, signals_jobs_checksum, training_arguments, use_bf16)
 from stage2_distill.objective import Objective
 from stage2_distill.trainer import DistillTrainer, check_deepspeed_config, keep_float32_outputs
 from tsdkd.config import DISTILL_RUN_INFO, DistillConfig
 from tsdkd.errors import TsdkdError
 from tsdkd.fingerprint import model_identity, sha256_file, sha256_json
-from tsdkd.locks import exclusive_use, writable_folder
+from tsdkd.locks import exclusive_use, in_use, writable_folder
 
 FAST = ["--learning-rate", "1e-3", "--logging-steps", "1", "--batch-size", "6"]
 # Tokens per chunk of the head's log-softmax in one_step_parameters: several chunks per micro-batch.
@@ -1190,9 +1190,31 @@ def test_a_second_run_into_a_folder_in_use_is_refused(small_dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     with exclusive_use(out, "distill"):  # as the first run holds it
+        assert in_use(out)
         assert_one_line_error(run_cli(*distill_args(small_dataset, out, "--max-steps", "1")), "in use by another running")
         assert not any(out.iterdir())
+    assert not in_use(out)
     assert run_cli(*distill_args(small_dataset, out, "--max-steps", "1")).exit_code == 0
+    # A run that saved no checkpoint yet but is running still is not replaced by a command with other settings.
+    record = read_run_info(out)
+    (out / "tsdkd_distill.json").write_text(json.dumps({**record, "complete": False}))
+    with exclusive_use(out, "distill"):
+        result = run_cli(*distill_args(small_dataset, out, "--max-steps", "2"))
+    assert_one_line_error(result, "holds a run with other settings (max_steps: 1 in the run, 2 now)")
+    assert "starting this one in its place" not in result.stdout
+
+
+def test_the_data_job_counts_models_by_content_and_unhashed_ones_by_name():
+    """What a finished run compares its signal folders' data by: a model renamed (another path, a hub id) is the same
+    job; a model too large to hash under another name is another one."""
+    def settings(name: str, weights_sha256: str | None) -> list[dict]:
+        teacher = {"name_or_path": name, "revision": None, "config_sha256": "c", "weights_sha256": weights_sha256,
+                   "weights_files": [["model.safetensors", 10]]}
+        return [{"settings": {"teacher": teacher, "sampling": {"seed": 0}}}]
+
+    assert signals_jobs_checksum(settings("/a/teacher", "w")) == signals_jobs_checksum(settings("org/teacher", "w"))
+    assert signals_jobs_checksum(settings("/a/teacher", "w")) != signals_jobs_checksum(settings("/a/teacher", "v"))
+    assert signals_jobs_checksum(settings("/m/teacher-v1", None)) != signals_jobs_checksum(settings("/m/teacher-v2", None))
 
 
 def test_notes_on_data_sampled_by_another_model_or_split(small_dataset, tmp_path, capsys):

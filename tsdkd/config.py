@@ -473,10 +473,10 @@ def build_config(cls: type[ConfigT], config_file: str | None, cli_values: dict[s
         # A value from the command line (no `where`) is named by its option, even beside a config file.
         named = f"--{key.replace('_', '-')}" if where is None and key in given else source
         values[key] = _checked_value(key, value, hints[key], named)
-    for key in sorted(given.keys() & from_file.keys() & hints.keys()):
+    for key in sorted(given.keys() & from_file.keys()):
         # A repeatable option: one might expect both lists. Said once under torchrun (by the first process).
-        replaced = _checked_value(key, from_file[key], hints[key], source)
-        if isinstance(replaced, list) and replaced != values[key] and os.environ.get("RANK", "0") == "0":
+        replaced = from_file[key] if isinstance(from_file[key], list) else [from_file[key]]
+        if isinstance(values.get(key), list) and replaced != values[key] and os.environ.get("RANK", "0") == "0":
             print(f"note: --{key.replace('_', '-')} on the command line replaces {key} in {config_file} ({replaced}); "
                   "repeat the option for each one to use")
     return cls(**values)
@@ -509,7 +509,7 @@ def check_config(cfg: Any, config_file: str | None, cli_values: dict[str, Any]) 
         message = str(error)
         # Only a refusal of one option's value: one naming several (`--alpha and --lambda-ent must be ...`, a missing
         # `--out`) may be about another one's.
-        options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", message))
+        options = set(re.findall(r"(?<![\w/-])--[a-z][a-z0-9-]*", message))
         name = next(iter(options))[2:].replace("-", "_") if len(options) == 1 else None
         if config_file and name and message.startswith("--") and "(set in " not in message and name not in given and \
                 name in read_config_file(Path(config_file)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
@@ -18,6 +18,12 @@ class Terminated(BaseException):
 def interruption(number: int) -> BaseException:
     """What the CLI ends with for signal `number`: KeyboardInterrupt for SIGINT, Terminated for SIGTERM."""
     return KeyboardInterrupt() if number == signal.SIGINT else Terminated()
+
+
+def handle_interrupts(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """`handler` for Ctrl-C and SIGTERM, but where the process ignores one (a background job of a script): that one
+    stays ignored. Returns the handlers replaced, for restore_handlers."""
+    return {number: signal.signal(number, handler) for number in INTERRUPTS if signal.getsignal(number) is not signal.SIG_IGN}
 
 
 def restore_handlers(previous: dict[int, Any]) -> None:
@@ -35,10 +41,8 @@ def interrupts_deferred() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous: dict[int, Any] = {}
+    previous = handle_interrupts(lambda number, frame: received.append(number))
     try:
-        for number in INTERRUPTS:
-            previous[number] = signal.signal(number, lambda number, frame: received.append(number))
         yield received
     finally:
         restore_handlers(previous)

@@ -133,6 +133,21 @@ def exclusive_use(folder: Path, command: str) -> Iterator[None]:
         os.close(handle)
 
 
+def in_use(folder: Path) -> bool:
+    """Whether another command holds `folder` (exclusive_use): tried, not looked up, so any holder counts."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without locks: exclusive_use says so
+        return False
+    finally:
+        os.close(handle)
+
+
 def lock_holder(folder: Path) -> str | None:
     """"pid N: its command line" of the process holding an flock on `folder`, read from Linux's /proc/locks
     (the lock's own machine only); None where that cannot be read."""
