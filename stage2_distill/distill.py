@@ -193,12 +193,12 @@ def check_output(cfg: DistillConfig, out: Path, student: dict[str, Any], record:
         note_unchecked_weights(record["student_identity"], student, f"the run in {out}")
     if "student" in by_content and not same_model(record["student_identity"], student):
         changes.append(f"student: {cfg.student} is not the model the run started from ({earlier['student']}: weights or config differ)")
-    manifests = readable_manifests(cfg.signals) if "signals" in by_content and record.get("complete") else None
+    checksums = readable_checksums(cfg.signals) if "signals" in by_content and record.get("complete") else None
     # (An unfinished run checks its data once validated. A finished one reads only the manifests, if there: its
     # student is done, and a shard regenerated in place by the same job need not be bit-identical.)
-    if manifests is not None and earlier["signals"] != settings["signals"] and signals_checksum(manifests) != record["signals_sha256"]:
+    if checksums and earlier["signals"] != settings["signals"] and checksums[0] != record["signals_sha256"]:
         changes.append(f"signals: {earlier['signals']} in the run, {settings['signals']} now, holding other data")
-    elif manifests is not None and record.get("signals_jobs_sha256") not in (None, signals_jobs_checksum(manifests)):
+    elif checksums and record.get("signals_jobs_sha256") not in (None, checksums[1]):
         changes.append(f"signals: {settings['signals']} now hold data generated with other settings than the data the run "
                        "trained on")
     if changes and nothing_saved:
@@ -222,12 +222,12 @@ def lost_student_files(out: Path, record: dict[str, Any]) -> list[str]:
             if not (out / name).is_file() or (digest is not None and sha256_file(out / name) != digest)]
 
 
-def readable_manifests(folders: list[str]) -> list[dict[str, Any]] | None:
-    """The folders' manifests, None where one cannot be read (or lacks its shards)."""
+def readable_checksums(folders: list[str]) -> tuple[str, str] | None:
+    """`signals_checksum` and `signals_jobs_checksum` of the folders' manifests; None where one cannot be read, or
+    (hand-edited) lacks what they read."""
     try:
         manifests = [read_manifest(Path(folder)) for folder in folders]
-        signals_checksum(manifests)  # reads every shard entry's sha256: a hand-edited manifest may lack one
-        return manifests
+        return signals_checksum(manifests), signals_jobs_checksum(manifests)
     except (TsdkdError, KeyError, TypeError):
         return None
 
